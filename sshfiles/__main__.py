@@ -1,0 +1,5 @@
+"""`python -m sshfiles` is the admin CLI."""
+
+from .cli import main
+
+main()

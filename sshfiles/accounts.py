@@ -1,0 +1,347 @@
+"""The accounts store: users, their keys, quotas, and the usage ledger.
+
+This is the only module that knows SQL.  `AccountStore` is the interface the
+rest of sshfiles uses; `SQLiteAccountStore` implements it on the standard
+library's sqlite3 in WAL mode, which is safe for the admin CLI and several
+server processes writing at once (every mutation is one short IMMEDIATE
+transaction).  A PostgreSQL store later is a second class with the same
+methods.
+
+The ledger keeps, per user, ``used`` (settled bytes) and, per server process,
+``reservations`` (bytes that process may write without asking again, plus
+what it wrote but has not settled yet).  The quota check is
+``used + sum(reservations) + n <= quota``, done atomically in the database,
+so processes never over-commit together.  A process that dies leaves its
+reservation rows behind; `stale_owners` finds them so the server can rescan
+those users' homes (see quota.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+__all__ = [
+    "Account", "AccountStore", "SQLiteAccountStore", "AccountError", "StoreCorrupt",
+    "validate_username",
+]
+
+_USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
+
+
+class AccountError(Exception):
+    """A user-facing error about accounts (unknown user, duplicate, bad name)."""
+
+
+class StoreCorrupt(AccountError):
+    """The accounts store cannot be read as an sshfiles store."""
+
+
+def validate_username(name: str) -> str:
+    """Refuse names that could ever be abused as a path or an option.
+
+    Letters, digits, '_', '.', '@', '-', at most 64, not starting with '-' or
+    '.', never '..': checked before anything builds a home path from it.
+    """
+    if not isinstance(name, str) or not _USERNAME.match(name) or ".." in name:
+        raise AccountError(
+            f"invalid user name {name!r}: use 1-64 letters, digits, '_', '.', '@', '-', "
+            "not starting with '-' or '.'")
+    return name
+
+
+@dataclass
+class Account:
+    name: str
+    home: str
+    password_hash: str | None
+    quota: int | None  # bytes; None = unlimited
+    used: int = 0
+    keys: list["StoredKey"] = field(default_factory=list)
+
+    @property
+    def auth_methods(self) -> list[str]:
+        methods = []
+        if self.password_hash:
+            methods.append("password")
+        if self.keys:
+            methods.append("publickey")
+        return methods
+
+
+@dataclass
+class StoredKey:
+    fingerprint: str
+    key: str  # one OpenSSH public key line
+    comment: str = ""
+
+
+class AccountStore(Protocol):
+    """What sshfiles needs from an accounts backend."""
+
+    def add_user(self, name: str, home: str, password_hash: str | None, quota: int | None) -> None: ...
+    def get_user(self, name: str) -> Account | None: ...
+    def list_users(self) -> list[Account]: ...
+    def remove_user(self, name: str) -> Account: ...
+    def set_password_hash(self, name: str, password_hash: str | None) -> None: ...
+    def set_quota(self, name: str, quota: int | None) -> None: ...
+    def add_key(self, name: str, key: StoredKey) -> None: ...
+    def remove_key(self, name: str, fingerprint: str) -> None: ...
+    # ledger
+    def reserve(self, owner: str, name: str, amount: int) -> bool: ...
+    def settle(self, owner: str, name: str, consumed: int, release: int) -> None: ...
+    def adjust_used(self, name: str, delta: int) -> None: ...
+    def set_used(self, name: str, used: int) -> None: ...
+    def charged(self, name: str) -> int: ...
+    def owners(self) -> list[str]: ...
+    def drop_owner(self, owner: str) -> list[str]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    home TEXT NOT NULL,
+    password_hash TEXT,
+    quota INTEGER,
+    used INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (user, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    owner TEXT NOT NULL,
+    user TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (owner, user)
+);
+"""
+_SCHEMA_VERSION = "1"
+
+
+class SQLiteAccountStore:
+    """SQLite implementation of `AccountStore` (one file: ``accounts.db``)."""
+
+    FILENAME = "accounts.db"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / self.FILENAME
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+        except OSError as exc:
+            raise AccountError(f"cannot use accounts directory {self.directory}: {exc.strerror}") from None
+        new = not self.path.exists()
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            if new:
+                os.chmod(self.path, 0o600)
+                with self._tx() as db:
+                    for stmt in _SCHEMA.strip().split(";"):
+                        if stmt.strip():
+                            db.execute(stmt)
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
+        if not row or row[0] != _SCHEMA_VERSION:
+            raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"accounts store {self.path}: {exc}") from None
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"accounts store {self.path}: {exc}") from None
+
+    # -- accounts -----------------------------------------------------------
+
+    def add_user(self, name: str, home: str, password_hash: str | None, quota: int | None) -> None:
+        validate_username(name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+                raise AccountError(f"user {name!r} already exists")
+            db.execute("INSERT INTO users (name, home, password_hash, quota, used, created) VALUES (?,?,?,?,0,?)",
+                       (name, home, password_hash, quota, time.time()))
+
+    def get_user(self, name: str) -> Account | None:
+        rows = self._query("SELECT name, home, password_hash, quota, used FROM users WHERE name=?", (name,))
+        if not rows:
+            return None
+        acct = Account(*rows[0])
+        acct.keys = [StoredKey(*r) for r in self._query(
+            "SELECT fingerprint, key, comment FROM keys WHERE user=? ORDER BY rowid", (name,))]
+        acct.used = self.charged(name)
+        return acct
+
+    def require_user(self, name: str) -> Account:
+        acct = self.get_user(name)
+        if acct is None:
+            raise AccountError(f"no such user: {name}")
+        return acct
+
+    def list_users(self) -> list[Account]:
+        return [a for n, in self._query("SELECT name FROM users ORDER BY name") if (a := self.get_user(n))]
+
+    def remove_user(self, name: str) -> Account:
+        acct = self.require_user(name)
+        with self._tx() as db:
+            db.execute("DELETE FROM keys WHERE user=?", (name,))
+            db.execute("DELETE FROM reservations WHERE user=?", (name,))
+            db.execute("DELETE FROM users WHERE name=?", (name,))
+        return acct
+
+    def _update_user(self, sql: str, args: tuple, name: str) -> None:
+        with self._tx() as db:
+            if db.execute(sql, args).rowcount == 0:
+                raise AccountError(f"no such user: {name}")
+
+    def set_password_hash(self, name: str, password_hash: str | None) -> None:
+        self._update_user("UPDATE users SET password_hash=? WHERE name=?", (password_hash, name), name)
+
+    def set_quota(self, name: str, quota: int | None) -> None:
+        self._update_user("UPDATE users SET quota=? WHERE name=?", (quota, name), name)
+
+    def add_key(self, name: str, key: StoredKey) -> None:
+        self.require_user(name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM keys WHERE user=? AND fingerprint=?", (name, key.fingerprint)).fetchone():
+                raise AccountError(f"user {name!r} already has key {key.fingerprint}")
+            db.execute("INSERT INTO keys VALUES (?,?,?,?)", (name, key.fingerprint, key.key, key.comment))
+
+    def remove_key(self, name: str, fingerprint: str) -> None:
+        self.require_user(name)
+        with self._tx() as db:
+            if db.execute("DELETE FROM keys WHERE user=? AND fingerprint=?", (name, fingerprint)).rowcount == 0:
+                raise AccountError(f"user {name!r} has no key {fingerprint}")
+
+    # -- usage ledger -------------------------------------------------------
+
+    def reserve(self, owner: str, name: str, amount: int) -> bool:
+        """Atomically reserve `amount` bytes for `owner` if the quota allows it."""
+        with self._tx() as db:
+            row = db.execute("SELECT quota, used FROM users WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return False
+            quota, used = row
+            if quota is not None:
+                reserved = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?",
+                                      (name,)).fetchone()[0]
+                if used + reserved + amount > quota:
+                    return False
+            db.execute("INSERT INTO reservations (owner, user, amount) VALUES (?,?,?) "
+                       "ON CONFLICT(owner, user) DO UPDATE SET amount = amount + excluded.amount",
+                       (owner, name, amount))
+            return True
+
+    def settle(self, owner: str, name: str, consumed: int, release: int) -> None:
+        """Move `consumed` reserved bytes into `used` and give `release` unused bytes back."""
+        with self._tx() as db:
+            db.execute("UPDATE users SET used = used + ? WHERE name=?", (consumed, name))
+            db.execute("UPDATE reservations SET amount = amount - ? WHERE owner=? AND user=?",
+                       (consumed + release, owner, name))
+            db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
+
+    def adjust_used(self, name: str, delta: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE users SET used = used + ? WHERE name=?", (delta, name))
+
+    def set_used(self, name: str, used: int) -> None:
+        self._update_user("UPDATE users SET used=? WHERE name=?", (used, name), name)
+
+    def charged(self, name: str) -> int:
+        """Bytes counted against the user: settled usage plus every live reservation."""
+        rows = self._query(
+            "SELECT used + (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?) "
+            "FROM users WHERE name=?", (name, name))
+        return max(0, rows[0][0]) if rows else 0
+
+    def quota_state(self, name: str) -> tuple[int | None, int]:
+        """(quota, charged) in one read, for statvfs and error messages."""
+        rows = self._query(
+            "SELECT quota, used + (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?) "
+            "FROM users WHERE name=?", (name, name))
+        if not rows:
+            return 0, 0
+        return rows[0][0], max(0, rows[0][1])
+
+    def owners(self) -> list[str]:
+        return [o for o, in self._query("SELECT DISTINCT owner FROM reservations")]
+
+    def drop_owner(self, owner: str) -> list[str]:
+        """Forget a dead process's reservations; returns the users whose usage must be rescanned."""
+        with self._tx() as db:
+            users = [u for u, in db.execute("SELECT user FROM reservations WHERE owner=?", (owner,))]
+            db.execute("DELETE FROM reservations WHERE owner=?", (owner,))
+        return users
+
+
+class OwnerLock:
+    """Proof of life for a server process that holds reservations.
+
+    Each serving process holds an exclusive flock on ``<accounts>/owners/<id>.lock``
+    for its lifetime.  A reservation owner whose lock file can be locked by
+    someone else is dead (crashed or killed), whatever its pid says.
+    """
+
+    def __init__(self, accounts_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(accounts_dir) / "owners"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.owner = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
+        self._fd = os.open(self.dir / f"{self.owner}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.dir / f"{self.owner}.lock")
+        os.close(self._fd)
+
+    @staticmethod
+    def is_alive(accounts_dir: str | os.PathLike[str], owner: str) -> bool:
+        path = Path(accounts_dir) / "owners" / f"{owner}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return False

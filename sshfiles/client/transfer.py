@@ -1,0 +1,483 @@
+"""The transfer engine: pipelined put/get with verified automatic resume and end-to-end sha256.
+
+Why it decides resume by hashing instead of trusting sizes: a partial file's size says nothing about
+its content (it may be another file, or tampered), and a killed transfer that pipelined its writes
+can leave holes just below its size. So before resuming we ask the server for per-block digests of
+the remote partial (``check-file-handle`` with a block size), hash the same blocks locally, and
+resume from the first block that differs:
+
+* every block equal            -> send only the bytes after the partial;
+* first difference near the end (within what was in flight when the transfer died)
+                                -> resume from that block: holes from pipelined writes;
+* first difference further back -> the prefix is not ours: warn and restart from zero.
+
+After every transfer both sides' sha256 are compared (the server's from ``check-file``); a mismatch is
+an error (exit 7). All functions here are library calls the CLI and the tests use directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import posixpath
+import stat as statmod
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+import asyncssh
+from asyncssh.constants import FXP_EXTENDED_REPLY
+from asyncssh.packet import String, UInt32, UInt64
+
+from sshfiles.hashing import ALGORITHMS, hash_fd_range
+
+from .errors import ClientError, VerifyError, from_os_error, from_sftp_error
+from .progress import Progress, QuietProgress, Timer, human
+
+#: Bytes per WRITE/READ request and requests in flight per file: 256 KiB x 32 = 8 MiB in flight,
+#: enough to fill a fast link; asyncssh's own defaults (16 KiB x 128) are tuned for compatibility.
+CHUNK_SIZE = 256 * 1024
+MAX_REQUESTS = 32
+#: Resume comparison: at most this many block digests per check-file request.
+MAX_BLOCKS_PER_REQUEST = 4096
+MIN_COMPARE_BLOCK = 256 * 1024
+VERIFY_ALGORITHM = "sha256"
+
+
+@dataclass
+class TransferOptions:
+    """Knobs the CLI exposes (--resume/--no-resume, --no-verify) plus the pipelining tuning."""
+
+    resume: bool = True
+    verify: bool = True
+    chunk_size: int = CHUNK_SIZE
+    max_requests: int = MAX_REQUESTS
+
+
+@dataclass
+class TransferResult:
+    """What happened to one file; the CLI turns it into the summary line."""
+
+    direction: str          # "put" or "get"
+    source: str
+    dest: str
+    size: int
+    resumed_from: int = 0
+    sent: int = 0
+    restarted: bool = False
+    verified: Optional[bool] = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = human(self.sent / self.seconds) + "/s" if self.seconds else "-"
+        parts = [f"{self.direction} {self.source} -> {self.dest}: {human(self.size)}",
+                 f"sent {human(self.sent)} in {self.seconds:.1f}s ({rate})"]
+        if self.resumed_from:
+            parts.append(f"resumed at {human(self.resumed_from)}")
+        if self.restarted:
+            parts.append("restarted (partial did not match)")
+        if self.verified:
+            parts.append("sha256 verified")
+        elif self.verified is None:
+            parts.append("not verified")
+        return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- check-file (client side)
+
+def _enable_check_file(sftp: asyncssh.SFTPClient) -> asyncssh.sftp.SFTPClientHandler:
+    """Let asyncssh's client accept EXTENDED_REPLY for check-file requests.
+
+    asyncssh only accepts an EXTENDED_REPLY for the extensions it knows; the table is per class, so
+    we give this handler instance its own copy with check-file added (asyncssh is pinned to 2.24).
+    """
+    handler = sftp._handler  # noqa: SLF001 - no public API for raw extended requests
+    if b"check-file-handle" not in handler._return_types:  # noqa: SLF001
+        handler._return_types = {**handler._return_types,  # noqa: SLF001
+                                 b"check-file-handle": FXP_EXTENDED_REPLY,
+                                 b"check-file-name": FXP_EXTENDED_REPLY}
+    return handler
+
+
+async def check_file(sftp: asyncssh.SFTPClient, target: bytes, *, by_handle: bool,
+                     algorithms: str = VERIFY_ALGORITHM, offset: int = 0, length: int = 0,
+                     block_size: int = 0) -> tuple[str, list[bytes]]:
+    """Send check-file-handle/-name and return (algorithm used, digests)."""
+    handler = _enable_check_file(sftp)
+    name = b"check-file-handle" if by_handle else b"check-file-name"
+    packet = await handler._make_request(  # noqa: SLF001
+        name, String(target), String(algorithms), UInt64(offset), UInt64(length), UInt32(block_size))
+    alg = packet.get_string().decode("ascii")
+    blob = packet.get_remaining_payload()
+    size = ALGORITHMS.get(alg, (None, 0))[1]
+    if not size or len(blob) % size:
+        raise ClientError(f"server sent a malformed check-file reply ({alg}, {len(blob)} bytes)")
+    return alg, [blob[i:i + size] for i in range(0, len(blob), size)]
+
+
+async def remote_hash(sftp: asyncssh.SFTPClient, path: str, algorithm: str = VERIFY_ALGORITHM) -> str:
+    """Hex digest of a whole remote file, computed by the server."""
+    try:
+        async with sftp.open(path, "rb") as f:
+            alg, digests = await check_file(sftp, f.handle, by_handle=True, algorithms=algorithm)
+    except asyncssh.SFTPError as exc:
+        raise from_sftp_error(exc, path) from None
+    if alg != algorithm:
+        raise ClientError(f"{path}: server does not offer {algorithm}")
+    return digests[0].hex()
+
+
+async def local_hash(path: str, algorithm: str = VERIFY_ALGORITHM) -> str:
+    def run() -> str:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return hash_fd_range(fd, algorithm)[0].hex()
+        finally:
+            os.close(fd)
+
+    return await asyncio.to_thread(run)
+
+
+# --------------------------------------------------------------------------- resume decision
+
+def compare_block_size(size: int) -> int:
+    """Block size for comparing a partial of ``size`` bytes in one check-file reply."""
+    block = max(MIN_COMPARE_BLOCK, -(-size // MAX_BLOCKS_PER_REQUEST))
+    return -(-block // 65536) * 65536
+
+
+def resume_point(local: list[bytes], remote: list[bytes], block: int, partial: int,
+                 in_flight: int) -> tuple[int, bool]:
+    """Where to restart, from the per-block digests of the first ``partial`` bytes on both sides.
+
+    Returns (offset, restarted). ``in_flight`` is how many bytes a killed transfer can have had
+    outstanding: differences within that distance of the partial's end are holes left by pipelined
+    writes, so we resume at the first differing block; an earlier difference means the partial is
+    not a prefix of our file, so we restart at 0.
+    """
+    for i, (a, b) in enumerate(zip(local, remote)):
+        if a != b:
+            start = i * block
+            if partial - start <= in_flight + block:
+                return start, False
+            return 0, True
+    if len(local) != len(remote):
+        return 0, True
+    return partial, False
+
+
+def _local_block_digests(path: str, length: int, block: int) -> list[bytes]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return hash_fd_range(fd, VERIFY_ALGORITHM, 0, length, block)
+    finally:
+        os.close(fd)
+
+
+async def _decide_resume(sftp: asyncssh.SFTPClient, remote_handle: bytes, local_path: str,
+                         partial: int, opts: TransferOptions) -> tuple[int, bool]:
+    block = compare_block_size(partial)
+    local_task = asyncio.create_task(asyncio.to_thread(_local_block_digests, local_path, partial, block))
+    try:
+        _, remote = await check_file(sftp, remote_handle, by_handle=True, algorithms=VERIFY_ALGORITHM,
+                                     offset=0, length=partial, block_size=block)
+    except asyncssh.SFTPOpUnsupported:
+        await local_task
+        return 0, True  # cannot prove the prefix: restart rather than risk a corrupt file
+    local = await local_task
+    return resume_point(local, remote, block, partial, opts.chunk_size * opts.max_requests)
+
+
+# --------------------------------------------------------------------------- pipelined copy
+
+ReadAt = Callable[[int, int], Awaitable[bytes]]
+WriteAt = Callable[[int, bytes], Awaitable[None]]
+
+
+async def _copy_range(read_at: ReadAt, write_at: WriteAt, start: int, end: int,
+                      opts: TransferOptions, on_bytes: Callable[[int], None]) -> None:
+    """Copy [start, end) with up to ``max_requests`` chunks in flight; fail fast on the first error."""
+
+    async def one(off: int, n: int) -> None:
+        data = await read_at(off, n)
+        if len(data) != n:
+            raise ClientError("source file changed size during the transfer")
+        await write_at(off, data)
+        on_bytes(n)
+
+    pending: set[asyncio.Future] = set()
+    off = start
+    while off < end or pending:
+        while off < end and len(pending) < opts.max_requests:
+            n = min(opts.chunk_size, end - off)
+            pending.add(asyncio.ensure_future(one(off, n)))
+            off += n
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                for p in pending:
+                    p.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                raise exc
+
+
+# --------------------------------------------------------------------------- put / get of one file
+
+async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> Optional[int]:
+    try:
+        attrs = await sftp.stat(path)
+    except asyncssh.SFTPNoSuchFile:
+        return None
+    if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+        raise ClientError(f"{path}: is a directory")
+    return attrs.size or 0
+
+
+async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: TransferOptions,
+                   progress: Progress | None = None) -> TransferResult:
+    """Upload one file, resuming a matching remote partial and verifying the result."""
+    progress = progress or QuietProgress()
+    timer = Timer()
+    try:
+        fd = os.open(local, os.O_RDONLY)
+    except OSError as exc:
+        raise from_os_error(exc, local) from None
+    try:
+        size = os.fstat(fd).st_size
+        if statmod.S_ISDIR(os.fstat(fd).st_mode):
+            raise ClientError(f"{local}: is a directory (use -r)")
+        result = TransferResult("put", local, remote, size)
+        local_sum = asyncio.create_task(local_hash(local)) if opts.verify else None
+        try:
+            existing = await _remote_size(sftp, remote)
+            start = 0
+            if opts.resume and existing:
+                if existing > size:
+                    result.restarted = True
+                else:
+                    async with sftp.open(remote, "rb") as rf:
+                        start, result.restarted = await _decide_resume(sftp, rf.handle, local,
+                                                                       existing, opts)
+                if result.restarted:
+                    progress.warn(f"{remote}: remote partial ({human(existing)}) does not match "
+                                  f"{local}; restarting from zero")
+            result.resumed_from = start
+            task = progress.start_file(posixpath.basename(remote) or remote, size, start)
+            try:
+                async with sftp.open(remote, "r+b" if start else "wb") as rf:
+                    async def read_at(off: int, n: int) -> bytes:
+                        return os.pread(fd, n, off)
+
+                    async def write_at(off: int, data: bytes) -> None:
+                        await rf.write(data, off)
+
+                    def advance(n: int) -> None:
+                        result.sent += n
+                        task.advance(n)
+
+                    await _copy_range(read_at, write_at, start, size, opts, advance)
+                    if start and existing and existing > size:
+                        await rf.truncate(size)
+            finally:
+                task.close()
+            result.seconds = timer.elapsed()
+            if local_sum is not None:
+                theirs = await remote_hash(sftp, remote)
+                ours = await local_sum
+                if theirs != ours:
+                    raise VerifyError(f"{remote}: verification failed: server sha256 {theirs} "
+                                      f"!= local {ours}")
+                result.verified = True
+            return result
+        except asyncssh.SFTPError as exc:
+            raise from_sftp_error(exc, remote) from None
+        finally:
+            if local_sum is not None and not local_sum.done():
+                local_sum.cancel()
+    finally:
+        os.close(fd)
+
+
+async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: TransferOptions,
+                   progress: Progress | None = None) -> TransferResult:
+    """Download one file, resuming a matching local partial and verifying the result."""
+    progress = progress or QuietProgress()
+    timer = Timer()
+    try:
+        async with sftp.open(remote, "rb") as rf:
+            attrs = await rf.stat()
+            if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                raise ClientError(f"{remote}: is a directory (use -r)")
+            size = attrs.size or 0
+            result = TransferResult("get", remote, local, size)
+            try:
+                fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise from_os_error(exc, local) from None
+            try:
+                existing = os.fstat(fd).st_size
+                start = 0
+                if opts.resume and existing:
+                    if existing > size:
+                        result.restarted = True
+                    else:
+                        start, result.restarted = await _decide_resume(sftp, rf.handle, local,
+                                                                       existing, opts)
+                    if result.restarted:
+                        progress.warn(f"{local}: local partial ({human(existing)}) does not match "
+                                      f"{remote}; restarting from zero")
+                if start == 0:
+                    os.ftruncate(fd, 0)
+                result.resumed_from = start
+                task = progress.start_file(os.path.basename(local) or local, size, start)
+                try:
+                    async def read_at(off: int, n: int) -> bytes:
+                        return await rf.read(n, off)
+
+                    async def write_at(off: int, data: bytes) -> None:
+                        os.pwrite(fd, data, off)
+
+                    def advance(n: int) -> None:
+                        result.sent += n
+                        task.advance(n)
+
+                    await _copy_range(read_at, write_at, start, size, opts, advance)
+                    os.ftruncate(fd, size)
+                finally:
+                    task.close()
+            finally:
+                os.close(fd)
+            result.seconds = timer.elapsed()
+            if opts.verify:
+                _, digests = await check_file(sftp, rf.handle, by_handle=True)
+                theirs = digests[0].hex()
+                ours = await local_hash(local)
+                if theirs != ours:
+                    raise VerifyError(f"{local}: verification failed: local sha256 {ours} "
+                                      f"!= server {theirs}")
+                result.verified = True
+            return result
+    except asyncssh.SFTPError as exc:
+        raise from_sftp_error(exc, remote) from None
+
+
+# --------------------------------------------------------------------------- trees and many files
+
+@dataclass
+class Job:
+    """One file to move: put (local -> remote) or get (remote -> local)."""
+
+    source: str
+    dest: str
+    size: int
+
+
+async def is_remote_dir(sftp: asyncssh.SFTPClient, path: str) -> bool:
+    try:
+        return (await sftp.stat(path)).type == asyncssh.FILEXFER_TYPE_DIRECTORY
+    except asyncssh.SFTPNoSuchFile:
+        return False
+
+
+async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
+                   recursive: bool) -> list[Job]:
+    """Expand local sources into per-file jobs, creating remote directories for trees.
+
+    Like cp/scp: with several sources, or when ``dest`` is an existing directory, each source lands
+    inside ``dest`` under its own name; otherwise ``dest`` is the new name of the single source.
+    """
+    into_dir = len(sources) > 1 or await is_remote_dir(sftp, dest)
+    jobs: list[Job] = []
+    for src in sources:
+        name = os.path.basename(os.path.normpath(src))
+        target = posixpath.join(dest, name) if into_dir else dest
+        if os.path.isdir(src):
+            if not recursive:
+                raise ClientError(f"{src}: is a directory (use -r)")
+            for root, dirs, files in os.walk(src):
+                dirs.sort()
+                rel = os.path.relpath(root, src)
+                rdir = target if rel == "." else posixpath.join(target, *rel.split(os.sep))
+                try:
+                    await sftp.makedirs(rdir, exist_ok=True)
+                except asyncssh.SFTPError as exc:
+                    raise from_sftp_error(exc, rdir) from None
+                for f in sorted(files):
+                    p = os.path.join(root, f)
+                    jobs.append(Job(p, posixpath.join(rdir, f), os.path.getsize(p)))
+        elif os.path.exists(src):
+            jobs.append(Job(src, target, os.path.getsize(src)))
+        else:
+            raise ClientError(f"{src}: No such file or directory", 5)
+    return jobs
+
+
+async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
+                   recursive: bool) -> list[Job]:
+    """Expand remote sources into per-file jobs, creating local directories for trees."""
+    into_dir = len(sources) > 1 or os.path.isdir(dest)
+    jobs: list[Job] = []
+
+    async def walk(rpath: str, lpath: str) -> None:
+        os.makedirs(lpath, exist_ok=True)
+        for entry in sorted(await sftp.readdir(rpath), key=lambda e: e.filename):
+            name = entry.filename
+            if name in (".", ".."):
+                continue
+            child = posixpath.join(rpath, name)
+            if entry.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                await walk(child, os.path.join(lpath, name))
+            elif entry.attrs.type == asyncssh.FILEXFER_TYPE_REGULAR:
+                jobs.append(Job(child, os.path.join(lpath, name), entry.attrs.size or 0))
+
+    for src in sources:
+        try:
+            attrs = await sftp.stat(src)
+        except asyncssh.SFTPError as exc:
+            raise from_sftp_error(exc, src) from None
+        name = posixpath.basename(posixpath.normpath(src)) or "root"
+        target = os.path.join(dest, name) if into_dir else dest
+        if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+            if not recursive:
+                raise ClientError(f"{src}: is a directory (use -r)")
+            try:
+                await walk(src, target)
+            except asyncssh.SFTPError as exc:
+                raise from_sftp_error(exc, src) from None
+        else:
+            jobs.append(Job(src, target, attrs.size or 0))
+    return jobs
+
+
+async def run_jobs(sftp: asyncssh.SFTPClient, jobs: list[Job], direction: str,
+                   opts: TransferOptions, progress: Progress, parallel: int = 1) -> list[ClientError]:
+    """Run jobs with up to ``parallel`` files at once; report each; return the errors (keep going)."""
+    progress.set_overall(sum(j.size for j in jobs), len(jobs))
+    sem = asyncio.Semaphore(max(1, parallel))
+    errors: list[ClientError] = []
+
+    async def one(job: Job) -> None:
+        async with sem:
+            try:
+                if direction == "put":
+                    res = await put_file(sftp, job.source, job.dest, opts, progress)
+                else:
+                    res = await get_file(sftp, job.source, job.dest, opts, progress)
+                progress.done(res.summary())
+            except ClientError as exc:
+                errors.append(exc)
+                progress.warn(str(exc))
+                if exc.exit_code == 6:  # quota: every further upload would fail the same way
+                    raise
+
+    tasks = [asyncio.ensure_future(one(j)) for j in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    except ClientError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        progress.close()
+    return errors

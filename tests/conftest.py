@@ -1,0 +1,216 @@
+"""Fixtures that start a real `sshfiles serve` on a free loopback port and drive it with real clients.
+
+Nothing here mocks SSH, SFTP, the filesystem or the accounts store: the
+server is the installed command in a subprocess, state lives in a temporary
+directory, and clients are asyncssh, paramiko and the OpenSSH binaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import asyncssh
+import pytest
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class User:
+    name: str
+    password: str | None
+    home: Path
+    key_path: Path | None = None  # private key file (OpenSSH format), if the user has a key
+
+
+@dataclass
+class ServerHandle:
+    root: Path
+    keys_dir: Path
+    accounts_dir: Path
+    homes_dir: Path
+    extra_args: tuple[str, ...] = ()
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    host: str = HOST
+
+    # -- admin CLI ------------------------------------------------------------
+
+    def base_cmd(self) -> list[str]:
+        return [sys.executable, "-m", "sshfiles", "--keys-dir", str(self.keys_dir),
+                "--accounts-dir", str(self.accounts_dir), "--homes-dir", str(self.homes_dir)]
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run `sshfiles ARGS` against this server's state; returns the completed process."""
+        res = subprocess.run(self.base_cmd() + list(args), input=input, capture_output=True, text=True, timeout=60)
+        if check and res.returncode != 0:
+            raise AssertionError(f"sshfiles {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def add_user(self, name: str, password: str | None = "", quota: str | int | None = None,
+                 key: bool = False) -> User:
+        """Create an account; password "" means a random one, None means none (key only)."""
+        args = ["user", "add", name]
+        if quota is not None:
+            args += ["--quota", str(quota)]
+        key_path = None
+        if key:
+            key_path = self.root / f"id_{name}"
+            k = asyncssh.generate_private_key("ssh-ed25519")
+            k.write_private_key(str(key_path))
+            os.chmod(key_path, 0o600)
+            k.write_public_key(str(key_path) + ".pub")
+            args += ["--key", str(key_path) + ".pub"]
+        if password == "":
+            password = "pw-" + secrets.token_hex(8)
+        stdin = None
+        if password is not None:
+            args.append("--password-stdin")
+            stdin = password + "\n"
+        self.cli(*args, input=stdin)
+        return User(name, password, self.homes_dir / name, key_path)
+
+    # -- process --------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "server.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self, timeout: float = 20) -> None:
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.base_cmd() + ["serve", "--host", self.host, "--port", str(self.port)] + list(self.extra_args),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.findall(r"listening on \S+ port (\d+)", self.log())
+            if m:
+                self.port = int(m[-1])
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"server did not start:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL the whole server, as a crash would."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    # -- clients --------------------------------------------------------------
+
+    def connect(self, user: User, **kw: Any) -> Any:
+        """asyncssh connection (use as `async with server.connect(user) as conn`)."""
+        opts: dict[str, Any] = dict(username=user.name, known_hosts=None, client_keys=None)
+        if user.key_path:
+            opts["client_keys"] = [str(user.key_path)]
+        if user.password:
+            opts["password"] = user.password
+        opts.update(kw)
+        return asyncssh.connect(self.host, self.port, **opts)
+
+    @contextlib.asynccontextmanager
+    async def sftp(self, user: User, **kw: Any) -> AsyncIterator[asyncssh.SFTPClient]:
+        async with self.connect(user, **kw) as conn:
+            async with conn.start_sftp_client() as sftp:
+                yield sftp
+
+    def ssh_opts(self) -> list[str]:
+        return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                "-o", "ConnectTimeout=10"]
+
+    def openssh(self, tool: str, user: User, args: list[str], input: str | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the stock OpenSSH `sftp`/`scp`/`ssh` with the user's key, or password through sshpass."""
+        port_flag = "-p" if tool == "ssh" else "-P"
+        env = dict(os.environ)
+        if user.key_path:
+            cmd = [tool, port_flag, str(self.port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                   "-i", str(user.key_path)]
+        else:
+            cmd = ["sshpass", "-e", tool, port_flag, str(self.port), "-o", "BatchMode=no",
+                   "-o", "PubkeyAuthentication=no"]
+            env["SSHPASS"] = user.password or ""
+        return subprocess.run(cmd + self.ssh_opts() + args, input=input, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    def sftp_batch(self, user: User, commands: str, cwd: Path | None = None,
+                   timeout: float = 60) -> subprocess.CompletedProcess:
+        """OpenSSH `sftp -b -` with the given batch commands (stdin)."""
+        args = ["-b", "-", f"{user.name}@{self.host}"]
+        old = os.getcwd()
+        if cwd:
+            os.chdir(cwd)
+        try:
+            return self.openssh("sftp", user, args, input=commands, timeout=timeout)
+        finally:
+            os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def host_keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host keys generated once per test run (RSA generation is the slow part of a start)."""
+    d = tmp_path_factory.mktemp("hostkeys")
+    subprocess.run([sys.executable, "-c", "from pathlib import Path; from sshfiles.server import ensure_host_keys;"
+                    f"ensure_host_keys(Path({str(d)!r}))"], check=True, timeout=60)
+    return d
+
+
+def make_server(tmp_path: Path, host_keys_dir: Path, extra_args: tuple[str, ...] = ()) -> ServerHandle:
+    keys = tmp_path / "keys"
+    shutil.copytree(host_keys_dir, keys)
+    h = ServerHandle(root=tmp_path, keys_dir=keys, accounts_dir=tmp_path / "accounts",
+                     homes_dir=tmp_path / "homes", extra_args=extra_args)
+    h.homes_dir.mkdir()
+    return h
+
+
+@pytest.fixture
+def server(tmp_path: Path, host_keys_dir: Path) -> Iterator[ServerHandle]:
+    """A running `sshfiles serve` on a free 127.0.0.1 port, with its own state directories."""
+    h = make_server(tmp_path, host_keys_dir)
+    h.start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A secret file next to the homes, which no user may ever read, change or learn of."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET host data\n")
+    return secret
+
+
+def have(binary: str) -> bool:
+    return shutil.which(binary) is not None
