@@ -213,7 +213,8 @@ class Server:
         logf = open(self.logfile, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(REAPER), "--", *argv], stdin=subprocess.DEVNULL,
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO)
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -513,6 +514,30 @@ class Bench:
                         cpus.setdefault(srv.name, []).append(cpu / (self.size / GiB))
                 self.add_row("single stream", f"{direction}, {client} client", "MB/s ↑", True,
                              speeds, cpus)
+                if self.args.profile:
+                    await self._profile_transfer(client, direction)
+
+    async def _profile_transfer(self, client: str, direction: str) -> None:
+        """One extra, unmeasured transfer per Python server under py-spy (numbers above unaffected)."""
+        sys.path.insert(0, str(HERE))
+        from _bench_profile import Recorder
+
+        if not Recorder.available():
+            log("  py-spy not installed (pip install py-spy): no profile")
+            return
+        outdir = Path(self.args.profile)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for srv in self.servers:
+            if srv.name == "openssh":
+                continue
+            raw = outdir / f"{srv.name}-{direction}-{client}.txt"
+            fn = self._stock_transfer if client == "sftp" else self._asyncssh_transfer
+            # the reaper's child is the server's main process; py-spy follows its subprocesses
+            target = next((p for p in tree_pids(srv.pid) if p != srv.pid), srv.pid)
+            with Recorder(target, raw, native=self.args.profile_native):
+                dt, _ = await fn(srv, direction, f"{srv.name}-prof")
+            log(f"  profiled {srv.name} {direction} ({client}): {self.size / MB / dt:.0f} MB/s under "
+                f"py-spy -> {raw.with_name(raw.stem + '-summary.txt')}")
 
     # -- concurrency
 
@@ -839,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600, help="hard timeout per client operation, seconds")
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("--markdown", help="write the table to this markdown file")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after each single-stream row, run one extra transfer per Python server under "
+                        "py-spy and write raw profiles and summaries to DIR")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) at the end")
     p.add_argument("--hold", type=float, default=0,
                    help="after setup, print server pids and wait this many seconds before measuring (for profilers)")
