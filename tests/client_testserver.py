@@ -20,6 +20,7 @@ from typing import Optional
 import asyncssh
 from asyncssh.constants import FXP_EXTENDED_REPLY
 from asyncssh.sftp import SFTPServerHandler
+from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from sshfiles.exec_commands import run_exec
 from sshfiles.hashing import CHECK_FILE_EXTENSION, CheckFileReply, answer_check_file, parse_check_file
@@ -119,35 +120,52 @@ def start_server(home: Path, user: str = "alice", password: str = "s3cret-pass",
         def validate_password(self, username, pw):
             return username == user and pw == password
 
-    async def process(proc: asyncssh.SSHServerProcess) -> None:
-        if proc.subsystem == "sftp":
-            server = QuotaSFTPServer(proc.channel, home, info.quota)
-            handler = CheckFileHandler(server, proc.stdin, proc.stdout, 3)
-            await handler.run()
-            proc.exit(0)
-            return
-        if proc.command is None:
-            proc.stderr.write(b"sshfiles: no shell access\n")
-            proc.exit(1)
-            return
+        def session_requested(self):
+            return Session()
 
-        def open_file(vpath: bytes) -> int:
-            root = os.path.realpath(home)
-            target = os.path.realpath(os.path.join(root, vpath.lstrip(b"/").decode(errors="surrogateescape")))
-            if target != root and not target.startswith(root + os.sep):
-                raise OSError(errno.ENOENT, "No such file or directory")
-            return os.open(target, os.O_RDONLY)
+    def open_file(vpath: bytes) -> int:
+        root = os.path.realpath(home)
+        rel = vpath.lstrip(b"/").decode(errors="surrogateescape")
+        target = os.path.realpath(os.path.join(root, rel))
+        if target != root and not target.startswith(root + os.sep):
+            raise OSError(errno.ENOENT, "No such file or directory")
+        return os.open(target, os.O_RDONLY)
 
-        status = await run_exec(proc.command, open_file, proc.stdout, proc.stderr, proc.stdin)
-        proc.exit(status)
+    async def exec_session(stdin, stdout, stderr) -> None:
+        chan = stdin.channel
+        command = chan.get_command()
+        if not command:
+            stderr.write(b"sshfiles: no shell access\n")
+            chan.exit(1)
+            return
+        chan.exit(await run_exec(command, open_file, stdout, stderr, stdin))
+
+    class Session(SSHServerStreamSession):
+        """Stream session whose SFTP subsystem runs CheckFileHandler."""
+
+        def __init__(self) -> None:
+            super().__init__(exec_session, lambda chan: None)
+
+        def session_started(self) -> None:
+            if self._chan.get_subsystem() != "sftp":
+                return super().session_started()
+            self._chan.set_encoding(None)
+            self._encoding = None
+            stdin, stdout = SSHReader(self, self._chan), SSHWriter(self, self._chan)
+            handler = CheckFileHandler(QuotaSFTPServer(self._chan, home, info.quota), stdin, stdout, 3)
+
+            async def run() -> None:
+                await handler.run()
+                self._chan.exit(0)
+
+            self._conn.create_task(run(), stdin.logger)
 
     ready = threading.Event()
     loop = asyncio.new_event_loop()
 
     async def _start():
         acceptor = await asyncssh.create_server(
-            Auth, "127.0.0.1", port, server_host_keys=[key], process_factory=process,
-            encoding=None, line_editor=False)
+            Auth, "127.0.0.1", port, server_host_keys=[key], encoding=None)
         info._acceptor = acceptor
         info.port = acceptor.sockets[0].getsockname()[1]
         ready.set()

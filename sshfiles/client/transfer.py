@@ -277,8 +277,6 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                         task.advance(n)
 
                     await _copy_range(read_at, write_at, start, size, opts, advance)
-                    if start and existing and existing > size:
-                        await rf.truncate(size)
             finally:
                 task.close()
             result.seconds = timer.elapsed()
@@ -391,7 +389,7 @@ async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
     jobs: list[Job] = []
     for src in sources:
         name = os.path.basename(os.path.normpath(src))
-        target = posixpath.join(dest, name) if into_dir else dest
+        target = posixpath.normpath(posixpath.join(dest, name) if into_dir else dest)
         if os.path.isdir(src):
             if not recursive:
                 raise ClientError(f"{src}: is a directory (use -r)")
@@ -467,7 +465,6 @@ async def run_jobs(sftp: asyncssh.SFTPClient, jobs: list[Job], direction: str,
                 progress.done(res.summary())
             except ClientError as exc:
                 errors.append(exc)
-                progress.warn(str(exc))
                 if exc.exit_code == 6:  # quota: every further upload would fail the same way
                     raise
 

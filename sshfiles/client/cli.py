@@ -1,0 +1,366 @@
+"""``sshfiles-cli``: the click layer over the client library (connect, transfer, progress).
+
+Why it is thin: every command is a few lines that resolve paths and call library functions
+(``transfer.put_file`` ...), so tests can drive the same code without a terminal, and the interactive
+``shell`` reuses these very commands (same options, same help) over one open connection.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shlex
+import stat as statmod
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import asyncssh
+import click
+
+from .connect import DEFAULT_KNOWN_HOSTS, PASSWORD_ENV, ConnectOptions
+from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK, EXIT_USAGE, ClientError, from_sftp_error
+from .progress import human, make_progress
+from .session import Session
+from .transfer import TransferOptions, plan_get, plan_put, remote_hash, run_jobs
+
+DEFAULT_PORT = 2222
+
+
+@dataclass
+class State:
+    """Global options, and the shell's open session when commands run inside ``shell``."""
+
+    opts: ConnectOptions
+    quiet: bool = False
+    session: Optional[Session] = None
+    out: Callable[[str], None] = field(default=lambda s: click.echo(s))
+
+
+def _remote(state: State, fn):
+    """Run ``fn(sftp, resolve)`` on the shell's session, or on a fresh one for a single command."""
+    if state.session is not None:
+        s = state.session
+        return s.run(lambda sftp: fn(sftp, s.resolve))
+    with Session(state.opts) as s:
+        return s.run(lambda sftp: fn(sftp, s.resolve))
+
+
+def _sftp_call(coro_factory, what: str):
+    """Await an SFTP call, turning its status into a one-line ClientError naming ``what``."""
+    async def run():
+        try:
+            return await coro_factory()
+        except asyncssh.SFTPError as exc:
+            raise from_sftp_error(exc, what) from None
+    return run()
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", envvar="SSHFILES_HOST", show_default=True,
+              help="Server to connect to (env SSHFILES_HOST).")
+@click.option("--port", "-P", type=int, default=DEFAULT_PORT, envvar="SSHFILES_PORT", show_default=True,
+              help="Server port (env SSHFILES_PORT).")
+@click.option("-u", "--user", envvar="SSHFILES_USER", help="User name (env SSHFILES_USER; default: login name).")
+@click.option("-i", "--identity", multiple=True, type=click.Path(dir_okay=False),
+              help="Private key file (repeatable). Without it, ssh-agent and ~/.ssh keys are tried.")
+@click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path),
+              default=str(DEFAULT_KNOWN_HOSTS), show_default=True,
+              help="Known-hosts file: unknown hosts are trusted on first use, changed keys refused.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summaries; errors only.")
+@click.pass_context
+def cli(ctx: click.Context, host: str, port: int, user: Optional[str], identity: tuple[str, ...],
+        known_hosts: Path, quiet: bool) -> None:
+    if ctx.obj is None:  # the shell passes its own State with an open session
+        ctx.obj = State(ConnectOptions(host=host, port=port, user=user, identities=list(identity),
+                                       known_hosts=known_hosts), quiet=quiet)
+
+
+cli.help = (f"Transfer files to and from an sshfiles server, with automatic verified resume.\n\n"
+            f"The password comes from ${PASSWORD_ENV}, else a prompt on a terminal; keys come from -i, "
+            f"ssh-agent or ~/.ssh.")
+
+_transfer_options = [
+    click.option("-r", "--recursive", is_flag=True, help="Copy directory trees."),
+    click.option("-j", "--jobs", type=click.IntRange(1, 32), default=1, show_default=True,
+                 help="Files to transfer at once."),
+    click.option("--resume/--no-resume", default=True, show_default=True,
+                 help="Resume a partial destination when its content matches (checked by hashing)."),
+    click.option("--verify/--no-verify", default=True, show_default=True,
+                 help="Compare the server's sha256 with the local one after each file."),
+]
+
+
+def transfer_options(fn):
+    for opt in reversed(_transfer_options):
+        fn = opt(fn)
+    return fn
+
+
+def _finish(state: State, errors: list[ClientError]) -> int:
+    for err in errors:
+        click.echo(f"sshfiles-cli: {err}", err=True)
+    if not errors:
+        return EXIT_OK
+    codes = {e.exit_code for e in errors}
+    return codes.pop() if len(codes) == 1 else EXIT_ERROR
+
+
+@cli.command()
+@transfer_options
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume: bool,
+        verify: bool) -> int:
+    """Upload LOCAL... [REMOTE] (REMOTE defaults to the current remote directory)."""
+    sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
+    opts = TransferOptions(resume=resume, verify=verify)
+
+    async def go(sftp, resolve):
+        plan = await plan_put(sftp, sources, resolve(dest), recursive)
+        return await run_jobs(sftp, plan, "put", opts, make_progress(state.quiet), jobs)
+
+    return _finish(state, _remote(state, go))
+
+
+@cli.command()
+@transfer_options
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def get(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume: bool,
+        verify: bool) -> int:
+    """Download REMOTE... [LOCAL] (LOCAL defaults to the current directory)."""
+    sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
+    opts = TransferOptions(resume=resume, verify=verify)
+
+    async def go(sftp, resolve):
+        plan = await plan_get(sftp, [resolve(s) for s in sources], dest, recursive)
+        return await run_jobs(sftp, plan, "get", opts, make_progress(state.quiet), jobs)
+
+    return _finish(state, _remote(state, go))
+
+
+def _long_line(name: str, attrs: asyncssh.SFTPAttrs) -> str:
+    mode = statmod.filemode(attrs.permissions or 0)
+    mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(attrs.mtime or 0))
+    return f"{mode} {attrs.size or 0:>12} {mtime} {name}"
+
+
+@cli.command()
+@click.option("-l", "long_", is_flag=True, help="Long listing: mode, size, time.")
+@click.argument("path", default=".")
+@click.pass_obj
+def ls(state: State, long_: bool, path: str) -> int:
+    """List a remote directory (or show one file)."""
+    async def go(sftp, resolve):
+        target = resolve(path)
+        attrs = await _sftp_call(lambda: sftp.stat(target), path)
+        if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+            return [(posixpath.basename(target), attrs)]
+        names = await _sftp_call(lambda: sftp.readdir(target), path)
+        return sorted(((n.filename, n.attrs) for n in names if n.filename not in (".", "..")),
+                      key=lambda t: t[0])
+
+    for name, attrs in _remote(state, go):
+        is_dir = attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY
+        click.echo(_long_line(name, attrs) if long_ else name + ("/" if is_dir else ""))
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("-p", "parents", is_flag=True, help="Make parent directories; no error if existing.")
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def mkdir(state: State, parents: bool, paths: tuple[str, ...]) -> int:
+    """Create remote directories."""
+    async def go(sftp, resolve):
+        for p in paths:
+            if parents:
+                await _sftp_call(lambda: sftp.makedirs(resolve(p), exist_ok=True), p)
+            else:
+                await _sftp_call(lambda: sftp.mkdir(resolve(p)), p)
+    _remote(state, go)
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("-r", "recursive", is_flag=True, help="Remove directories and their contents.")
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def rm(state: State, recursive: bool, paths: tuple[str, ...]) -> int:
+    """Remove remote files (and trees with -r)."""
+    async def go(sftp, resolve):
+        for p in paths:
+            target = resolve(p)
+            if recursive and await _sftp_call(lambda: sftp.isdir(target), p):
+                await _sftp_call(lambda: sftp.rmtree(target), p)
+            else:
+                await _sftp_call(lambda: sftp.remove(target), p)
+    _remote(state, go)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def rmdir(state: State, paths: tuple[str, ...]) -> int:
+    """Remove empty remote directories."""
+    async def go(sftp, resolve):
+        for p in paths:
+            await _sftp_call(lambda: sftp.rmdir(resolve(p)), p)
+    _remote(state, go)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.pass_obj
+def mv(state: State, src: str, dst: str) -> int:
+    """Rename or move a remote file or directory (into DST if it is a directory)."""
+    async def go(sftp, resolve):
+        s, d = resolve(src), resolve(dst)
+        if await sftp.isdir(d):
+            d = posixpath.join(d, posixpath.basename(posixpath.normpath(s)))
+        try:
+            await sftp.posix_rename(s, d)
+        except asyncssh.SFTPOpUnsupported:
+            await _sftp_call(lambda: sftp.rename(s, d), src)
+        except asyncssh.SFTPError as exc:
+            raise from_sftp_error(exc, src) from None
+    _remote(state, go)
+    return EXIT_OK
+
+
+@cli.command()
+@click.pass_obj
+def df(state: State) -> int:
+    """Show the space (quota) available to you on the server."""
+    async def go(sftp, resolve):
+        return await _sftp_call(lambda: sftp.statvfs(resolve(".")), "df")
+
+    v = _remote(state, go)
+    total = v.blocks * v.frsize
+    avail = v.bavail * v.frsize
+    used = total - v.bfree * v.frsize
+    pct = f"{100 * used / total:.0f}%" if total else "-"
+    click.echo(f"{'Size':>10} {'Used':>10} {'Avail':>10} Use%")
+    click.echo(f"{human(total):>10} {human(used):>10} {human(avail):>10} {pct:>4}")
+    return EXIT_OK
+
+
+@cli.command("hash")
+@click.option("-a", "--algorithm", default="sha256", show_default=True,
+              type=click.Choice(["sha256", "sha1", "md5", "sha224", "sha384", "sha512"]))
+@click.argument("paths", nargs=-1, required=True)
+@click.pass_obj
+def hash_(state: State, algorithm: str, paths: tuple[str, ...]) -> int:
+    """Print the server-computed hash of remote files (sha256sum format)."""
+    async def go(sftp, resolve):
+        return [(p, await remote_hash(sftp, resolve(p), algorithm)) for p in paths]
+
+    for p, digest in _remote(state, go):
+        click.echo(f"{digest}  {p}")
+    return EXIT_OK
+
+
+SHELL_HELP = """Commands (each takes -h for its options):
+  ls [-l] [PATH]        list            cd [PATH]      change remote directory
+  put [-r] LOCAL... [REMOTE]            pwd            show remote directory
+  get [-r] REMOTE... [LOCAL]            lcd PATH       change local directory
+  mkdir [-p] PATH...    rm [-r] PATH... rmdir PATH...  mv SRC DST
+  df                    hash PATH...    help           exit (or quit, Ctrl-D)"""
+
+
+@cli.command()
+@click.pass_obj
+def shell(state: State) -> int:
+    """Interactive prompt over one connection (help, cd, pwd, ls, put, get, ...)."""
+    if state.session is not None:
+        raise ClientError("already in the shell")
+    with Session(state.opts) as session:
+        session.cwd = session.run(lambda sftp: sftp.realpath("."))
+        shell_state = State(state.opts, quiet=state.quiet, session=session)
+        interactive = sys.stdin.isatty()
+        while True:
+            try:
+                line = input(f"sshfiles:{session.cwd}> " if interactive else "")
+            except EOFError:
+                if interactive:
+                    click.echo()
+                break
+            except KeyboardInterrupt:
+                click.echo()
+                continue
+            try:
+                argv = shlex.split(line)
+            except ValueError as exc:
+                click.echo(f"sshfiles-cli: {exc}", err=True)
+                continue
+            if not argv:
+                continue
+            name, args = argv[0], argv[1:]
+            try:
+                if name in ("exit", "quit", "bye"):
+                    break
+                if name in ("help", "?"):
+                    click.echo(SHELL_HELP)
+                elif name == "pwd":
+                    click.echo(session.cwd)
+                elif name == "cd":
+                    target = session.resolve(args[0] if args else "/")
+                    async def chdir(sftp, target=target, shown=(args[0] if args else "/")):
+                        path = await _sftp_call(lambda: sftp.realpath(target), shown)
+                        if not await sftp.isdir(path):
+                            raise ClientError(f"{shown}: Not a directory", 5)
+                        return path
+                    session.cwd = session.run(chdir)
+                elif name == "lcd":
+                    os.chdir(os.path.expanduser(args[0] if args else "~"))
+                elif name == "shell" or name not in cli.commands:
+                    click.echo(f"unknown command: {name} (try help)", err=True)
+                else:
+                    cmd = cli.commands[name]
+                    with cmd.make_context(name, args, obj=shell_state) as ctx:
+                        cmd.invoke(ctx)
+            except click.exceptions.Exit:
+                pass
+            except click.ClickException as exc:
+                exc.show()
+            except ClientError as exc:
+                click.echo(f"sshfiles-cli: {exc}", err=True)
+            except OSError as exc:
+                click.echo(f"sshfiles-cli: {exc.strerror or exc}", err=True)
+            except KeyboardInterrupt:
+                click.echo("interrupted", err=True)
+    return EXIT_OK
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the command, map every expected failure to one line and an exit code."""
+    try:
+        rv = cli.main(args=argv, prog_name="sshfiles-cli", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+    except click.exceptions.Abort:
+        click.echo("sshfiles-cli: aborted", err=True)
+        sys.exit(130)
+    except ClientError as exc:
+        click.echo(f"sshfiles-cli: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("sshfiles-cli: interrupted", err=True)
+        sys.exit(130)
+    except asyncssh.Error as exc:
+        click.echo(f"sshfiles-cli: connection error: {exc.reason}", err=True)
+        sys.exit(3)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()
