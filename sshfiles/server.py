@@ -25,6 +25,7 @@ from asyncssh.scp import run_scp_server
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from . import passwords
+from .exec_commands import run_exec
 from .accounts import Account, AccountError, OwnerLock, SQLiteAccountStore, validate_username
 from .jail import Jail, openat2_available
 from .quota import QuotaManager, UserLedger, reconcile_dead_owners
@@ -190,11 +191,10 @@ class _ChannelSession(SSHServerStreamSession):
             if not command:
                 stderr.write(b"This server offers SFTP only: connect with sftp, scp or sshfiles-cli.\r\n")
             else:
-                from .exec_commands import run_exec
                 session = self._auth.new_session()
                 try:
                     status = await run_exec(command, lambda p: session.jail.open_regular(p, os.O_RDONLY),
-                                            stdout, stderr)
+                                            stdout, stderr, stdin)
                 finally:
                     session.close()
         except Exception as exc:  # never leave the client hanging without a status

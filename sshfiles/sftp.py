@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
 import asyncssh
-from asyncssh.packet import SSHPacket, String, UInt32
+from asyncssh.packet import SSHPacket, String, UInt64
 from asyncssh.sftp import (
     FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE,
     FXF_ACCESS_DISPOSITION, FXF_CREATE_NEW, FXF_CREATE_TRUNCATE, FXF_OPEN_OR_CREATE,
@@ -29,6 +29,7 @@ from asyncssh.sftp import (
     FXP_EXTENDED_REPLY, FXP_WRITE, SFTPAttrs, SFTPName, SFTPVFSAttrs, SFTPLimits, SFTPServerHandler,
 )
 
+from . import __version__, hashing
 from .jail import Jail, JailError
 from .quota import FileState, QuotaExceeded, UserLedger
 
@@ -319,13 +320,6 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         self.session.sftp_ended()
 
 
-class _RawReply(bytes):
-    """An EXTENDED_REPLY body that asyncssh's handler can 'encode' as it is."""
-
-    def encode(self, version: int) -> bytes:  # type: ignore[override]
-        return bytes(self)
-
-
 class SshfilesSFTPHandler(SFTPServerHandler):
     """asyncssh's SFTP server protocol handler, adjusted for stock clients.
 
@@ -337,8 +331,9 @@ class SshfilesSFTPHandler(SFTPServerHandler):
     """
 
     _extensions = [(name, data) for name, data in SFTPServerHandler._extensions
-                   if name not in (b"ranges@asyncssh.com", b"hardlink@openssh.com")]
-    _extensions += [(b"check-file", b"md5,sha1,sha224,sha256,sha384,sha512")]
+                   if name not in (b"ranges@asyncssh.com", b"hardlink@openssh.com", b"vendor-id")]
+    _extensions += [(b"vendor-id", String("sshfiles") + String("sshfiles") + String(__version__) + UInt64(0))]
+    _extensions += [(b"check-file", ",".join(hashing.ALGORITHMS).encode())]
 
     _return_types = dict(SFTPServerHandler._return_types)
     _return_types.update({b"check-file-name": FXP_EXTENDED_REPLY, b"check-file-handle": FXP_EXTENDED_REPLY})
@@ -360,21 +355,19 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, 4096)
 
     async def _process_check_file_name(self, packet: SSHPacket) -> bytes:
-        from . import hashing
         req = hashing.parse_check_file(packet, by_handle=False)
         fd = self._server.jail.open_regular(req.target, os.O_RDONLY)
         try:
-            return _RawReply(await hashing.answer_check_file(fd, req))
+            return hashing.CheckFileReply(await hashing.answer_check_file(fd, req))
         finally:
             os.close(fd)
 
     async def _process_check_file_handle(self, packet: SSHPacket) -> bytes:
-        from . import hashing
         req = hashing.parse_check_file(packet, by_handle=True)
         file_obj = self._file_handles.get(req.target)
         if not isinstance(file_obj, OpenFile):
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return _RawReply(await hashing.answer_check_file(file_obj.fd, req))
+        return hashing.CheckFileReply(await hashing.answer_check_file(file_obj.fd, req))
 
     _packet_handlers = dict(SFTPServerHandler._packet_handlers)
     _packet_handlers.pop(b"ranges@asyncssh.com", None)

@@ -158,9 +158,9 @@ def resume_point(local: list[bytes], remote: list[bytes], block: int, partial: i
     for i, (a, b) in enumerate(zip(local, remote)):
         if a != b:
             start = i * block
-            if partial - start <= in_flight + block:
+            if start and partial - start <= in_flight + block:
                 return start, False
-            return 0, True
+            return 0, True  # nothing of the partial is usable: say so, it is a restart
     if len(local) != len(remote):
         return 0, True
     return partial, False
