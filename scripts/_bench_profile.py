@@ -49,10 +49,19 @@ def _name_of(frame: str) -> str:
     return f"{m.group('func')} ({m.group('file')})"
 
 
+# Leaf frames of threads that are waiting, not working (py-spy cannot always tell): pool workers
+# blocked on their queue, the event loop in epoll, the bench's reaper in waitpid.
+IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "EpollSelector.select (selectors.py)",
+               "wait (threading.py)", "main (_bench_reaper.py)", "select (selectors.py)")
+
+
 def summarize(path: Path, top: int = 25) -> str:
-    stacks, total = _parse(path)
+    stacks, total_all = _parse(path)
+    idle = sum(n for frames, n in stacks if frames and _name_of(frames[-1]) in IDLE_LEAVES)
+    stacks = [(f, n) for f, n in stacks if f and _name_of(f[-1]) not in IDLE_LEAVES]
+    total = total_all - idle
     if not total:
-        return f"{path.name}: no samples\n"
+        return f"{path.name}: no busy samples\n"
     self_t: collections.Counter = collections.Counter()
     incl_t: collections.Counter = collections.Counter()
     by_file: collections.Counter = collections.Counter()
@@ -64,7 +73,8 @@ def summarize(path: Path, top: int = 25) -> str:
         by_file[_file_of(leaf)] += n
         for name in {_name_of(f) for f in frames}:
             incl_t[name] += n
-    out = [f"{path.name}: {total} samples"]
+    out = [f"{path.name}: {total} busy samples (percentages below), {idle} idle-wait samples dropped "
+           f"({100 * idle / max(total_all, 1):.0f}% of {total_all})"]
     for title, counter in (("self (top of stack)", self_t), ("inclusive (anywhere on stack)", incl_t),
                            ("self by source file", by_file)):
         out.append(f"\n## {title}")
@@ -76,8 +86,9 @@ def summarize(path: Path, top: int = 25) -> str:
 class Recorder:
     """py-spy record of a process tree for the duration of a ``with`` block."""
 
-    def __init__(self, pid: int, raw_out: Path, rate: int = 200, native: bool = False) -> None:
-        self.pid, self.raw_out, self.rate, self.native = pid, raw_out, rate, native
+    def __init__(self, pid: int, raw_out: Path, rate: int = 200, native: bool = False,
+                 gil: bool = False) -> None:
+        self.pid, self.raw_out, self.rate, self.native, self.gil = pid, raw_out, rate, native, gil
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -89,6 +100,8 @@ class Recorder:
                 "--function", "--rate", str(self.rate), "-o", str(self.raw_out)]
         if self.native:
             argv.append("--native")
+        if self.gil:  # only samples holding the GIL: Python work, not syscalls or waiting for a CPU
+            argv.append("--gil")
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         import time
         time.sleep(1.0)  # let py-spy attach before the workload starts

@@ -100,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
         server = await asyncssh.listen(
             args.host, args.port, server_host_keys=[str(host_key_path)],
             server_factory=lambda: _Server(users, hasher), sftp_factory=sftp_factory,
-            allow_scp=True)
+            allow_scp=True, **json.loads(os.environ.get("SSHFILES_BENCH_STANDIN_OPTS") or "{}"))
         print(f"standin: listening on {args.host}:{args.port}", file=sys.stderr, flush=True)
         await server.wait_closed()
 

@@ -196,6 +196,7 @@ class Server:
     note: str = ""
     info: dict = field(default_factory=dict)
     remote_prefix: str = ""  # what to prepend to a home-relative path for exec commands
+    env: dict = field(default_factory=dict)  # extra environment for the server process
 
     @property
     def pid(self) -> int:
@@ -214,7 +215,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, str(REAPER), "--", *argv], stdin=subprocess.DEVNULL,
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO)
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=REPO)
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -236,6 +237,11 @@ class Server:
             kill_tree(self.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
+
+    def restart(self) -> None:
+        """A fresh server process, so memory deltas are not hidden by memory freed earlier."""
+        self.stop()
+        self.start()
 
     def exec_hash_command(self, rel: str) -> str:
         return f"sha256sum {self.remote_prefix}{rel}"
@@ -370,6 +376,52 @@ class OpenSSHServer(Server):
 # --------------------------------------------------------------------------- clients
 
 
+class SftpSession:
+    """A stock OpenSSH ``sftp -b -`` client, logged in before the clock starts.
+
+    ``start`` waits until the session answers ``pwd``; ``run`` then sends the transfer commands
+    and ``bye`` and waits for the client to exit, so timings exclude the login."""
+
+    def __init__(self, argv: list[str], timeout: float) -> None:
+        self.argv, self.timeout = argv, timeout
+        self.proc: asyncio.subprocess.Process | None = None
+        self.output: list[str] = []
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc.stdin.write(b"pwd\n")
+        await self.proc.stdin.drain()
+
+        async def wait_ready() -> None:
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("sftp exited before login: " + "".join(self.output)[-1500:])
+                self.output.append(line.decode(errors="replace"))
+                if line.startswith(b"Remote working directory"):
+                    return
+
+        await asyncio.wait_for(wait_ready(), 60)
+
+    async def run(self, commands: list[str]) -> tuple[int, str]:
+        assert self.proc is not None
+        self.proc.stdin.write(("".join(c + "\n" for c in commands) + "bye\n").encode())
+        await self.proc.stdin.drain()
+        self.proc.stdin.close()
+        out = await asyncio.wait_for(self.proc.stdout.read(), self.timeout)
+        rc = await asyncio.wait_for(self.proc.wait(), 60)
+        self.output.append(out.decode(errors="replace"))
+        return rc, "".join(self.output)
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self.proc.wait(), 10)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, servers: list[Server],
                  key: Path, src: Path, src_sha: str) -> None:
@@ -384,16 +436,19 @@ class Bench:
 
     # -- plumbing
 
-    def sftp_argv(self, srv: Server, batch: Path) -> list[str]:
+    def sftp_argv(self, srv: Server, batch: Path | str = "-") -> list[str]:
         return ["sftp", "-q", "-F", "/dev/null", "-b", str(batch), "-P", str(srv.port),
                 "-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-                "-o", "BatchMode=yes", f"{srv.user}@127.0.0.1"]
+                "-o", "BatchMode=yes", *(["-c", self.args.cipher] if self.args.cipher else []),
+                f"{srv.user}@127.0.0.1"]
 
     async def connect(self, srv: Server, *, password: bool = False):
         import asyncssh
         kw = dict(username=srv.user, known_hosts=None, agent_path=None, config=None,
                   login_timeout=60)
+        if self.args.cipher:
+            kw["encryption_algs"] = [self.args.cipher]
         if password:
             kw.update(password=srv.password, client_keys=None, preferred_auth="password")
         else:
@@ -443,18 +498,19 @@ class Bench:
     # -- single stream
 
     async def _stock_transfer(self, srv: Server, direction: str, tag: str) -> tuple[float, float]:
-        batch = self.workdir / f"batch-{tag}"
         local_dl = self.workdir / f"dl-{tag}.bin"
         remote_up = f"up-{tag}.bin"
-        if direction == "upload":
-            batch.write_text(f"put {self.src} {remote_up}\n")
-        else:
-            batch.write_text(f"get down.bin {local_dl}\n")
-        cpu0 = srv.cpu()
-        t0 = time.perf_counter()
-        rc, out = await run_cmd(self.sftp_argv(srv, batch), timeout=self.args.timeout)
-        dt = time.perf_counter() - t0
-        cpu = srv.cpu() - cpu0
+        cmd = f"put {self.src} {remote_up}" if direction == "upload" else f"get down.bin {local_dl}"
+        sess = SftpSession(self.sftp_argv(srv), self.args.timeout)
+        try:
+            await sess.start()
+            cpu0 = srv.cpu()
+            t0 = time.perf_counter()
+            rc, out = await sess.run([cmd])
+            dt = time.perf_counter() - t0
+            cpu = srv.cpu() - cpu0
+        finally:
+            await sess.close()
         if rc != 0:
             raise RuntimeError(f"sftp {direction} to {srv.name} failed ({rc}): {out[-2000:]}")
         self._check(srv, direction, remote_up, local_dl)
@@ -463,21 +519,20 @@ class Bench:
     async def _asyncssh_transfer(self, srv: Server, direction: str, tag: str) -> tuple[float, float]:
         local_dl = self.workdir / f"dl-{tag}.bin"
         remote_up = f"up-{tag}.bin"
-        cpu0 = srv.cpu()
-        t0 = time.perf_counter()
 
-        async def go() -> None:
+        async def go() -> tuple[float, float]:
             async with await self.connect(srv) as conn:
                 srv.info.setdefault("asyncssh_client_cipher", conn.get_extra_info("send_cipher"))
                 async with conn.start_sftp_client() as sftp:
+                    cpu0 = srv.cpu()
+                    t0 = time.perf_counter()
                     if direction == "upload":
                         await sftp.put(str(self.src), remote_up)
                     else:
                         await sftp.get("down.bin", str(local_dl))
+                    return time.perf_counter() - t0, srv.cpu() - cpu0
 
-        await asyncio.wait_for(go(), self.args.timeout)
-        dt = time.perf_counter() - t0
-        cpu = srv.cpu() - cpu0
+        dt, cpu = await asyncio.wait_for(go(), self.args.timeout)
         self._check(srv, direction, remote_up, local_dl)
         return dt, cpu
 
@@ -534,7 +589,7 @@ class Bench:
             fn = self._stock_transfer if client == "sftp" else self._asyncssh_transfer
             # the reaper's child is the server's main process; py-spy follows its subprocesses
             target = next((p for p in tree_pids(srv.pid) if p != srv.pid), srv.pid)
-            with Recorder(target, raw, native=self.args.profile_native):
+            with Recorder(target, raw, native=self.args.profile_native, gil=self.args.profile_gil):
                 dt, _ = await fn(srv, direction, f"{srv.name}-prof")
             log(f"  profiled {srv.name} {direction} ({client}): {self.size / MB / dt:.0f} MB/s under "
                 f"py-spy -> {raw.with_name(raw.stem + '-summary.txt')}")
@@ -556,20 +611,19 @@ class Bench:
                 cpus: dict[str, list[float]] = {}
                 for rep in range(self.args.reps):
                     for srv in self.order(rep):
-                        batches = []
-                        for i in range(n):
-                            b = self.workdir / f"cbatch-{srv.name}-{i}"
-                            if direction == "upload":
-                                b.write_text(f"put {src_n} cup-{i}.bin\n")
-                            else:
-                                b.write_text(f"get conc-{n}.bin {self.workdir}/cdl-{srv.name}-{i}.bin\n")
-                            batches.append(b)
-                        cpu0 = srv.cpu()
-                        t0 = time.perf_counter()
-                        results = await asyncio.gather(*(
-                            run_cmd(self.sftp_argv(srv, b), timeout=self.args.timeout) for b in batches))
-                        dt = time.perf_counter() - t0
-                        cpu = srv.cpu() - cpu0
+                        cmds = [f"put {src_n} cup-{i}.bin" if direction == "upload"
+                                else f"get conc-{n}.bin {self.workdir}/cdl-{srv.name}-{i}.bin"
+                                for i in range(n)]
+                        sessions = [SftpSession(self.sftp_argv(srv), self.args.timeout) for _ in range(n)]
+                        try:
+                            await asyncio.gather(*(x.start() for x in sessions))  # all logged in
+                            cpu0 = srv.cpu()
+                            t0 = time.perf_counter()
+                            results = await asyncio.gather(*(x.run([c]) for x, c in zip(sessions, cmds)))
+                            dt = time.perf_counter() - t0
+                            cpu = srv.cpu() - cpu0
+                        finally:
+                            await asyncio.gather(*(x.close() for x in sessions))
                         for i, (rc, out) in enumerate(results):
                             if rc != 0:
                                 raise RuntimeError(f"{n} clients {direction} on {srv.name}: {out[-1000:]}")
@@ -580,7 +634,7 @@ class Bench:
                             p.unlink()
                         speeds.setdefault(srv.name, []).append(total / MB / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (total / GiB))
-                self.add_row("concurrent", f"{direction}, {n} sftp clients (aggregate)", "MB/s ↑",
+                self.add_row("concurrent", f"{direction}, {n} concurrent sftp clients, aggregate", "MB/s ↑",
                              True, speeds, cpus)
             src_n.unlink(missing_ok=True)
 
@@ -620,8 +674,9 @@ class Bench:
         per_rss: dict[str, list[float]] = {}
         base_pss: dict[str, list[float]] = {}
         for srv in self.servers:  # one repetition: opening 500+ sessions is slow on sshd
-            log(f"memory: {n} idle SFTP sessions on {srv.name}")
-            await asyncio.sleep(0.5)
+            log(f"memory: {n} idle SFTP sessions on {srv.name} (freshly restarted)")
+            await asyncio.to_thread(srv.restart)
+            await asyncio.sleep(1.0)
             before = srv.mem()
             conns, clients = [], []
             sem = asyncio.Semaphore(16)
@@ -859,6 +914,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sshfiles-cmd", default="auto",
                    help="'auto' (python -m sshfiles, else the stand-in), 'standin', or a command line")
     p.add_argument("--workers", type=int, help="pass --workers N to sshfiles serve")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the Python servers, e.g. PYTHONPATH=/opt/uvloop-site")
+    p.add_argument("--bare-opts", metavar="JSON",
+                   help="asyncssh.listen keyword arguments for the bare stand-in, e.g. "
+                        "'{\"max_pktsize\": 262144, \"window\": 8388608}'")
+    p.add_argument("--cipher", help="force one cipher on both clients (sftp -c, asyncssh encryption_algs), "
+                   "e.g. aes128-gcm@openssh.com; default: each client's own preference")
     p.add_argument("--quota", default="1T", help="quota given to the sshfiles bench user (default 1T)")
     p.add_argument("--sshd", default=shutil.which("sshd") or "/usr/sbin/sshd")
     p.add_argument("--timeout", type=float, default=600, help="hard timeout per client operation, seconds")
@@ -868,6 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after each single-stream row, run one extra transfer per Python server under "
                         "py-spy and write raw profiles and summaries to DIR")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="py-spy --gil: only samples holding the GIL (Python work, no syscalls)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) at the end")
     p.add_argument("--hold", type=float, default=0,
                    help="after setup, print server pids and wait this many seconds before measuring (for profilers)")
@@ -925,6 +989,11 @@ def main(argv: list[str] | None = None) -> int:
         if "bare" in wanted:
             servers.append(SshfilesServer(workdir / "bare", [sys.executable, str(STANDIN)],
                                           key.with_suffix(".pub"), None, None, label="bare"))
+            if args.bare_opts:
+                servers[-1].env["SSHFILES_BENCH_STANDIN_OPTS"] = args.bare_opts
+        for srv in servers:
+            if srv.name != "openssh":
+                srv.env.update(dict(kv.split("=", 1) for kv in args.server_env))
         if not servers:
             log("no server to measure")
             return 2
@@ -961,6 +1030,11 @@ def main(argv: list[str] | None = None) -> int:
             if "lag" in args.only:
                 await bench.lag()
 
+        load0 = os.getloadavg()
+        if load0[0] > (os.cpu_count() or 1) / 2:
+            notes.append(f"machine busy at start (load average {load0[0]:.1f} on {os.cpu_count()} CPUs): "
+                         "throughput is noisy; CPU s/GiB is the steadier column")
+            log("NOTE: " + notes[-1])
         t_start = time.monotonic()
         asyncio.run(run_all())
         elapsed = time.monotonic() - t_start
@@ -970,8 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release(),
                      "python": platform.python_version()},
-            "size_bytes": args.size, "reps": args.reps, "quick": args.quick,
+            "size_bytes": args.size, "cipher": args.cipher or "client default",
+            "workers": args.workers, "server_env": args.server_env, "bare_opts": args.bare_opts, "reps": args.reps, "quick": args.quick,
             "elapsed_s": round(elapsed, 1), "notes": notes,
+            "loadavg_start": load0, "loadavg_end": os.getloadavg(),
             "servers": {s.name: {"port": s.port, **s.info} for s in servers},
         }
         print()
