@@ -7,6 +7,7 @@ and the exit code. The transfer engine only calls the ``Progress`` interface, so
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -114,9 +115,19 @@ class TtyProgress:
         self.lock = threading.Lock()
         self.overall: Optional[tqdm] = None
 
+    def _columns(self) -> int:
+        # A pty nobody sized (script(1) without a terminal, CI) reports 0x0, and tqdm then hides
+        # every bar as "off screen"; fall back to 80x24.
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 0
+
     def _bar(self, label: str, total: int, initial: int, position: Optional[int] = None) -> tqdm:
+        sized = self._columns() > 0
         return tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True,
-                    unit_divisor=1024, file=self.stream, leave=False, dynamic_ncols=True,
+                    unit_divisor=1024, file=self.stream, leave=False, dynamic_ncols=sized,
+                    ncols=None if sized else 80, nrows=None if sized else 24,
                     mininterval=0.1, position=position)
 
     def set_overall(self, total_bytes: int, files: int) -> None:

@@ -213,16 +213,22 @@ async def _copy_range(read_at: ReadAt, write_at: WriteAt, start: int, end: int,
             pending.add(asyncio.ensure_future(one(off, n)))
             off += n
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                for p in pending:
-                    p.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                raise exc
+        errors = [t.exception() for t in done if t.exception() is not None]  # retrieve them all
+        if errors:
+            for p in pending:
+                p.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise errors[0]
 
 
 # --------------------------------------------------------------------------- put / get of one file
+
+def _fit_chunk(opts: TransferOptions, server_max: int) -> TransferOptions:
+    """Chunks no larger than the server accepts in one request (limits@openssh.com)."""
+    if server_max and opts.chunk_size > server_max:
+        return TransferOptions(opts.resume, opts.verify, server_max, opts.max_requests)
+    return opts
+
 
 async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> Optional[int]:
     try:
@@ -264,13 +270,17 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                                   f"{local}; restarting from zero")
             result.resumed_from = start
             task = progress.start_file(posixpath.basename(remote) or remote, size, start)
+            # One WRITE request per chunk (not SFTPClientFile.write, which fans out into tasks of
+            # its own that asyncssh leaves unretrieved when a quota error cancels the copy).
+            handler = sftp._handler  # noqa: SLF001
+            opts = _fit_chunk(opts, handler.limits.max_write_len)
             try:
                 async with sftp.open(remote, "r+b" if start else "wb") as rf:
                     async def read_at(off: int, n: int) -> bytes:
                         return os.pread(fd, n, off)
 
                     async def write_at(off: int, data: bytes) -> None:
-                        await rf.write(data, off)
+                        await handler.write(rf.handle, off, data)
 
                     def advance(n: int) -> None:
                         result.sent += n
@@ -330,8 +340,20 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                 result.resumed_from = start
                 task = progress.start_file(os.path.basename(local) or local, size, start)
                 try:
+                    handler = sftp._handler  # noqa: SLF001 - one READ per chunk, see put_file
+                    opts = _fit_chunk(opts, handler.limits.max_read_len)
+
                     async def read_at(off: int, n: int) -> bytes:
-                        return await rf.read(n, off)
+                        parts: list[bytes] = []
+                        while n > 0:
+                            try:
+                                data, _ = await handler.read(rf.handle, off, n)
+                            except asyncssh.SFTPEOFError:
+                                break
+                            parts.append(data)
+                            off += len(data)
+                            n -= len(data)
+                        return b"".join(parts)
 
                     async def write_at(off: int, data: bytes) -> None:
                         os.pwrite(fd, data, off)
