@@ -79,11 +79,20 @@ def _read_password(from_stdin: bool, confirm: bool = True) -> str:
 
 def _read_keys(path: str) -> list[StoredKey]:
     try:
-        keys = asyncssh.read_public_key_list(path)
+        text = Path(path).read_bytes()
     except OSError as exc:
         fail(f"cannot read key file {path}: {exc.strerror}")
-    except (asyncssh.KeyImportError, ValueError) as exc:
-        fail(f"{path} is not a public key file: {exc}")
+    keys = []
+    # Line by line: asyncssh's list reader skips lines it cannot parse, and a
+    # half-accepted key file is worse than a clear refusal.
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            keys.append(asyncssh.import_public_key(line))
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            fail(f"{path} is not a public key file (line {lineno}: {exc})")
     if not keys:
         fail(f"{path} holds no public key")
     return [StoredKey(k.get_fingerprint("sha256"), k.export_public_key().decode().strip(),
