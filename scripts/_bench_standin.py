@@ -79,10 +79,53 @@ class _Server(asyncssh.SSHServer):
             return False
 
 
+def _coalesce_transport_writes() -> None:
+    """Experiment (SSHFILES_BENCH_STANDIN_COALESCE=1): one socket send per loop pass, not per SSH packet.
+
+    asyncssh writes every SSH packet to the transport separately, so a 256 KiB SFTP read reply to
+    a client with a 32 KiB max packet costs 8 send() calls (and 8 wake-ups of the peer).  This
+    patch queues packets and flushes them with one write from ``call_soon``.  A lever to measure,
+    not production code: it is only used by the bench's bare stand-in."""
+    from asyncssh.connection import SSHConnection
+
+    def _flush(self) -> None:
+        buf = self._bench_wbuf
+        data = b"".join(buf) if len(buf) > 1 else buf[0]
+        buf.clear()
+        if self._transport:
+            try:
+                self._transport.write(data)
+            except ConnectionError:
+                pass
+
+    def _send(self, data: bytes) -> None:
+        buf = self.__dict__.setdefault("_bench_wbuf", [])
+        if not buf:
+            self._loop.call_soon(_flush, self)
+        buf.append(data)
+
+    orig_force_close = SSHConnection._force_close
+
+    def _force_close(self, exc) -> None:
+        if self.__dict__.get("_bench_wbuf"):
+            _flush(self)
+        orig_force_close(self, exc)
+
+    SSHConnection._send = _send
+    SSHConnection._force_close = _force_close
+
+
 def serve(args: argparse.Namespace) -> int:
     from argon2 import PasswordHasher
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if os.environ.get("SSHFILES_BENCH_STANDIN_COALESCE") == "1":
+        _coalesce_transport_writes()
+    if os.environ.get("SSHFILES_BENCH_STANDIN_LIMITS"):  # e.g. 262144: advertise smaller read/write sizes
+        from asyncssh import sftp as _sftp
+        n = int(os.environ["SSHFILES_BENCH_STANDIN_LIMITS"])
+        _sftp.MAX_SFTP_READ_LEN = _sftp.MAX_SFTP_WRITE_LEN = n
+        _sftp.MAX_SFTP_PACKET_LEN = n + 1024
     keys_dir = Path(args.keys_dir)
     keys_dir.mkdir(parents=True, exist_ok=True)
     host_key_path = keys_dir / "standin_host_ed25519"

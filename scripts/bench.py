@@ -471,12 +471,21 @@ class Bench:
                 entry["cpu_s_per_gib_samples"] = cvals
                 entry["cpu_s_per_gib"] = statistics.median(cvals) if cvals else None
             row["servers"][srv.name] = entry
-        a = row["servers"].get(self.servers[0].name, {})
-        b = row["servers"].get("openssh", {})
-        if a is not b and a.get("median") and b.get("median"):
-            row["ratio"] = a["median"] / b["median"]
-            if a.get("cpu_s_per_gib") and b.get("cpu_s_per_gib"):
-                row["cpu_ratio"] = a["cpu_s_per_gib"] / b["cpu_s_per_gib"]
+        ref_name = reference_name(self.servers)
+        ref = row["servers"].get(ref_name, {})
+        row["reference"] = ref_name
+        for srv in self.servers:
+            e = row["servers"][srv.name]
+            if srv.name == ref_name:
+                continue
+            if e.get("median") and ref.get("median"):
+                e["ratio"] = e["median"] / ref["median"]
+            if e.get("cpu_s_per_gib") and ref.get("cpu_s_per_gib"):
+                e["cpu_ratio"] = e["cpu_s_per_gib"] / ref["cpu_s_per_gib"]
+        first = row["servers"][self.servers[0].name]
+        for k in ("ratio", "cpu_ratio"):
+            if k in first:
+                row[k] = first[k]
         if extra:
             row.update(extra)
         self.rows.append(row)
@@ -839,6 +848,12 @@ def _fmt(v: float | None) -> str:
     return f"{v:.2f}"
 
 
+def reference_name(servers: list[Server]) -> str:
+    """Ratios are against OpenSSH when it runs, else against the first server."""
+    names = [x.name for x in servers]
+    return "openssh" if "openssh" in names else names[0]
+
+
 def format_row(row: dict, servers: list[Server]) -> str:
     parts = [row["workload"], row["unit"]]
     for s in servers:
@@ -846,30 +861,29 @@ def format_row(row: dict, servers: list[Server]) -> str:
         parts.append(f"{s.name}={_fmt(e.get('median'))}")
         if "cpu_s_per_gib" in e:
             parts.append(f"cpu={_fmt(e.get('cpu_s_per_gib'))}s/GiB")
-    if "ratio" in row:
-        parts.append(f"ratio={row['ratio']:.2f}")
+        if "ratio" in e:
+            parts.append(f"ratio={e['ratio']:.2f}")
     return "  ".join(parts)
 
 
 def markdown_table(rows: list[dict], servers: list[Server]) -> str:
     names = [s.name for s in servers]
-    head = ["workload", "unit", *names]
-    has_ratio = "openssh" in names and len(names) > 1
-    if has_ratio:
-        head.append(f"{names[0]}/openssh")
-    head += [f"{n} CPU s/GiB" for n in names]
-    if has_ratio:
-        head.append("CPU ratio")
+    ref = reference_name(servers)
+    others = [n for n in names if n != ref] if len(names) > 1 else []
+    has_cpu = any("cpu_s_per_gib" in e for r in rows for e in r["servers"].values())
+    head = ["workload", "unit", *names, *(f"{n}/{ref}" for n in others)]
+    if has_cpu:
+        head += [f"{n} CPU s/GiB" for n in names] + [f"CPU {n}/{ref}" for n in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        sv = row["servers"]
         cells = [row["workload"], row["unit"]]
-        cells += [_fmt(row["servers"].get(n, {}).get("median")) for n in names]
-        if has_ratio:
-            cells.append(f"{row['ratio']:.2f}" if "ratio" in row else "—")
-        cells += [_fmt(row["servers"].get(n, {}).get("cpu_s_per_gib")) if "cpu_s_per_gib" in
-                  row["servers"].get(n, {}) else "" for n in names]
-        if has_ratio:
-            cells.append(f"{row['cpu_ratio']:.2f}" if "cpu_ratio" in row else "")
+        cells += [_fmt(sv.get(n, {}).get("median")) for n in names]
+        cells += [f"{sv[n]['ratio']:.2f}" if "ratio" in sv.get(n, {}) else "—" for n in others]
+        if has_cpu:
+            cells += [_fmt(sv.get(n, {}).get("cpu_s_per_gib")) if "cpu_s_per_gib" in sv.get(n, {}) else ""
+                      for n in names]
+            cells += [f"{sv[n]['cpu_ratio']:.2f}" if "cpu_ratio" in sv.get(n, {}) else "" for n in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -914,6 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sshfiles-cmd", default="auto",
                    help="'auto' (python -m sshfiles, else the stand-in), 'standin', or a command line")
     p.add_argument("--workers", type=int, help="pass --workers N to sshfiles serve")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:BASE[:ITEM,...]",
+                   help="one more server measured in the same run: BASE is sshfiles or bare, ITEMs are "
+                        "KEY=VALUE environment or --workers=N, e.g. 'w2:sshfiles:--workers=2' or "
+                        "'bare-coalesce:bare:SSHFILES_BENCH_STANDIN_COALESCE=1' (repeatable)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the Python servers, e.g. PYTHONPATH=/opt/uvloop-site")
     p.add_argument("--bare-opts", metavar="JSON",
@@ -968,9 +986,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sshfiles-bench-"))
     os.chmod(workdir, 0o755)  # the temporary sshd user must reach its home below it
     try:
+        import asyncssh  # the client key comes from asyncssh, so ssh-keygen is only needed for sshd
+
         key = workdir / "client_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True,
-                       capture_output=True, timeout=60)
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key.write_private_key(str(key))
+        client_key.write_public_key(str(key.with_suffix(".pub")))
+        os.chmod(key, 0o600)
         os.chmod(key.with_suffix(".pub"), 0o644)
         if "sshfiles" in wanted:
             cmd, desc = resolve_sshfiles_cmd(args.sshfiles_cmd)
@@ -991,9 +1013,27 @@ def main(argv: list[str] | None = None) -> int:
                                           key.with_suffix(".pub"), None, None, label="bare"))
             if args.bare_opts:
                 servers[-1].env["SSHFILES_BENCH_STANDIN_OPTS"] = args.bare_opts
+        for spec in args.variant:
+            label, _, rest = spec.partition(":")
+            base, _, items = rest.partition(":")
+            if base not in ("sshfiles", "bare") or not label:
+                raise SystemExit(f"--variant {spec!r}: want LABEL:sshfiles|bare[:ITEM,...]")
+            workers = None
+            env = {}
+            for item in filter(None, items.split(",")):
+                if item.startswith("--workers="):
+                    workers = int(item.split("=", 1)[1])
+                else:
+                    k, _, v = item.partition("=")
+                    env[k] = v
+            cmd = resolve_sshfiles_cmd(args.sshfiles_cmd)[0] if base == "sshfiles" else [sys.executable, str(STANDIN)]
+            srv = SshfilesServer(workdir / label, cmd, key.with_suffix(".pub"),
+                                 args.quota if base == "sshfiles" else None, workers, label=label)
+            srv.env.update(env)
+            servers.append(srv)
         for srv in servers:
             if srv.name != "openssh":
-                srv.env.update(dict(kv.split("=", 1) for kv in args.server_env))
+                srv.env = {**dict(kv.split("=", 1) for kv in args.server_env), **srv.env}
         if not servers:
             log("no server to measure")
             return 2
