@@ -49,9 +49,10 @@ def user_add(args: argparse.Namespace) -> int:
 
 
 class _Server(asyncssh.SSHServer):
-    def __init__(self, users: dict, hasher) -> None:
+    def __init__(self, users: dict, hasher, pool=None) -> None:
         self._users = users
         self._hasher = hasher
+        self._pool = pool
         self._user: dict | None = None
 
     def begin_auth(self, username: str) -> bool:
@@ -74,7 +75,7 @@ class _Server(asyncssh.SSHServer):
             return False
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(None, self._hasher.verify, self._user["password"], password)
+            return await loop.run_in_executor(self._pool, self._hasher.verify, self._user["password"], password)
         except Exception:
             return False
 
@@ -133,6 +134,19 @@ def serve(args: argparse.Namespace) -> int:
         asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(host_key_path))
     users = _load_users(args.accounts_dir)
     hasher = PasswordHasher()
+    extra = json.loads(os.environ.get("SSHFILES_BENCH_STANDIN_OPTS") or "{}")
+    for env, opt in (("SSHFILES_BENCH_STANDIN_PKT", "max_pktsize"), ("SSHFILES_BENCH_STANDIN_WINDOW", "window")):
+        if os.environ.get(env):
+            extra[opt] = int(os.environ[env])
+    pool = None
+    if os.environ.get("SSHFILES_BENCH_STANDIN_NICE"):
+        # lever: argon2 in ONE worker thread at nice +N; libargon2's lane threads inherit it
+        import concurrent.futures
+        import threading
+
+        nice = int(os.environ["SSHFILES_BENCH_STANDIN_NICE"])
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, initializer=lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice))
     homes = Path(args.homes_dir).resolve()
 
     def sftp_factory(chan):
@@ -142,8 +156,8 @@ def serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = await asyncssh.listen(
             args.host, args.port, server_host_keys=[str(host_key_path)],
-            server_factory=lambda: _Server(users, hasher), sftp_factory=sftp_factory,
-            allow_scp=True, **json.loads(os.environ.get("SSHFILES_BENCH_STANDIN_OPTS") or "{}"))
+            server_factory=lambda: _Server(users, hasher, pool), sftp_factory=sftp_factory,
+            allow_scp=True, **extra)
         print(f"standin: listening on {args.host}:{args.port}", file=sys.stderr, flush=True)
         await server.wait_closed()
 
