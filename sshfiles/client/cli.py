@@ -108,7 +108,7 @@ def _finish(state: State, errors: list[ClientError]) -> int:
     return codes.pop() if len(codes) == 1 else EXIT_ERROR
 
 
-@cli.command()
+@cli.command(short_help="Upload LOCAL... [REMOTE], resuming and verifying.")
 @transfer_options
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_obj
@@ -125,7 +125,7 @@ def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume
     return _finish(state, _remote(state, go))
 
 
-@cli.command()
+@cli.command(short_help="Download REMOTE... [LOCAL], resuming and verifying.")
 @transfer_options
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_obj
