@@ -335,10 +335,35 @@ class SshfilesSFTPHandler(SFTPServerHandler):
     _extensions += [(b"vendor-id", String("sshfiles") + String("sshfiles") + String(__version__) + UInt64(0))]
     _extensions += [(b"check-file", ",".join(hashing.ALGORITHMS).encode())]
 
+    _extensions += [(b"users-groups-by-id@openssh.com", b"1")]
+
     _return_types = dict(SFTPServerHandler._return_types)
-    _return_types.update({b"check-file-name": FXP_EXTENDED_REPLY, b"check-file-handle": FXP_EXTENDED_REPLY})
+    _return_types.update({b"check-file-name": FXP_EXTENDED_REPLY, b"check-file-handle": FXP_EXTENDED_REPLY,
+                          b"users-groups-by-id@openssh.com": FXP_EXTENDED_REPLY})
 
     _server: JailedSFTPServer
+
+    async def _cleanup(self, exc: Exception | None) -> None:
+        # asyncssh's cleanup closes the channel without an exit status (a later chan.exit() is a
+        # no-op), so `ssh -s sftp` ends with status -1 and OpenSSH's scp (SFTP mode) exits 1.
+        # Report the status first, as OpenSSH's sftp-server process does by exiting.
+        writer = self._writer
+        if writer is not None and not writer.channel.is_closing():
+            try:
+                writer.channel.exit(0 if exc is None else 1)
+            except OSError:
+                pass
+        await super()._cleanup(exc)
+
+    async def _process_users_groups_by_id(self, packet: SSHPacket) -> hashing.CheckFileReply:
+        """OpenSSH's id -> name lookup (sftp's `ls -l FILE`): every id is shown as the account."""
+        uids = packet.get_string()
+        gids = packet.get_string()
+        packet.check_end()
+        if len(uids) % 4 or len(gids) % 4:
+            raise asyncssh.SFTPBadMessage("id lists must be uint32 arrays")
+        name = String(self._server.user)
+        return hashing.CheckFileReply(String(name * (len(uids) // 4)) + String(name * (len(gids) // 4)))
 
     async def _process_write(self, packet: SSHPacket) -> int:
         handle = packet.get_string()
@@ -376,4 +401,5 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         b"limits@openssh.com": _process_limits,
         b"check-file-name": _process_check_file_name,
         b"check-file-handle": _process_check_file_handle,
+        b"users-groups-by-id@openssh.com": _process_users_groups_by_id,
     })

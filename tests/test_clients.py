@@ -191,8 +191,6 @@ def test_openssh_sftp_resume_and_preserve(server: ServerHandle, tmp_path: Path) 
     assert int(back.st_mtime) == 1_600_000_000 and stat.S_IMODE(back.st_mode) == 0o640
 
 
-@pytest.mark.xfail(strict=True, reason="`ls -l FILE` (a glob, not a directory read) formats attrs itself: it "
-                   "shows the host uid/gid 0 unless the server offers users-groups-by-id@openssh.com")
 def test_openssh_sftp_ls_l_single_file_owner(server: ServerHandle, tmp_path: Path) -> None:
     need("sftp", "sshpass")
     user = server.add_user("gwen")
@@ -225,8 +223,6 @@ def _scp_roundtrip(server: ServerHandle, user: User, tmp_path: Path, mode: list[
     assert missing.returncode != 0 and not (local / "nope.bin").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="exit status is sent after asyncssh's SFTP handler already closed the "
-                   "channel (chan.exit is then a no-op), so ssh -s sftp ends with status -1 and scp exits 1")
 def test_openssh_scp_sftp_mode(server: ServerHandle, tmp_path: Path) -> None:
     need("scp", "sshpass")
     _scp_roundtrip(server, server.add_user("sara"), tmp_path, [])

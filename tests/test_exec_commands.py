@@ -1,4 +1,4 @@
-"""sshfiles.exec_commands over a real SSH exec channel (in-process asyncssh server, real files).
+"""sshfiles.exec_commands over a real SSH exec channel of a real `sshfiles serve`.
 
 Covers what rclone 1.60 sends (shell-type probe, bare md5sum/sha1sum probes, backslash-escaped paths),
 coreutils' output format, jail-relative error messages and the refusal of everything else.
@@ -12,15 +12,16 @@ import hashlib
 import asyncssh
 import pytest
 
-from client_testserver import start_server
+from types import SimpleNamespace
+
 from sshfiles.exec_commands import CommandRefused, parse_command
 
 
 @pytest.fixture()
-def mini(tmp_path):
-    srv = start_server(tmp_path / "home")
-    yield srv
-    srv.stop()
+def mini(server):
+    user = server.add_user("hasher")
+    return SimpleNamespace(host=server.host, port=server.port, user=user.name, password=user.password,
+                           home=user.home)
 
 
 def run(srv, command: str, stdin: str | None = None) -> asyncssh.SSHCompletedProcess:
