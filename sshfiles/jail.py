@@ -289,7 +289,10 @@ class Jail:
                         replaced = os.stat(pn.name, dir_fd=pn.fd, follow_symlinks=False)
                     except FileNotFoundError:
                         pass
+                    source = os.stat(po.name, dir_fd=po.fd, follow_symlinks=False)
                     os.rename(po.name, pn.name, src_dir_fd=po.fd, dst_dir_fd=pn.fd)
+                    if replaced is not None and (replaced.st_dev, replaced.st_ino) == (source.st_dev, source.st_ino):
+                        replaced = None  # the same file (onto itself): rename(2) did nothing
                 else:
                     self._rename_noreplace(po, pn)
                 return replaced

@@ -30,6 +30,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,7 @@ __all__ = ["QuotaExceeded", "QuotaManager", "UserLedger", "FileState", "scan_usa
 log = logging.getLogger("sshfiles.quota")
 
 MAX_CHUNK = 64 * 1024 * 1024
+RECHECK_SECONDS = 0.25  # how long a reserved chunk is trusted before the quota is read again
 
 
 class QuotaExceeded(OSError):
@@ -55,11 +57,18 @@ class QuotaExceeded(OSError):
 
 @dataclass
 class FileState:
-    """What the ledger believes about one inode's size while handles are open on it."""
+    """An inode this process has open for writing.
+
+    The file's size is always read from the kernel (fstat) when a write or
+    truncate is charged, so a change made by another handle, session or
+    worker process can never make a charge stale.  What is kept here is only
+    what the kernel cannot tell us: whether this process removed the file
+    while it was open, so its bytes are credited when the last handle closes.
+    """
 
     key: tuple[int, int]
-    size: int
     refs: int = 0
+    removed_here: bool = False
 
 
 @dataclass
@@ -72,6 +81,7 @@ class UserLedger:
     pool: int = 0            # reserved in the store, not yet consumed
     unsettled: int = 0       # consumed (really on disk) but not yet moved into `used`
     write_handles: int = 0
+    checked: float = 0.0     # monotonic time the quota was last read
     files: dict[tuple[int, int], FileState] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,10 +92,21 @@ class UserLedger:
         if n <= 0:
             return
         with self.lock:
+            if self.pool and time.monotonic() - self.checked > RECHECK_SECONDS:
+                self._recheck()
             if self.pool < n:
                 self._refill(n - self.pool)
             self.pool -= n
             self.unsettled += n
+
+    def _recheck(self) -> None:
+        """An admin may have lowered the quota since the pool was reserved: if it no longer
+        fits, give the pool back so this charge asks the store (one read per RECHECK_SECONDS)."""
+        self.checked = time.monotonic()
+        quota, charged = self.store.quota_state(self.name)
+        if quota is not None and charged > quota:
+            self.store.settle(self.owner, self.name, 0, self.pool)
+            self.pool = 0
 
     def _refill(self, need: int) -> None:
         """Reserve at least `need` more bytes in the store.
@@ -94,6 +115,7 @@ class UserLedger:
         about to be consumed by this very charge, ``used + reservations + need``
         is exactly the usage after the write: no false refusal within a process.
         """
+        self.checked = time.monotonic()
         quota, charged = self.store.quota_state(self.name)
         if quota is None:
             extra = MAX_CHUNK
@@ -126,33 +148,27 @@ class UserLedger:
         key = (st.st_dev, st.st_ino)
         fs = self.files.get(key)
         if fs is None:
-            fs = self.files[key] = FileState(key, st.st_size)
+            fs = self.files[key] = FileState(key)
         fs.refs += 1
         return fs
 
-    def untrack(self, fs: FileState) -> None:
+    def untrack(self, fs: FileState, size_now: int) -> None:
+        """A handle closed; if it was the last on a file removed while open, its bytes leave now."""
         fs.refs -= 1
         if fs.refs <= 0:
             self.files.pop(fs.key, None)
+            if fs.removed_here:
+                self.credit(size_now)
 
-    def tracked_size(self, st: os.stat_result) -> int:
+    def removed(self, st: os.stat_result) -> None:
+        """A directory entry is gone: credit its bytes if they really left the home."""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            return  # another link still holds the bytes
         fs = self.files.get((st.st_dev, st.st_ino))
-        return fs.size if fs is not None else st.st_size
-
-    def grow_to(self, fs: FileState, end: int) -> None:
-        """Charge the extent a write ending at `end` would add, then record the new size."""
-        if end > fs.size:
-            self.charge(end - fs.size)
-            fs.size = end
-
-    def resize(self, fs: FileState | None, old: int, new: int) -> None:
-        """Truncate/extend to `new`: charge growth before, credit shrink after (caller does the op between)."""
-        if new > old:
-            self.charge(new - old)
-        elif new < old:
-            self.credit(old - new)
         if fs is not None:
-            fs.size = new
+            fs.removed_here = True  # still open here: credited when its last handle closes
+            return
+        self.credit(st.st_size)
 
     def state(self) -> tuple[int | None, int]:
         return self.store.quota_state(self.name)

@@ -127,9 +127,8 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             if writable:
                 fs = self.ledger.track(os.fstat(fd))
                 self.ledger.write_handles += 1
-                if trunc and fs.size:
-                    os.ftruncate(fd, 0)
-                    self.ledger.resize(fs, fs.size, 0)
+                if trunc:
+                    self._truncate_fd(fd, 0)
         except BaseException:
             os.close(fd)
             raise
@@ -141,10 +140,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         try:
             if file_obj.fs is not None:
                 self.ledger.write_handles -= 1
-                if file_obj.fs.refs == 1 and os.fstat(file_obj.fd).st_nlink == 0:
-                    # removed while open: its bytes leave the disk now
-                    self.ledger.credit(file_obj.fs.size)
-                self.ledger.untrack(file_obj.fs)
+                self.ledger.untrack(file_obj.fs, os.fstat(file_obj.fd).st_size)
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
             os.close(file_obj.fd)
@@ -157,15 +153,20 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         return data
 
     def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
-        fs = file_obj.fs
-        if fs is None:
+        if file_obj.fs is None:
             raise asyncssh.SFTPPermissionDenied("File not open for writing")
+        # The kernel's size, not a remembered one: another handle, session or
+        # worker may have changed the file since our last write.
+        size = os.fstat(file_obj.fd).st_size
         if file_obj.append:
-            offset = fs.size
+            offset = size
         end = offset + len(data)
         try:
-            self.ledger.grow_to(fs, end)
+            if end > size:
+                self.ledger.charge(end - size)
         except QuotaExceeded as exc:
+            if file_obj.failed is None:  # once per handle: a pipelined upload has many refused writes
+                self._notify(exc)
             file_obj.failed = str(exc)
             raise
         try:
@@ -176,14 +177,22 @@ class JailedSFTPServer(asyncssh.SFTPServer):
                 offset += written
         except OSError as exc:
             # Disk full or I/O error: charge only what really landed.
-            real = os.fstat(file_obj.fd).st_size
-            if real < fs.size:
-                self.ledger.credit(fs.size - real)
-                fs.size = real
+            if end > size:
+                self.ledger.credit(end - max(size, os.fstat(file_obj.fd).st_size))
             file_obj.failed = exc.strerror or "write failed"
             raise
         file_obj.bytes_written += len(data)
         return len(data)
+
+    def _notify(self, exc: QuotaExceeded) -> None:
+        """Say why on the channel's stderr too: OpenSSH's sftp and scp print that, but show
+        only 'Failure' for a v3 status (they never print its message)."""
+        chan = self.channel
+        if chan.get_subsystem() == "sftp":
+            try:
+                chan.write_stderr(f"sshfiles: {exc.strerror}\n".encode())
+            except OSError:
+                pass
 
     def fstat(self, file_obj: OpenFile) -> SFTPAttrs:
         return _attrs(os.fstat(file_obj.fd))
@@ -192,7 +201,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if attrs.size is not None:
             if file_obj.fs is None:
                 raise asyncssh.SFTPPermissionDenied("File not open for writing")
-            self._truncate_fd(file_obj.fd, file_obj.fs, attrs.size)
+            self._truncate_fd(file_obj.fd, attrs.size)
         if attrs.permissions is not None:
             os.fchmod(file_obj.fd, stat.S_IMODE(attrs.permissions))
         if attrs.atime is not None and attrs.mtime is not None:
@@ -201,11 +210,15 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def fsync(self, file_obj: OpenFile) -> None:
         os.fsync(file_obj.fd)
 
-    def _truncate_fd(self, fd: int, fs: FileState, size: int) -> None:
+    def _truncate_fd(self, fd: int, size: int) -> None:
         """Set a file's size: growth is charged before, a shrink credited after."""
-        old = fs.size
+        old = os.fstat(fd).st_size
         if size > old:
-            self.ledger.charge(size - old)
+            try:
+                self.ledger.charge(size - old)
+            except QuotaExceeded as exc:
+                self._notify(exc)
+                raise
         try:
             os.ftruncate(fd, size)
         except OSError:
@@ -214,7 +227,6 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             raise
         if size < old:
             self.ledger.credit(old - size)
-        fs.size = size
 
     # -- metadata by path ---------------------------------------------------
 
@@ -234,12 +246,8 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if attrs.size is not None:
             fd = self.jail.open_regular(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
             try:
-                fs = self.ledger.track(os.fstat(fd))
-                try:
-                    self._truncate_fd(fd, fs, attrs.size)
-                finally:
-                    self.ledger.untrack(fs)
-                    self.ledger.settle(release_pool=self.ledger.write_handles == 0)
+                self._truncate_fd(fd, attrs.size)
+                self.ledger.settle(release_pool=self.ledger.write_handles == 0)
             finally:
                 os.close(fd)
         if attrs.permissions is not None:
@@ -289,7 +297,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         self.jail.rmdir(path)
 
     def remove(self, path: bytes) -> None:
-        self._credit_removed(self.jail.unlink(path))
+        self.ledger.removed(self.jail.unlink(path))
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         self.jail.rename(oldpath, newpath, replace=False)
@@ -297,15 +305,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         replaced = self.jail.rename(oldpath, newpath, replace=True)
         if replaced is not None:
-            self._credit_removed(replaced)
-
-    def _credit_removed(self, st: os.stat_result) -> None:
-        """A directory entry is gone: credit its bytes if they really left the home."""
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-            return  # another link still holds the bytes
-        if (st.st_dev, st.st_ino) in self.ledger.files:
-            return  # still open here: credited when its last handle closes
-        self.ledger.credit(st.st_size)
+            self.ledger.removed(replaced)
 
     def readlink(self, path: bytes) -> bytes:
         return self.jail.readlink(path)

@@ -91,6 +91,7 @@ class ServerHandle:
         return self.log_path.read_text(errors="replace")
 
     def start(self, timeout: float = 20) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # ignore earlier runs' lines
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.base_cmd() + ["serve", "--host", self.host, "--port", str(self.port)] + list(self.extra_args),
@@ -98,7 +99,7 @@ class ServerHandle:
         out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.findall(r"listening on \S+ port (\d+)", self.log())
+            m = re.findall(r"listening on \S+ port (\d+)", self.log()[offset:])
             if m:
                 self.port = int(m[-1])
                 return

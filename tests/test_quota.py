@@ -403,8 +403,6 @@ def test_classic_rename_over_existing_is_refused(server):
     assert assert_ledger_matches_disk(server, user) == 3000
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: posix-rename onto the same file credits its size although "
-                   "rename(2) is a no-op, deflating the ledger; see the report")
 def test_posix_rename_of_a_file_onto_itself_changes_nothing(server):
     quota = 64 * KiB
     user = add_user(server, "selfren", quota=str(quota))
@@ -543,8 +541,6 @@ def test_scp_sftp_mode_success_exits_zero(server):
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: OpenSSH sftp ignores SFTP status messages and prints only "
-                   "'Failure'; the server never sends the quota message where a stock client shows it")
 def test_openssh_sftp_put_over_quota_reports_failure(server):
     user = add_user(server, "putter", quota="64KiB")
     big = local_file(server, "big.bin", 100 * KiB)
@@ -677,8 +673,6 @@ def test_quota_lowered_below_usage(server):
     assert assert_ledger_matches_disk(server, user) == 30 * KiB
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a chunk reserved before `sshfiles user quota` lowered the "
-                   "quota is still written through an open handle; see the report")
 def test_quota_lowered_live_during_an_open_upload(server):
     user = add_user(server, "livecut", quota="1MiB")
 
@@ -830,8 +824,6 @@ def test_workers_racing_for_the_last_bytes_never_exceed_the_quota(workers_server
     assert assert_ledger_matches_disk(server, user) <= quota
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: open-file state is per process; a remove in one worker credits "
-                   "the file and the worker holding it open credits it again at close; see the report")
 def test_workers_remove_while_open_in_another_process(workers_server):
     server = workers_server
     user = add_user(server, "wremove", quota="64KiB")
@@ -847,8 +839,6 @@ def test_workers_remove_while_open_in_another_process(workers_server):
     assert assert_ledger_matches_disk(server, user) == 20 * KiB
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a worker's believed file size goes stale when another worker "
-                   "truncates the file, so regrowth through its handle is never charged; see the report")
 def test_workers_trunc_while_open_in_another_process(workers_server):
     server = workers_server
     quota = 64 * KiB
