@@ -332,3 +332,26 @@ asyncio.run(main())
     from sshfiles.accounts import SQLiteAccountStore
     store = SQLiteAccountStore(server.accounts_dir)
     assert store.charged("alice") == len(data)
+
+
+def test_toml_config_and_environment_set_state_locations(tmp_path):
+    cfg = tmp_path / "sshfiles.toml"
+    cfg.write_text(f'accounts_dir = "{tmp_path / "acc"}"\nhomes_dir = "{tmp_path / "h"}"\n')
+    base = [sys.executable, "-m", "sshfiles", "--config", str(cfg)]
+    res = subprocess.run(base + ["user", "add", "zed", "--password-stdin"], input="pw-zed-1\n",
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "acc" / "accounts.db").exists() and (tmp_path / "h" / "zed").is_dir()
+    # a flag overrides the file; the environment variable works as the flag does
+    env = dict(os.environ, SSHFILES_ACCOUNTS_DIR=str(tmp_path / "acc2"))
+    res = subprocess.run([sys.executable, "-m", "sshfiles", "user", "list"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 0 and "zed" not in res.stdout and (tmp_path / "acc2" / "accounts.db").exists()
+    res = subprocess.run(base + ["--accounts-dir", str(tmp_path / "acc2"), "user", "list"],
+                         capture_output=True, text=True, timeout=60)
+    assert "zed" not in res.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 1\n")
+    res = subprocess.run([sys.executable, "-m", "sshfiles", "--config", str(bad), "user", "list"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "not valid TOML" in res.stderr and "Traceback" not in res.stderr
