@@ -139,14 +139,16 @@ def serve(args: argparse.Namespace) -> int:
         if os.environ.get(env):
             extra[opt] = int(os.environ[env])
     pool = None
-    if os.environ.get("SSHFILES_BENCH_STANDIN_NICE"):
-        # lever: argon2 in ONE worker thread at nice +N; libargon2's lane threads inherit it
+    if os.environ.get("SSHFILES_BENCH_STANDIN_NICE") or os.environ.get("SSHFILES_BENCH_STANDIN_POOL"):
+        # lever: argon2 in POOL (default 1) worker threads at nice +NICE (default 0); the lane
+        # threads libargon2 starts inherit the nice value of the thread that starts them
         import concurrent.futures
         import threading
 
-        nice = int(os.environ["SSHFILES_BENCH_STANDIN_NICE"])
+        nice = int(os.environ.get("SSHFILES_BENCH_STANDIN_NICE") or 0)
         pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, initializer=lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice))
+            max_workers=int(os.environ.get("SSHFILES_BENCH_STANDIN_POOL") or 1),
+            initializer=lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice))
     homes = Path(args.homes_dir).resolve()
 
     def sftp_factory(chan):
