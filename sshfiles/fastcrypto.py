@@ -1,0 +1,94 @@
+"""A cheaper chacha20-poly1305@openssh.com for asyncssh's packet layer.
+
+Why: on a download every SSH packet is at most 32 KiB (OpenSSH's client
+advertises that), so per-packet overhead decides throughput.  asyncssh 2.24
+builds three ChaCha20 cipher objects per packet (header, Poly1305 key, data)
+and concatenates the packet twice; at 32 KiB that is about 58 us per packet,
+of which the actual ChaCha20 and Poly1305 work is about 20 us.
+
+This version derives the Poly1305 key and encrypts the data from one
+ChaCha20 context (block 0 is the Poly1305 key, the data starts at block 1,
+exactly as the OpenSSH construction specifies), feeds Poly1305 in pieces
+instead of concatenating, and so does two cipher setups per packet instead of
+three.  The wire format is unchanged: tests check it byte for byte against
+asyncssh's own implementation and against the stock OpenSSH client.
+
+`install()` swaps it into asyncssh's encryption registry for this process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from asyncssh import encryption as _encryption
+from asyncssh.packet import UInt64
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
+from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+__all__ = ["FastChachaCipher", "FastChachaEncryption", "install"]
+
+_ALG = b"chacha20-poly1305@openssh.com"
+_CTR_0 = bytes(8)
+_BLOCK0 = bytes(64)
+
+
+class FastChachaCipher:
+    """Same interface as asyncssh.crypto.ChachaCipher."""
+
+    def __init__(self, key: bytes) -> None:
+        half = len(key) // 2
+        self._key = key[:half]
+        self._adkey = key[half:]
+
+    def _data_stream(self, nonce: bytes) -> Tuple[object, bytes]:
+        ctx = Cipher(ChaCha20(self._key, _CTR_0 + nonce), mode=None).encryptor()
+        poly_key = ctx.update(_BLOCK0)[:32]  # block 0; the data continues at block 1
+        return ctx, poly_key
+
+    def encrypt_and_sign(self, header: bytes, data: bytes, nonce: bytes) -> Tuple[bytes, bytes]:
+        header = Cipher(ChaCha20(self._adkey, _CTR_0 + nonce), mode=None).encryptor().update(header)
+        ctx, poly_key = self._data_stream(nonce)
+        packet = header + ctx.update(data)
+        return packet, Poly1305.generate_tag(poly_key, packet)
+
+    def decrypt_header(self, header: bytes, nonce: bytes) -> bytes:
+        return Cipher(ChaCha20(self._adkey, _CTR_0 + nonce), mode=None).encryptor().update(header)
+
+    def verify_and_decrypt(self, header: bytes, data: bytes, nonce: bytes, tag: bytes) -> Optional[bytes]:
+        return self.verify_and_decrypt_parts(header, (data,), nonce, tag)
+
+    def verify_and_decrypt_parts(self, header: bytes, parts: Tuple[bytes, ...], nonce: bytes,
+                                 tag: bytes) -> Optional[bytes]:
+        ctx, poly_key = self._data_stream(nonce)
+        poly = Poly1305(poly_key)
+        poly.update(header)
+        for part in parts:
+            poly.update(part)
+        try:
+            poly.verify(tag)
+        except InvalidSignature:
+            return None
+        return b"".join(ctx.update(part) for part in parts)
+
+
+class FastChachaEncryption(_encryption.ChachaEncryption):
+    """asyncssh's chacha20 packet shim, minus a concatenation of every received packet."""
+
+    _cipher: FastChachaCipher
+
+    @classmethod
+    def new(cls, cipher_name: str, key: bytes, iv: bytes, mac_alg: bytes = b"",
+            mac_key: bytes = b"", etm: bool = False) -> "FastChachaEncryption":
+        return cls(FastChachaCipher(key))  # type: ignore[arg-type]
+
+    def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
+                       mac: bytes) -> Optional[bytes]:
+        return self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest),
+                                                     UInt64(seq), mac)
+
+
+def install() -> None:
+    """Use FastChachaEncryption for chacha20-poly1305@openssh.com in this process."""
+    _encryption._enc_params[_ALG] = (FastChachaEncryption, "chacha20-poly1305")

@@ -1,0 +1,35 @@
+"""The faster chacha20-poly1305 must be the same wire format as asyncssh's (OpenSSH's) construction."""
+
+from __future__ import annotations
+
+import os
+
+from asyncssh.crypto.chacha import ChachaCipher
+
+from sshfiles.fastcrypto import FastChachaCipher
+
+
+def test_same_bytes_as_asyncssh_for_many_sizes():
+    for size in (0, 1, 15, 63, 64, 65, 1000, 32768 + 17, 262144):
+        key = os.urandom(64)
+        header, data, nonce = os.urandom(4), os.urandom(size), os.urandom(8)
+        ref, fast = ChachaCipher(key), FastChachaCipher(key)
+        packet, tag = ref.encrypt_and_sign(header, data, nonce)
+        assert fast.encrypt_and_sign(header, data, nonce) == (packet, tag)
+        assert fast.decrypt_header(packet[:4], nonce) == header
+        assert fast.verify_and_decrypt(packet[:4], packet[4:], nonce, tag) == data
+        cut = 4 + size // 3
+        assert fast.verify_and_decrypt_parts(packet[:4], (packet[4:cut], packet[cut:]), nonce, tag) == data
+        # and asyncssh accepts what we produce
+        assert ref.verify_and_decrypt(packet[:4], packet[4:], nonce, tag) == data
+
+
+def test_tampering_is_detected():
+    key = os.urandom(64)
+    fast = FastChachaCipher(key)
+    packet, tag = fast.encrypt_and_sign(b"\0\0\0\x10", b"sixteen bytes!!!", bytes(8))
+    flipped = bytearray(packet)
+    flipped[7] ^= 1
+    assert fast.verify_and_decrypt(bytes(flipped[:4]), bytes(flipped[4:]), bytes(8), tag) is None
+    assert fast.verify_and_decrypt(packet[:4], packet[4:], (1).to_bytes(8, "big"), tag) is None
+    assert fast.verify_and_decrypt(packet[:4], packet[4:], bytes(8), bytes(16)) is None
