@@ -55,6 +55,38 @@ IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "EpollSelector.select (
                "wait (threading.py)", "main (_bench_reaper.py)", "select (selectors.py)")
 
 
+# Coarse buckets for the leaf frame, first match wins: where a transfer's server time goes.
+CATEGORIES = (
+    ("cipher + MAC (per SSH packet)", ("crypto/chacha.py", "cryptography/", "<frozen abc>", "crypto/cipher.py",
+                                      "crypto/umac.py", "encryption.py", "hmac.py")),
+    ("socket send/recv (syscalls, incl. loopback delivery)", ("_SelectorSocketTransport.write",
+                                                             "_read_ready__data_received")),
+    ("file I/O in the SFTP verbs (pread/pwrite)", ("JailedSFTPServer.read", "JailedSFTPServer.write")),
+    ("SFTP protocol (asyncssh/sftp.py, sshfiles/sftp.py)", ("asyncssh/sftp.py", "sshfiles/sftp.py")),
+    ("quota, jail, logging in sshfiles", ("sshfiles/",)),
+    ("SSH packet/channel framing (asyncssh)", ("asyncssh/",)),
+    ("asyncio event loop", ("asyncio/", "selectors.py")),
+)
+
+
+def categorize(path: Path) -> str:
+    stacks, total_all = _parse(path)
+    stacks = [(f, n) for f, n in stacks if f and _name_of(f[-1]) not in IDLE_LEAVES]
+    total = sum(n for _, n in stacks) or 1
+    counts: collections.Counter = collections.Counter()
+    for frames, n in stacks:
+        leaf = _name_of(frames[-1])
+        for name, keys in CATEGORIES:
+            if any(k in leaf for k in keys):
+                counts[name] += n
+                break
+        else:
+            counts["other"] += n
+    out = [f"\n## busy time by category ({path.name})"]
+    out += [f"{100 * n / total:6.1f}%  {name}" for name, n in counts.most_common()]
+    return "\n".join(out) + "\n"
+
+
 def summarize(path: Path, top: int = 25) -> str:
     stacks, total_all = _parse(path)
     idle = sum(n for frames, n in stacks if frames and _name_of(frames[-1]) in IDLE_LEAVES)
@@ -80,7 +112,7 @@ def summarize(path: Path, top: int = 25) -> str:
         out.append(f"\n## {title}")
         for name, n in counter.most_common(top):
             out.append(f"{100 * n / total:6.1f}%  {name}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + categorize(path)
 
 
 class Recorder:
