@@ -64,6 +64,15 @@ GiB = 1 << 30
 MB = 1_000_000
 
 
+STOP = {"requested": False}
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt once Ctrl-C/SIGTERM was seen (asyncio may swallow a cancellation)."""
+    if STOP["requested"]:
+        raise KeyboardInterrupt("stop requested")
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -169,7 +178,7 @@ async def run_cmd(argv: list[str], *, timeout: float, stdin: bytes | None = None
     """Run a client command with a hard timeout; kills it on timeout or cancellation."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
     except BaseException:
@@ -389,8 +398,10 @@ class SftpSession:
         self.output: list[str] = []
 
     async def start(self) -> None:
+        check_stop()
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            *self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True)  # Ctrl-C reaches only the bench, which stops its clients
         self.proc.stdin.write(b"pwd\n")
         await self.proc.stdin.drain()
 
@@ -446,6 +457,8 @@ class Bench:
 
     async def connect(self, srv: Server, *, password: bool = False):
         import asyncssh
+
+        check_stop()
         kw = dict(username=srv.user, known_hosts=None, agent_path=None, config=None,
                   login_timeout=60)
         if self.args.cipher:
@@ -457,6 +470,7 @@ class Bench:
         return await asyncssh.connect("127.0.0.1", srv.port, **kw)
 
     def order(self, rep: int) -> list[Server]:
+        check_stop()
         return self.servers if rep % 2 == 0 else list(reversed(self.servers))
 
     def add_row(self, section: str, label: str, unit: str, higher_better: bool,
@@ -975,10 +989,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM/SIGHUP behave like Ctrl-C so the cleanup below always runs
     def as_interrupt(signum, frame):  # noqa: ARG001
+        STOP["requested"] = True
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, as_interrupt)
-    signal.signal(signal.SIGHUP, as_interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, as_interrupt)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.sessions + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
