@@ -659,7 +659,7 @@ class Bench:
                             p.unlink()
                         speeds.setdefault(srv.name, []).append(total / MB / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (total / GiB))
-                self.add_row("concurrent", f"{direction}, {n} concurrent sftp clients, aggregate", "MB/s ↑",
+                self.add_row("concurrent", f"{direction}, {n} concurrent sftp client{'s' if n > 1 else ''}, aggregate", "MB/s ↑",
                              True, speeds, cpus)
             src_n.unlink(missing_ok=True)
 
