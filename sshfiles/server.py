@@ -24,7 +24,7 @@ import asyncssh
 from asyncssh.scp import run_scp_server
 from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
-from . import fastcrypto, passwords
+from . import passwords, speedups
 from .exec_commands import run_exec
 from .accounts import Account, AccountError, OwnerLock, SQLiteAccountStore, validate_username
 from .jail import Jail, openat2_available
@@ -331,7 +331,8 @@ async def start_server(config: ServerConfig, service: SshfilesService | None = N
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
-    fastcrypto.install()
+    if not os.environ.get("SSHFILES_NO_SPEEDUPS"):  # a benchmark lever: measure what they buy
+        speedups.install()
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)

@@ -6,7 +6,7 @@ import os
 
 from asyncssh.crypto.chacha import ChachaCipher
 
-from sshfiles.fastcrypto import FastChachaCipher
+from sshfiles.speedups import FastChachaCipher
 
 
 def test_same_bytes_as_asyncssh_for_many_sizes():
@@ -33,3 +33,31 @@ def test_tampering_is_detected():
     assert fast.verify_and_decrypt(bytes(flipped[:4]), bytes(flipped[4:]), bytes(8), tag) is None
     assert fast.verify_and_decrypt(packet[:4], packet[4:], (1).to_bytes(8, "big"), tag) is None
     assert fast.verify_and_decrypt(packet[:4], packet[4:], bytes(8), bytes(16)) is None
+
+
+def test_server_offers_no_cbc_so_dropping_the_cbc_ignore_countermeasure_is_safe():
+    from sshfiles.server import ENCRYPTION_ALGS
+
+    assert not [alg for alg in ENCRYPTION_ALGS if "cbc" in alg]
+
+
+def test_no_ignore_packets_between_data_packets(server):
+    """With the speed-ups, a download is data packets only: count the packets the client receives."""
+    import asyncio
+
+    user = server.add_user("speedy")
+    size = 4 << 20
+    (user.home / "f.bin").write_bytes(os.urandom(size))
+
+    async def run() -> int:
+        async with server.connect(user) as conn:
+            async with conn.start_sftp_client() as sftp:
+                async with sftp.open("f.bin", "rb") as f:
+                    start = conn._recv_seq
+                    assert len(await f.read()) == size
+                    return conn._recv_seq - start
+
+    received = asyncio.run(run())
+    data_packets = size // 32768  # asyncssh's client accepts packets of at most 32 KiB
+    # one packet per 32 KiB of data plus a little SFTP framing; asyncssh alone sends twice as many
+    assert data_packets <= received < data_packets * 1.25, received
