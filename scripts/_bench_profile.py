@@ -57,7 +57,7 @@ IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "EpollSelector.select (
 
 # Coarse buckets for the leaf frame, first match wins: where a transfer's server time goes.
 CATEGORIES = (
-    ("cipher + MAC (per SSH packet)", ("crypto/chacha.py", "fastcrypto", "cryptography/", "<frozen abc>", "crypto/cipher.py",
+    ("cipher + MAC (per SSH packet)", ("crypto/chacha.py", "FastChacha", "cryptography/", "<frozen abc>", "crypto/cipher.py",
                                       "crypto/umac.py", "encryption.py", "hmac.py")),
     ("socket send/recv (syscalls, incl. loopback delivery)", ("_SelectorSocketTransport.write",
                                                              "_read_ready__data_received")),
