@@ -132,7 +132,8 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help=f"Port to listen on [default: {DEFAULT_PORT}].")
-@click.option("--workers", type=int, default=None, help="Server processes sharing the port [default: 1].")
+@click.option("--workers", type=int, default=None,
+              help="Server processes sharing the port [default: 1; see README].")
 @click.option("--login-timeout", type=float, default=None, help="Seconds to authenticate [default: 60].")
 @click.option("--max-auth-tries", type=int, default=None, help="Failed attempts per connection [default: 6].")
 @click.pass_obj

@@ -320,6 +320,11 @@ def _server_options(config: ServerConfig, host_keys: list[asyncssh.SSHKey]) -> d
         server_host_keys=host_keys,
         kex_algs=KEX_ALGS, encryption_algs=ENCRYPTION_ALGS, mac_algs=MAC_ALGS,
         compression_algs=["none"],
+        # Clients that accept big channel packets (asyncssh, sshfiles-cli) then send a 256 KiB
+        # SFTP write as one SSH packet instead of eight; OpenSSH's client stays at 32 KiB.
+        window=8 * 1024 * 1024,
+        max_pktsize=256 * 1024,
+        line_editor=False,
         login_timeout=config.login_timeout,
         server_version="sshfiles",
         allow_scp=True,

@@ -150,6 +150,13 @@ async def connect(opts: ConnectOptions) -> asyncssh.SSHClientConnection:
         client_factory=lambda: client,
         connect_timeout=opts.connect_timeout,
         config=[],  # ignore ~/.ssh/config: this tool's options are explicit
+        # AES-GCM first: in asyncssh it costs about a quarter of chacha20-poly1305 per packet
+        # (14 us vs 48-59 us per 32 KiB, measured); the server still decides among what we offer.
+        encryption_algs=["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                         "aes128-ctr", "aes256-ctr"],
+        # Big channel packets: a 256 KiB SFTP request travels as one SSH packet, not eight.
+        window=8 * 1024 * 1024,
+        max_pktsize=256 * 1024,
     )
     if recorded:
         kwargs["server_host_key_algs"] = _host_key_algs(recorded)
