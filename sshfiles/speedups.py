@@ -13,7 +13,12 @@
    window adjust; buffering a turn's packets and writing them together is the
    same byte stream with a fraction of the system calls.
 
-3. A cheaper chacha20-poly1305@openssh.com.  On a download every SSH packet is
+3. No packet-log formatting when packet logging is off.  asyncssh formats a
+   description of every packet (name, byte count, payload copy) before its
+   logger checks the debug level (3) that packet logging needs; with the
+   level below 3 the result was always discarded.
+
+4. A cheaper chacha20-poly1305@openssh.com.  On a download every SSH packet is
    at most 32 KiB (OpenSSH's client advertises that), so per-packet overhead
    decides throughput. every SSH packet is at most 32 KiB (OpenSSH's client
 advertises that), so per-packet overhead decides throughput.  asyncssh 2.24
@@ -39,6 +44,7 @@ from typing import Optional, Tuple
 from asyncssh import encryption as _encryption
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST
+from asyncssh.packet import SSHPacketLogger
 from asyncssh.packet import UInt64
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.ciphers import Cipher
@@ -146,8 +152,19 @@ def _flush(conn: SSHConnection, transport: object) -> None:
         pass
 
 
+_original_log_packet = SSHPacketLogger._log_packet
+
+
+def _log_packet_if_enabled(self: SSHPacketLogger, msg: str, pkttype: int, pktid: object, packet: object,
+                           note: str) -> None:
+    """SSHPacketLogger._log_packet, skipped when SSHLogger.packet would drop it anyway."""
+    if self.logger._debug_level >= 3:
+        _original_log_packet(self, msg, pkttype, pktid, packet, note)  # type: ignore[arg-type]
+
+
 def install() -> None:
     """Apply the speed-ups to asyncssh in this process (idempotent)."""
     _encryption._enc_params[_ALG] = (FastChachaEncryption, "chacha20-poly1305")
     SSHConnection.send_packet = _send_packet_without_cbc_padding_ignores  # type: ignore[method-assign]
     SSHConnection._send = _send_coalesced  # type: ignore[method-assign]
+    SSHPacketLogger._log_packet = _log_packet_if_enabled  # type: ignore[method-assign]

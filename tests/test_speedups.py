@@ -61,3 +61,36 @@ def test_no_ignore_packets_between_data_packets(server):
     data_packets = size // 32768  # asyncssh's client accepts packets of at most 32 KiB
     # one packet per 32 KiB of data plus a little SFTP framing; asyncssh alone sends twice as many
     assert data_packets <= received < data_packets * 1.25, received
+
+
+def test_packet_logging_still_works_when_asked_for(caplog):
+    """The skip applies only when asyncssh would have dropped the packet log line anyway."""
+    import logging
+
+    import asyncssh
+    from asyncssh.logging import logger as ssh_logger
+    from asyncssh.packet import SSHPacketLogger
+
+    from sshfiles import speedups
+
+    class Probe(SSHPacketLogger):
+        _handler_names = {94: "MSG_CHANNEL_DATA"}
+
+        @property
+        def logger(self):
+            return ssh_logger
+
+    # Only this one replacement, and undone after: the test process's own asyncssh clients stay stock.
+    original = SSHPacketLogger._log_packet
+    SSHPacketLogger._log_packet = speedups._log_packet_if_enabled
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+            asyncssh.set_debug_level(1)
+            Probe().log_sent_packet(94, 7, b"payload")
+            assert not [r for r in caplog.records if "MSG_CHANNEL_DATA" in r.getMessage()]
+            asyncssh.set_debug_level(3)
+            Probe().log_sent_packet(94, 7, b"payload")
+            assert [r for r in caplog.records if "Sent MSG_CHANNEL_DATA (94), 7 bytes" in r.getMessage()]
+    finally:
+        asyncssh.set_debug_level(1)
+        SSHPacketLogger._log_packet = original
