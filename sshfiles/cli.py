@@ -7,7 +7,6 @@ click's own usage errors exit 2.
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import sys

@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shlex
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,7 +164,7 @@ class _ChannelSession(SSHServerStreamSession):
         session = self._auth.new_session()
         try:
             server = JailedSFTPServer(chan, session)
-            await SshfilesSFTPHandler(server, stdin, stdout, 3).run()
+            await SshfilesSFTPHandler(server, stdin, stdout, 3).run()  # SFTP v3, as OpenSSH speaks
         finally:
             session.close()
             # OpenSSH's scp (SFTP mode) and `ssh -s sftp` want an exit status; asyncssh sends none.

@@ -12,7 +12,6 @@ client needs it (see its docstring).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -24,13 +23,11 @@ import asyncssh
 from asyncssh.packet import SSHPacket, String, UInt64
 from asyncssh.sftp import (
     FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE,
-    FXF_ACCESS_DISPOSITION, FXF_CREATE_NEW, FXF_CREATE_TRUNCATE, FXF_OPEN_OR_CREATE,
-    FXF_TRUNCATE_EXISTING, FXF_APPEND_DATA, ACE4_READ_DATA, ACE4_WRITE_DATA, ACE4_APPEND_DATA,
     FXP_EXTENDED_REPLY, FXP_WRITE, SFTPAttrs, SFTPName, SFTPVFSAttrs, SFTPLimits, SFTPServerHandler,
 )
 
 from . import __version__, hashing
-from .jail import Jail, JailError
+from .jail import Jail
 from .quota import FileState, QuotaExceeded, UserLedger
 
 if TYPE_CHECKING:
@@ -101,19 +98,6 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if pflags & FXF_EXCL:
             flags |= os.O_EXCL
         return self._open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), attrs)
-
-    def open56(self, path: bytes, desired_access: int, flags: int, attrs: SFTPAttrs) -> OpenFile:
-        read = bool(desired_access & ACE4_READ_DATA)
-        write = bool(desired_access & (ACE4_WRITE_DATA | ACE4_APPEND_DATA))
-        oflags = os.O_RDWR if read and write else os.O_WRONLY if write else os.O_RDONLY
-        disp = flags & FXF_ACCESS_DISPOSITION
-        trunc = disp in (FXF_CREATE_TRUNCATE, FXF_TRUNCATE_EXISTING)
-        if disp == FXF_CREATE_NEW:
-            oflags |= os.O_CREAT | os.O_EXCL
-        elif disp in (FXF_CREATE_TRUNCATE, FXF_OPEN_OR_CREATE):
-            oflags |= os.O_CREAT
-        append = bool(desired_access & ACE4_APPEND_DATA or flags & FXF_APPEND_DATA)
-        return self._open(path, oflags, trunc, append, attrs)
 
     def _open(self, path: bytes, flags: int, trunc: bool, append: bool, attrs: SFTPAttrs) -> OpenFile:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY

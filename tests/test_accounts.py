@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import asyncssh
 import paramiko
@@ -231,7 +230,7 @@ def test_cli_user_lifecycle(server, tmp_path):
     assert "2.0 GiB" in out
     server.cli("user", "quota", "bob", "unlimited")
     assert "unlimited" in next(l for l in server.cli("user", "list").stdout.splitlines() if l.startswith("bob "))
-    res = server.cli("user", "remove", "carol", "--purge-home")
+    server.cli("user", "remove", "carol", "--purge-home")
     assert not (server.homes_dir / "carol").exists()
     custom = tmp_path / "custom-home"
     server.cli("user", "add", "dave", "--home", str(custom), "--password-stdin", input="pw-dave-1\n")
