@@ -50,7 +50,6 @@ __all__ = [
     "MIN_BLOCK_SIZE",
     "MAX_REPLY_DIGEST_BYTES",
     "CheckFileRequest",
-    "CheckFileReply",
     "select_algorithm",
     "hash_fd_range",
     "hash_fd_range_async",
@@ -226,7 +225,7 @@ async def answer_check_file(fd: int, req: CheckFileRequest) -> bytes:
     """Hash the requested range of ``fd`` and return the EXTENDED_REPLY body.
 
     The body is ``string algorithm-used`` followed by the concatenated digests; wrap it in
-    ``CheckFileReply`` to return it from an asyncssh extended-request handler. Errors are SFTP errors
+    ``sshfiles.sftp.ExtendedReply`` to return it from an asyncssh extended-request handler. Errors are SFTP errors
     so asyncssh turns them into the right status: no common algorithm -> OP_UNSUPPORTED, a block size
     under 256 -> INVALID_PARAMETER, a reply too big for one packet -> FAILURE (ask for a shorter range).
     """
@@ -243,19 +242,3 @@ async def answer_check_file(fd: int, req: CheckFileRequest) -> bytes:
     digests = await hash_fd_range_async(fd, algorithm, req.offset, req.length, req.block_size)
     return String(algorithm) + b"".join(digests)
 
-
-class CheckFileReply:
-    """An EXTENDED_REPLY body in the shape asyncssh's server handler sends.
-
-    asyncssh's ``SFTPServerHandler._process_packet`` calls ``result.encode(version)`` for extended
-    replies that are not one of its own types; this adapter lets a handler return our bytes.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def encode(self, sftp_version: int) -> bytes:  # noqa: ARG002 - same body for every version
-        return self.body
-
-    def __repr__(self) -> str:
-        return f"CheckFileReply({len(self.body)} bytes)"

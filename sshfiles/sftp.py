@@ -33,7 +33,7 @@ from .quota import FileState, QuotaExceeded, UserLedger
 if TYPE_CHECKING:
     from .server import Session
 
-__all__ = ["JailedSFTPServer", "SshfilesSFTPHandler", "OpenFile", "MAX_READ", "MAX_WRITE"]
+__all__ = ["JailedSFTPServer", "SshfilesSFTPHandler", "ExtendedReply", "OpenFile", "MAX_READ", "MAX_WRITE"]
 
 log = logging.getLogger("sshfiles.transfer")
 
@@ -304,6 +304,17 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         self.session.sftp_ended()
 
 
+class ExtendedReply:
+    """An EXTENDED_REPLY body for asyncssh's handler, which calls ``encode(version)`` on
+    results that are not one of its own types (check-file, users-groups-by-id)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def encode(self, sftp_version: int) -> bytes:
+        return self.body
+
+
 class SshfilesSFTPHandler(SFTPServerHandler):
     """asyncssh's SFTP server protocol handler, adjusted for stock clients.
 
@@ -339,7 +350,7 @@ class SshfilesSFTPHandler(SFTPServerHandler):
                 pass
         await super()._cleanup(exc)
 
-    async def _process_users_groups_by_id(self, packet: SSHPacket) -> hashing.CheckFileReply:
+    async def _process_users_groups_by_id(self, packet: SSHPacket) -> ExtendedReply:
         """OpenSSH's id -> name lookup (sftp's `ls -l FILE`): every id is shown as the account."""
         uids = packet.get_string()
         gids = packet.get_string()
@@ -347,7 +358,7 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         if len(uids) % 4 or len(gids) % 4:
             raise asyncssh.SFTPBadMessage("id lists must be uint32 arrays")
         name = String(self._server.user)
-        return hashing.CheckFileReply(String(name * (len(uids) // 4)) + String(name * (len(gids) // 4)))
+        return ExtendedReply(String(name * (len(uids) // 4)) + String(name * (len(gids) // 4)))
 
     async def _process_write(self, packet: SSHPacket) -> int:
         handle = packet.get_string()
@@ -367,7 +378,7 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         req = hashing.parse_check_file(packet, by_handle=False)
         fd = self._server.jail.open_regular(req.target, os.O_RDONLY)
         try:
-            return hashing.CheckFileReply(await hashing.answer_check_file(fd, req))
+            return ExtendedReply(await hashing.answer_check_file(fd, req))
         finally:
             os.close(fd)
 
@@ -376,7 +387,7 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         file_obj = self._file_handles.get(req.target)
         if not isinstance(file_obj, OpenFile):
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return hashing.CheckFileReply(await hashing.answer_check_file(file_obj.fd, req))
+        return ExtendedReply(await hashing.answer_check_file(file_obj.fd, req))
 
     _packet_handlers = dict(SFTPServerHandler._packet_handlers)
     _packet_handlers.pop(b"ranges@asyncssh.com", None)

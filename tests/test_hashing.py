@@ -13,7 +13,6 @@ from asyncssh.packet import SSHPacket, String, UInt32, UInt64
 
 from sshfiles import hashing
 from sshfiles.hashing import (
-    CheckFileReply,
     CheckFileRequest,
     answer_check_file,
     hash_fd_range,
@@ -166,6 +165,8 @@ def test_answer_errors(data_fd):
 
 
 def test_reply_adapter_and_extension():
-    assert CheckFileReply(b"abc").encode(3) == b"abc"
+    from sshfiles.sftp import ExtendedReply
+
+    assert ExtendedReply(b"abc").encode(3) == b"abc"
     name, algs = hashing.CHECK_FILE_EXTENSION
     assert name == b"check-file" and b"sha256" in algs.split(b",") and b"md5" in algs.split(b",")

@@ -18,7 +18,6 @@ an error (exit 7). All functions here are library calls the CLI and the tests us
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import posixpath
 import stat as statmod
