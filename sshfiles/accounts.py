@@ -64,6 +64,12 @@ class Account:
     password_hash: str | None
     quota: int | None  # bytes; None = unlimited
     used: int = 0
+    disabled: bool = False
+    # Bumped by every change that must end the user's live sessions (password, keys,
+    # disable, removal): a server compares it with the value it saw at login.
+    auth_rev: int = 0
+    entries: int = 0          # files, directories and symlinks in the home (the entries ledger)
+    max_entries: int | None = None  # None = the default for the byte quota (see quota.py)
     keys: list["StoredKey"] = field(default_factory=list)
 
     @property
@@ -112,7 +118,11 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT,
     quota INTEGER,
     used INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    auth_rev INTEGER NOT NULL DEFAULT 0,
+    entries INTEGER NOT NULL DEFAULT 0,
+    max_entries INTEGER
 );
 CREATE TABLE IF NOT EXISTS keys (
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
@@ -128,7 +138,15 @@ CREATE TABLE IF NOT EXISTS reservations (
     PRIMARY KEY (owner, user)
 );
 """
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+# Each step takes a store from the version before it to the next, in one transaction.
+_MIGRATIONS: dict[str, list[str]] = {
+    "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
+          "ALTER TABLE users ADD COLUMN auth_rev INTEGER NOT NULL DEFAULT 0",
+          "ALTER TABLE users ADD COLUMN entries INTEGER NOT NULL DEFAULT 0",
+          "ALTER TABLE users ADD COLUMN max_entries INTEGER"],
+}
+_NEXT_VERSION = {"1": "2"}
 
 
 class SQLiteAccountStore:
@@ -158,6 +176,15 @@ class SQLiteAccountStore:
                             db.execute(stmt)
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            while row and row[0] in _MIGRATIONS:
+                with self._tx() as db:
+                    # Re-read inside the write lock: another process may have migrated meanwhile.
+                    current = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+                    if current in _MIGRATIONS:
+                        for stmt in _MIGRATIONS[current]:
+                            db.execute(stmt)
+                        db.execute("UPDATE meta SET value=? WHERE key='schema'", (_NEXT_VERSION[current],))
+                row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
         if not row or row[0] != _SCHEMA_VERSION:
@@ -198,10 +225,12 @@ class SQLiteAccountStore:
                        (name, home, password_hash, quota, time.time()))
 
     def get_user(self, name: str) -> Account | None:
-        rows = self._query("SELECT name, home, password_hash, quota, used FROM users WHERE name=?", (name,))
+        rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries "
+                           "FROM users WHERE name=?", (name,))
         if not rows:
             return None
         acct = Account(*rows[0])
+        acct.disabled = bool(acct.disabled)
         acct.keys = [StoredKey(*r) for r in self._query(
             "SELECT fingerprint, key, comment FROM keys WHERE user=? ORDER BY rowid", (name,))]
         acct.used = self.charged(name)

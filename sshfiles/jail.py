@@ -200,6 +200,10 @@ class Jail:
         finally:
             os.close(fd)
 
+    def fchmod(self, fd: int, mode: int) -> None:
+        """chmod of a file this jail opened (SFTP fsetstat)."""
+        os.fchmod(fd, stat.S_IMODE(mode))
+
     def utime(self, vpath: bytes | str, times: tuple[float, float], follow: bool = True) -> None:
         fd = self.open(vpath, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
         try:

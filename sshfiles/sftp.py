@@ -187,7 +187,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPPermissionDenied("File not open for writing")
             self._truncate_fd(file_obj.fd, attrs.size)
         if attrs.permissions is not None:
-            os.fchmod(file_obj.fd, stat.S_IMODE(attrs.permissions))
+            self.jail.fchmod(file_obj.fd, attrs.permissions)
         if attrs.atime is not None and attrs.mtime is not None:
             os.utime(file_obj.fd, (attrs.atime, attrs.mtime))
 
