@@ -33,6 +33,12 @@ __all__ = [
     "validate_username",
 ]
 
+# Every ledger value is an exact SQLite integer: a user without a byte quota is still bounded
+# by this, so no sum can ever overflow into a float (SQLite's silent fallback).
+LEDGER_MAX = 2**63 - 1
+# Entry quotas: max_entries -1 stores "unlimited" (NULL means the default for the byte quota).
+UNLIMITED_ENTRIES = -1
+
 _USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
 
 
@@ -106,6 +112,12 @@ class AccountStore(Protocol):
     def adjust_used(self, name: str, delta: int) -> None: ...
     def set_used(self, name: str, used: int) -> None: ...
     def charged(self, name: str) -> int: ...
+    def quota_state(self, name: str) -> tuple[int | None, int]: ...
+    def charge_entries(self, name: str, n: int, limit: int | None) -> bool: ...
+    def adjust_entries(self, name: str, delta: int) -> None: ...
+    def entries_state(self, name: str) -> tuple[int | None, int | None, int]: ...
+    def set_usage(self, name: str, used: int, entries: int) -> None: ...
+    def set_max_entries(self, name: str, max_entries: int | None) -> None: ...
     def owners(self) -> list[str]: ...
     def drop_owner(self, owner: str) -> list[str]: ...
 
@@ -154,7 +166,11 @@ class SQLiteAccountStore:
 
     FILENAME = "accounts.db"
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], busy_timeout: float | None = None) -> None:
+        if busy_timeout is None:
+            # How long a writer waits for another process's lock before the call fails
+            # (the ledger keeps failed credits and retries them, see quota.py).
+            busy_timeout = float(os.environ.get("SSHFILES_STORE_BUSY_TIMEOUT", "30"))
         self.directory = Path(directory)
         self.path = self.directory / self.FILENAME
         try:
@@ -164,7 +180,7 @@ class SQLiteAccountStore:
             raise AccountError(f"cannot use accounts directory {self.directory}: {exc.strerror}") from None
         new = not self.path.exists()
         try:
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -286,11 +302,11 @@ class SQLiteAccountStore:
             if row is None:
                 return False
             quota, used = row
-            if quota is not None:
-                reserved = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?",
-                                      (name,)).fetchone()[0]
-                if used + reserved + amount > quota:
-                    return False
+            reserved = db.execute("SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?",
+                                  (name,)).fetchone()[0]
+            # Compared in Python (exact integers), never in SQL where a sum could overflow.
+            if used + reserved + amount > (LEDGER_MAX if quota is None else quota):
+                return False
             db.execute("INSERT INTO reservations (owner, user, amount) VALUES (?,?,?) "
                        "ON CONFLICT(owner, user) DO UPDATE SET amount = amount + excluded.amount",
                        (owner, name, amount))
@@ -326,6 +342,38 @@ class SQLiteAccountStore:
         if not rows:
             return 0, 0
         return rows[0][0], max(0, rows[0][1])
+
+    # -- entries ledger (files, directories, symlinks) ------------------------
+
+    def charge_entries(self, name: str, n: int, limit: int | None) -> bool:
+        """Count `n` new entries if they fit under `limit` (None: no limit); atomic across processes."""
+        with self._tx() as db:
+            row = db.execute("SELECT entries FROM users WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return False
+            if row[0] + n > (LEDGER_MAX if limit is None else limit):
+                return False
+            db.execute("UPDATE users SET entries = entries + ? WHERE name=?", (n, name))
+            return True
+
+    def adjust_entries(self, name: str, delta: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE users SET entries = entries + ? WHERE name=?", (delta, name))
+
+    def set_usage(self, name: str, used: int, entries: int) -> None:
+        """A scan's result: settled bytes and entries as they are on disk."""
+        self._update_user("UPDATE users SET used=?, entries=? WHERE name=?", (used, entries, name), name)
+
+    def set_max_entries(self, name: str, max_entries: int | None) -> None:
+        """None: the default for the user's byte quota; UNLIMITED_ENTRIES: no limit."""
+        self._update_user("UPDATE users SET max_entries=? WHERE name=?", (max_entries, name), name)
+
+    def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
+        """(quota, max_entries as stored, entries) in one read."""
+        rows = self._query("SELECT quota, max_entries, entries FROM users WHERE name=?", (name,))
+        if not rows:
+            return 0, 0, 0
+        return rows[0][0], rows[0][1], rows[0][2]
 
     def owners(self) -> list[str]:
         return [o for o, in self._query("SELECT DISTINCT owner FROM reservations")]

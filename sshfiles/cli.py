@@ -18,8 +18,8 @@ import asyncssh
 import click
 
 from . import __version__, passwords
-from .accounts import AccountError, SQLiteAccountStore, StoredKey, validate_username
-from .quota import rescan_user
+from .accounts import UNLIMITED_ENTRIES, AccountError, SQLiteAccountStore, StoredKey, validate_username
+from .quota import entries_limit, reconcile_dead_owners, rescan_user
 from .units import format_size, parse_size
 
 DEFAULT_PORT = 2222
@@ -64,6 +64,26 @@ def _size(text: str) -> int | None:
         return parse_size(text)
     except ValueError as exc:
         fail(str(exc))
+
+
+def _files(text: str) -> int | None:
+    """An entry limit: a count, 'unlimited' (also none/off), or 'default' (stored as None)."""
+    word = text.strip().lower()
+    if word == "default":
+        return None
+    if word in ("unlimited", "none", "off"):
+        return UNLIMITED_ENTRIES
+    try:
+        count = int(word)
+    except ValueError:
+        fail(f"invalid file count {text!r}: use a number, 'unlimited' or 'default'")
+    if count < 0:
+        fail(f"invalid file count {text!r}: must not be negative")
+    return count
+
+
+def _format_files(entries: int, limit: int | None) -> str:
+    return f"{entries}" if limit is None else f"{entries}/{limit}"
 
 
 def _read_password(from_stdin: bool, confirm: bool = True) -> str:
@@ -204,12 +224,16 @@ def _create_home(obj: Context, name: str, home: str | None) -> Path:
 @click.option("--key", "key_files", multiple=True, type=click.Path(dir_okay=False),
               help="Public key file (OpenSSH format); may be repeated.")
 @click.option("--home", default=None, help="Home directory [default: HOMES_DIR/NAME].")
+@click.option("--files", "files_text", default="default", show_default=True,
+              help="Most files and directories the home may hold: a number, 'unlimited', or 'default' "
+                   "(one per 4 KiB of quota, at least 1000; unlimited without a quota).")
 @click.pass_obj
 def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key_files: tuple[str, ...],
-             home: str | None) -> None:
+             home: str | None, files_text: str) -> None:
     """Create an account (prompts for a password unless --password-stdin or --key)."""
     validate_username(name)
     quota = _size(quota_text)
+    max_entries = _files(files_text)
     keys = [k for path in key_files for k in _read_keys(path)]
     password_hash = None
     if password_stdin or not keys:
@@ -220,21 +244,23 @@ def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key
     obj.store.add_user(name, str(home_path), password_hash, quota)
     for k in keys:
         obj.store.add_key(name, k)
-    if quota is not None:
-        rescan_user(obj.store, name)  # an existing home may already hold files
+    if max_entries is not None:
+        obj.store.set_max_entries(name, max_entries)
+    rescan_user(obj.store, name)  # an existing home may already hold files
     click.echo(f"added user {name} (home {home_path}, quota {format_size(quota)})")
 
 
 @user.command("list")
 @click.pass_obj
 def user_list(obj: Context) -> None:
-    """Users with their auth methods, quota and usage."""
-    rows = [("NAME", "AUTH", "QUOTA", "USED", "HOME")]
+    """Users with their auth methods, quota and usage (FILES: entries used/limit)."""
+    rows = [("NAME", "AUTH", "QUOTA", "USED", "FILES", "HOME")]
     for a in obj.store.list_users():
-        rows.append((a.name, ",".join(a.auth_methods) or "-", format_size(a.quota), format_size(a.used), a.home))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((a.name, ",".join(a.auth_methods) or "-", format_size(a.quota), format_size(a.used),
+                     _format_files(a.entries, entries_limit(a.quota, a.max_entries)), a.home))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
 
 
 @user.command("passwd")
@@ -268,14 +294,22 @@ def user_remove(obj: Context, name: str, purge_home: bool) -> None:
 @user.command("quota")
 @click.argument("name")
 @click.argument("size")
+@click.option("--files", "files_text", default=None,
+              help="Also set the most files and directories: a number, 'unlimited' or 'default'.")
 @click.pass_obj
-def user_quota(obj: Context, name: str, size: str) -> None:
+def user_quota(obj: Context, name: str, size: str, files_text: str | None) -> None:
     """Set a user's quota (SIZE as for `user add --quota`; 'unlimited' removes it)."""
     quota = _size(size)
+    max_entries = _files(files_text) if files_text is not None else None
     obj.store.set_quota(name, quota)
-    used = obj.store.charged(name)
+    if files_text is not None:
+        obj.store.set_max_entries(name, max_entries)
+    acct = obj.store.require_user(name)
+    used = acct.used
     note = " (usage is above it: uploads refused until files are removed)" if quota is not None and used > quota else ""
-    click.echo(f"quota of {name} set to {format_size(quota)}{note}")
+    limit = entries_limit(acct.quota, acct.max_entries)
+    files = "unlimited files" if limit is None else f"{limit} files and directories"
+    click.echo(f"quota of {name} set to {format_size(quota)}, {files}{note}")
 
 
 @user.group("key", cls=_Group)
@@ -331,6 +365,9 @@ def quota_scan(obj: Context, name: str | None) -> None:
     Run it after copying files into a home by hand, or after restoring a
     backup.  Best while the user has no upload in flight.
     """
+    # Reservations of server processes that died are not usage: drop them first, or the
+    # scan's result would be charged on top of them.
+    reconcile_dead_owners(obj.store, obj.accounts_dir)
     names = [name] if name else [a.name for a in obj.store.list_users()]
     for n in names:
         before, after = rescan_user(obj.store, n)

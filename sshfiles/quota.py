@@ -1,14 +1,17 @@
 """Per-user disk quotas: exact admission, cheap on the write path, shared across processes.
 
 Usage is the sum of apparent sizes of the regular files in a home (a sparse
-file counts at its full size; directories and symlinks count as zero).  Every
-operation that can change that sum asks this module first:
+file counts at its full size; directories and symlinks count as zero), and
+the number of entries (files, directories, symlinks: each name once).  Every
+operation that can change either asks this module first:
 
-* growth (a write past the end, a truncate upwards) must be *charged* before
-  it happens; a charge that does not fit raises `QuotaExceeded` and nothing
-  is written;
+* growth (a write past the end, a truncate upwards, a new entry) must be
+  *charged* before it happens; a charge that does not fit raises
+  `QuotaExceeded` and nothing is written;
 * shrinking (remove, truncate down, overwrite by rename) is *credited* after
-  it happened.
+  it happened.  A credit the store cannot take now (locked, down) is kept in
+  memory and retried; it is never lost and never reported to the client as a
+  failure of an operation that did happen.
 
 To avoid a store round trip per SFTP WRITE, a process reserves space in
 chunks (`UserLedger.pool`) and consumes it in memory.  Chunks are at most an
@@ -16,34 +19,55 @@ eighth of the remaining room, so near the limit reservations become exact;
 before refusing, a process first gives back its own unused pool, so a refusal
 within one process is exact to the byte.  Consumed bytes are settled into the
 store when a write handle closes.  A process that dies leaves a reservation
-row; on start-up the server rescans the homes of such users (`reconcile`).
+row; the server rescans the homes of such users (`reconcile_dead_owners`).
 
-The size the ledger believes a file has is kept per inode (`FileState`) and
-shared by every handle on that inode in this process, so two handles on one
-file are not charged twice for the same growth.
+Two kernel locks make the arithmetic exact across worker processes:
+
+* every size change (write past the end, truncate) holds an OFD write lock on
+  the file (`size_lock`) from the fstat that measures it to the change itself,
+  so two processes can never both charge or both credit the same bytes;
+* a removed file's bytes stay on disk while any handle has it open, so they
+  are credited when the last handle closes.  Every handle holds a shared
+  flock; whoever closes a handle of an unlinked inode tries to convert it to
+  an exclusive one: the kernel lets exactly the last holder succeed (a failed
+  conversion drops the shared lock), and that one credits the bytes
+  (`hold` / `release`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .accounts import SQLiteAccountStore
+from .accounts import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, SQLiteAccountStore
 from .units import format_size
 
-__all__ = ["QuotaExceeded", "QuotaManager", "UserLedger", "FileState", "scan_usage"]
+__all__ = ["QuotaExceeded", "EntriesExceeded", "QuotaManager", "UserLedger", "scan_usage", "entries_limit",
+           "default_max_entries", "Usage", "hold", "release", "size_lock", "check_size", "MAX_FILE_SIZE"]
 
 log = logging.getLogger("sshfiles.quota")
 
 MAX_CHUNK = 64 * 1024 * 1024
 RECHECK_SECONDS = 0.25  # how long a reserved chunk is trusted before the quota is read again
+RETRY_SECONDS = 1.0     # how soon a credit the store refused is tried again
+# No offset or size past off_t's range: the kernel could not honour it, and a ledger
+# value beyond it would stop being an exact integer in the store.
+MAX_FILE_SIZE = LEDGER_MAX
+# Default entry limit for a user with a byte quota and no explicit --files: one entry per
+# 4 KiB of quota (a directory costs a 4 KiB block on most filesystems), at least this many.
+MIN_DEFAULT_ENTRIES = 1000
+BYTES_PER_DEFAULT_ENTRY = 4096
 
 
 class QuotaExceeded(OSError):
@@ -55,20 +79,88 @@ class QuotaExceeded(OSError):
         self.quota = quota
 
 
-@dataclass
-class FileState:
-    """An inode this process has open for writing.
+class EntriesExceeded(OSError):
+    """Refused new file or directory: the user's entry quota is full."""
 
-    The file's size is always read from the kernel (fstat) when a write or
-    truncate is charged, so a change made by another handle, session or
-    worker process can never make a charge stale.  What is kept here is only
-    what the kernel cannot tell us: whether this process removed the file
-    while it was open, so its bytes are credited when the last handle closes.
+    def __init__(self, entries: int, limit: int) -> None:
+        super().__init__(errno.EDQUOT, f"quota exceeded: {entries} of {limit} files and directories")
+        self.entries = entries
+        self.limit = limit
+
+
+def default_max_entries(quota: int | None) -> int | None:
+    """The entry limit of a user with no explicit one: none without a byte quota."""
+    if quota is None:
+        return None
+    return max(MIN_DEFAULT_ENTRIES, quota // BYTES_PER_DEFAULT_ENTRY)
+
+
+def entries_limit(quota: int | None, max_entries: int | None) -> int | None:
+    """The effective entry limit (None: unlimited) from the stored settings."""
+    if max_entries is None:
+        return default_max_entries(quota)
+    if max_entries == UNLIMITED_ENTRIES or max_entries < 0:
+        return None
+    return max_entries
+
+
+def check_size(end: int) -> None:
+    """Refuse an offset or size the kernel and the ledger cannot represent."""
+    if end < 0 or end > MAX_FILE_SIZE:
+        raise OSError(errno.EFBIG, "File too large")
+
+
+# -- kernel locks that keep the ledger exact across processes ------------------------
+
+# struct flock for F_OFD_SETLKW: l_type, l_whence, l_start, l_len (0 = to the end, any size), l_pid (0 for OFD)
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+_WRLCK = struct.pack("hhxxxxqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+_UNLCK = struct.pack("hhxxxxqqixxxx", fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def size_lock(fd: int) -> Iterator[None]:
+    """Hold an OFD write lock on the whole file while its size is measured and changed.
+
+    Within one process every size change already runs to completion on the
+    event loop; the lock is what makes fstat -> charge -> write atomic against
+    other worker processes.  It never blocks for longer than another process's
+    single write or truncate, and is independent of the flock used by `hold`.
     """
+    fcntl.fcntl(fd, _F_OFD_SETLKW, _WRLCK)
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, _F_OFD_SETLKW, _UNLCK)
 
-    key: tuple[int, int]
-    refs: int = 0
-    removed_here: bool = False
+
+def hold(fd: int) -> None:
+    """Register a handle as a holder of its inode (a shared flock), see `release`."""
+    with contextlib.suppress(OSError):  # someone else's exclusive lock: we just don't take part
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def release(fd: int) -> int:
+    """Close a handle; returns the bytes to credit if it was the last handle of a removed file.
+
+    The conversion to an exclusive lock succeeds for exactly one of the last
+    holders of an unlinked inode (a failed non-blocking conversion drops our
+    shared lock, so the next one can succeed); the bytes leave the disk when
+    the last fd closes, which is this one or one that has already given up.
+    """
+    freed = 0
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass
+            else:
+                freed = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return freed
 
 
 @dataclass
@@ -80,10 +172,14 @@ class UserLedger:
     owner: str
     pool: int = 0            # reserved in the store, not yet consumed
     unsettled: int = 0       # consumed (really on disk) but not yet moved into `used`
+    pending_bytes: int = 0   # credits the store has not taken yet (retried)
+    pending_entries: int = 0
     write_handles: int = 0
     checked: float = 0.0     # monotonic time the quota was last read
-    files: dict[tuple[int, int], FileState] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    entry_limit: int | None = None
+    entry_limit_read: float = -1e9
+    retry: asyncio.TimerHandle | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     # -- charges ------------------------------------------------------------
 
@@ -92,6 +188,8 @@ class UserLedger:
         if n <= 0:
             return
         with self.lock:
+            if self.pending_bytes or self.pending_entries:
+                self.flush()  # what was freed counts before anything is refused
             if self.pool and time.monotonic() - self.checked > RECHECK_SECONDS:
                 self._recheck()
             if self.pool < n:
@@ -127,48 +225,122 @@ class UserLedger:
             self.pool += need
         else:
             q, c = self.store.quota_state(self.name)
-            raise QuotaExceeded(c, q if q is not None else 0)
+            if q is None:  # only the ledger's integer range can refuse a user without a quota
+                raise OSError(errno.EFBIG, "File too large")
+            raise QuotaExceeded(c, q)
+
+    def uncharge(self, n: int) -> None:
+        """Give back a charge whose growth did not happen (the write or truncate failed).
+
+        The bytes return to this process's pool, not to the settled usage, so
+        the ledger never dips below what is on disk, even for a moment.
+        """
+        if n > 0:
+            with self.lock:
+                n = min(n, self.unsettled)
+                self.unsettled -= n
+                self.pool += n
 
     def credit(self, n: int) -> None:
         """Bytes that left the disk (remove, shrink, overwritten by rename)."""
         if n > 0:
-            self.store.adjust_used(self.name, -n)
+            with self.lock:
+                self.pending_bytes += n
+                self.flush()
+
+    # -- entries ------------------------------------------------------------
+
+    def charge_entry(self) -> None:
+        """Account for one new file or directory before creating it, or raise EntriesExceeded."""
+        with self.lock:
+            if self.pending_bytes or self.pending_entries:
+                self.flush()
+            now = time.monotonic()
+            if now - self.entry_limit_read > RECHECK_SECONDS:
+                quota, max_entries, _ = self.store.entries_state(self.name)
+                self.entry_limit = entries_limit(quota, max_entries)
+                self.entry_limit_read = now
+            if not self.store.charge_entries(self.name, 1, self.entry_limit):
+                _, _, entries = self.store.entries_state(self.name)
+                raise EntriesExceeded(entries, self.entry_limit if self.entry_limit is not None else LEDGER_MAX)
+
+    def credit_entries(self, n: int) -> None:
+        """Entries that are gone (remove, rmdir, replaced by rename), or a charge given back."""
+        if n > 0:
+            with self.lock:
+                self.pending_entries += n
+                self.flush()
+
+    # -- store synchronisation ------------------------------------------------
+
+    def flush(self) -> bool:
+        """Hand pending credits to the store; on failure keep them and retry soon."""
+        with self.lock:
+            try:
+                if self.pending_bytes:
+                    self.store.adjust_used(self.name, -self.pending_bytes)
+                    self.pending_bytes = 0
+                if self.pending_entries:
+                    self.store.adjust_entries(self.name, -self.pending_entries)
+                    self.pending_entries = 0
+            except AccountError as exc:
+                self._retry_later(f"credit of {self.pending_bytes} bytes, {self.pending_entries} entries", exc)
+                return False
+            return True
 
     def settle(self, release_pool: bool) -> None:
+        """Move consumed bytes into the store's usage; on failure keep them and retry soon."""
         with self.lock:
             release = self.pool if release_pool else 0
             if self.unsettled or release:
-                self.store.settle(self.owner, self.name, self.unsettled, release)
+                try:
+                    self.store.settle(self.owner, self.name, self.unsettled, release)
+                except AccountError as exc:  # still counted as reserved in the store: nothing over-admitted
+                    self._retry_later(f"settlement of {self.unsettled} bytes", exc)
+                    return
                 self.unsettled = 0
                 self.pool -= release
+            self.flush()
 
-    # -- per-inode size tracking ------------------------------------------
+    def _retry_later(self, what: str, exc: Exception) -> None:
+        if self.retry is not None:
+            return  # one retry scheduled at a time; one log line per failure streak
+        log.warning("quota ledger of %s: %s postponed, the store failed (%s); retrying", self.name, what, exc)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (admin CLI, shutdown): settle_all and the next charge retry
+        self.retry = loop.call_later(RETRY_SECONDS, self._retry)
 
-    def track(self, st: os.stat_result) -> FileState:
-        key = (st.st_dev, st.st_ino)
-        fs = self.files.get(key)
-        if fs is None:
-            fs = self.files[key] = FileState(key)
-        fs.refs += 1
-        return fs
+    def _retry(self) -> None:
+        self.retry = None
+        self.settle(release_pool=self.write_handles == 0)
 
-    def untrack(self, fs: FileState, size_now: int) -> None:
-        """A handle closed; if it was the last on a file removed while open, its bytes leave now."""
-        fs.refs -= 1
-        if fs.refs <= 0:
-            self.files.pop(fs.key, None)
-            if fs.removed_here:
-                self.credit(size_now)
+    @property
+    def in_sync(self) -> bool:
+        """Nothing of this ledger waits for the store."""
+        return not (self.unsettled or self.pending_bytes or self.pending_entries)
 
-    def removed(self, st: os.stat_result) -> None:
-        """A directory entry is gone: credit its bytes if they really left the home."""
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
-            return  # another link still holds the bytes
-        fs = self.files.get((st.st_dev, st.st_ino))
-        if fs is not None:
-            fs.removed_here = True  # still open here: credited when its last handle closes
-            return
-        self.credit(st.st_size)
+    # -- removals -------------------------------------------------------------
+
+    def entry_gone(self, st: os.stat_result, held: int | None) -> None:
+        """A name is gone (remove, rmdir, replaced by rename): credit it and, once, its bytes.
+
+        `held` is a handle on the removed file taken (with `hold`) before the
+        removal: releasing it credits the bytes only if no other handle, in
+        any process, still keeps them on disk.  Without one (not a regular
+        file, or it could not be opened) a regular file's bytes leave with its
+        last link.
+        """
+        self.credit_entries(1)
+        if held is not None:
+            same = os.fstat(held)
+            if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
+                self.credit(release(held))
+                return
+            release(held)  # raced by another process's rename: fall through to the name's own stat
+        if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
+            self.credit(st.st_size)
 
     def state(self) -> tuple[int | None, int]:
         return self.store.quota_state(self.name)
@@ -192,10 +364,23 @@ class QuotaManager:
         for led in self._ledgers.values():
             led.settle(release_pool=True)
 
+    def in_sync(self) -> bool:
+        """No ledger of this process holds anything the store has not taken."""
+        return all(led.in_sync for led in self._ledgers.values())
 
-def scan_usage(home: str | os.PathLike[str]) -> int:
-    """Apparent size of every regular file below `home`, each inode once, never following symlinks."""
-    total = 0
+
+@dataclass
+class Usage:
+    """What a home holds, as the ledger counts it."""
+
+    bytes: int = 0
+    entries: int = 0
+
+
+def scan_usage(home: str | os.PathLike[str]) -> Usage:
+    """Apparent size of every regular file below `home` (each inode once) and the number of
+    entries below it (each name once), never following symlinks."""
+    usage = Usage()
     seen: set[tuple[int, int]] = set()
     stack = [os.fspath(home)]
     while stack:
@@ -210,26 +395,27 @@ def scan_usage(home: str | os.PathLike[str]) -> int:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                usage.entries += 1
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
                 elif stat.S_ISREG(st.st_mode):
                     key = (st.st_dev, st.st_ino)
                     if key not in seen:
                         seen.add(key)
-                        total += st.st_size
-    return total
+                        usage.bytes += st.st_size
+    return usage
 
 
 def rescan_user(store: SQLiteAccountStore, name: str,
                 on_change: Callable[[str, int, int], None] | None = None) -> tuple[int, int]:
-    """Set a user's settled usage to what is on disk; returns (before, after)."""
+    """Set a user's settled usage (bytes and entries) to what is on disk; returns bytes (before, after)."""
     acct = store.require_user(name)
     before = acct.used
-    after = scan_usage(acct.home) if Path(acct.home).is_dir() else 0
-    store.set_used(name, after)
-    if on_change and before != after:
-        on_change(name, before, after)
-    return before, after
+    usage = scan_usage(acct.home) if Path(acct.home).is_dir() else Usage()
+    store.set_usage(name, usage.bytes, usage.entries)
+    if on_change and before != usage.bytes:
+        on_change(name, before, usage.bytes)
+    return before, usage.bytes
 
 
 def reconcile_dead_owners(store: SQLiteAccountStore, accounts_dir: str | os.PathLike[str]) -> list[str]:

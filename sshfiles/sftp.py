@@ -28,7 +28,7 @@ from asyncssh.sftp import (
 
 from . import __version__, hashing
 from .jail import Jail
-from .quota import FileState, QuotaExceeded, UserLedger
+from .quota import MAX_FILE_SIZE, QuotaExceeded, UserLedger, check_size, entries_limit, hold, release, size_lock
 
 if TYPE_CHECKING:
     from .server import Session
@@ -52,7 +52,6 @@ class OpenFile:
     vpath: str
     writable: bool
     append: bool
-    fs: FileState | None
     opened: float = field(default_factory=time.monotonic)
     bytes_read: int = 0
     bytes_written: int = 0
@@ -104,67 +103,118 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if (trunc or append) and not writable:
             raise asyncssh.SFTPInvalidParameter("truncate or append needs write access")
         perms = 0o666 if attrs.permissions is None else stat.S_IMODE(attrs.permissions)
-        fd = self.jail.open_regular(path, flags, perms)
+        fd = self._open_fd(path, flags, perms)
         try:
             vpath = self.jail.virtual_path(fd)
-            fs = None
             if writable:
-                fs = self.ledger.track(os.fstat(fd))
                 self.ledger.write_handles += 1
                 if trunc:
                     self._truncate_fd(fd, 0)
         except BaseException:
-            os.close(fd)
+            if writable:
+                self.ledger.write_handles -= 1
+            self._close_fd(fd)
             raise
-        return OpenFile(fd, vpath, writable, append, fs)
+        return OpenFile(fd, vpath, writable, append)
+
+    def _open_fd(self, path: bytes | str, flags: int, perms: int = 0o666) -> int:
+        """Open a regular file as a holder of its inode, charging an entry if this creates it.
+
+        A create is tried without O_CREAT first, so only a file that really
+        comes into being costs an entry; O_EXCL then makes the charge exact
+        even if another session creates the same name in between.
+        """
+        fd = -1
+        if flags & os.O_CREAT and not flags & os.O_EXCL:
+            try:
+                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)
+            except FileNotFoundError:
+                pass
+        if fd < 0 and flags & os.O_CREAT:
+            self.ledger.charge_entry()
+            try:
+                fd = self.jail.open_regular(path, flags | os.O_EXCL, perms)
+            except FileExistsError:
+                self.ledger.credit_entries(1)
+                if flags & os.O_EXCL:
+                    raise
+                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)  # created meanwhile
+            except BaseException:
+                self.ledger.credit_entries(1)
+                raise
+        elif fd < 0:
+            fd = self.jail.open_regular(path, flags, perms)
+        hold(fd)
+        return fd
+
+    def _close_fd(self, fd: int) -> None:
+        """Close a handle from `_open_fd`; the last one of a removed file credits its bytes."""
+        self.ledger.credit(release(fd))
+
+    def _held(self, path: bytes) -> int | None:
+        """A handle on the regular file a removal is about to unlink (see UserLedger.entry_gone)."""
+        try:
+            fd = self.jail.open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        hold(fd)
+        return fd
 
     def close(self, file_obj: OpenFile) -> None:
         if file_obj.fd < 0:
             return
+        fd, file_obj.fd = file_obj.fd, -1
         try:
-            if file_obj.fs is not None:
+            if file_obj.writable:
                 self.ledger.write_handles -= 1
-                self.ledger.untrack(file_obj.fs, os.fstat(file_obj.fd).st_size)
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
-            os.close(file_obj.fd)
-            file_obj.fd = -1
+            self._close_fd(fd)
             self.session.log_transfer(file_obj)
 
     def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
+        if offset > MAX_FILE_SIZE:
+            return b""  # past any possible end of file: EOF, as for any offset past the end
         data = os.pread(file_obj.fd, min(size, MAX_READ), offset)
         file_obj.bytes_read += len(data)
         return data
 
     def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
-        if file_obj.fs is None:
+        if not file_obj.writable:
             raise asyncssh.SFTPPermissionDenied("File not open for writing")
-        # The kernel's size, not a remembered one: another handle, session or
-        # worker may have changed the file since our last write.
-        size = os.fstat(file_obj.fd).st_size
-        if file_obj.append:
-            offset = size
-        end = offset + len(data)
-        try:
-            if end > size:
-                self.ledger.charge(end - size)
-        except QuotaExceeded as exc:
-            if file_obj.failed is None:  # once per handle: a pipelined upload has many refused writes
-                self._notify(exc)
-            file_obj.failed = str(exc)
-            raise
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(file_obj.fd, view, offset)
-                view = view[written:]
-                offset += written
-        except OSError as exc:
-            # Disk full or I/O error: charge only what really landed.
-            if end > size:
-                self.ledger.credit(end - max(size, os.fstat(file_obj.fd).st_size))
-            file_obj.failed = exc.strerror or "write failed"
-            raise
+        fd = file_obj.fd
+        with size_lock(fd):
+            # The kernel's size, not a remembered one: another handle, session or
+            # worker may have changed the file since our last write.
+            size = os.fstat(fd).st_size
+            if file_obj.append:
+                offset = size
+            end = offset + len(data)
+            try:
+                if end > size:  # the quota speaks first: its message is the one a user can act on
+                    self.ledger.charge(end - size)
+                    try:
+                        check_size(end)
+                    except OSError:
+                        self.ledger.uncharge(end - size)
+                        raise
+            except QuotaExceeded as exc:
+                if file_obj.failed is None:  # once per handle: a pipelined upload has many refused writes
+                    self._notify(exc)
+                file_obj.failed = str(exc)
+                raise
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view = view[written:]
+                    offset += written
+            except OSError as exc:
+                # Disk full or I/O error: charge only what really landed.
+                if end > size:
+                    self.ledger.uncharge(end - max(size, os.fstat(fd).st_size))
+                file_obj.failed = exc.strerror or "write failed"
+                raise
         file_obj.bytes_written += len(data)
         return len(data)
 
@@ -183,7 +233,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     def fsetstat(self, file_obj: OpenFile, attrs: SFTPAttrs) -> None:
         if attrs.size is not None:
-            if file_obj.fs is None:
+            if not file_obj.writable:
                 raise asyncssh.SFTPPermissionDenied("File not open for writing")
             self._truncate_fd(file_obj.fd, attrs.size)
         if attrs.permissions is not None:
@@ -196,19 +246,21 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     def _truncate_fd(self, fd: int, size: int) -> None:
         """Set a file's size: growth is charged before, a shrink credited after."""
-        old = os.fstat(fd).st_size
-        if size > old:
-            try:
-                self.ledger.charge(size - old)
-            except QuotaExceeded as exc:
-                self._notify(exc)
-                raise
-        try:
-            os.ftruncate(fd, size)
-        except OSError:
+        check_size(size)
+        with size_lock(fd):  # no other process can change the size between fstat and ftruncate
+            old = os.fstat(fd).st_size
             if size > old:
-                self.ledger.credit(size - old)
-            raise
+                try:
+                    self.ledger.charge(size - old)
+                except QuotaExceeded as exc:
+                    self._notify(exc)
+                    raise
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                if size > old:
+                    self.ledger.uncharge(size - old)
+                raise
         if size < old:
             self.ledger.credit(old - size)
 
@@ -228,12 +280,12 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         if attrs.size is not None:
-            fd = self.jail.open_regular(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
+            fd = self._open_fd(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
             try:
                 self._truncate_fd(fd, attrs.size)
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
             finally:
-                os.close(fd)
+                self._close_fd(fd)
         if attrs.permissions is not None:
             self.jail.chmod(path, attrs.permissions, follow)
         if attrs.atime is not None and attrs.mtime is not None:
@@ -254,13 +306,20 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         """
         fsv = self.jail.statvfs()
         quota, used = self.ledger.state()
+        _, max_entries, entries = self.ledger.store.entries_state(self.user)
+        limit = entries_limit(quota, max_entries)
+        files, ffree, favail = fsv.f_files, fsv.f_ffree, fsv.f_favail
+        if limit is not None:  # the entry quota as the filesystem's inode counts
+            files, ffree, favail = limit, min(ffree, max(0, limit - entries)), min(favail, max(0, limit - entries))
         if quota is None:
-            return SFTPVFSAttrs.from_local(fsv)
+            attrs = SFTPVFSAttrs.from_local(fsv)
+            attrs.files, attrs.ffree, attrs.favail = files, ffree, favail
+            return attrs
         free = max(0, quota - used)
         disk_free = fsv.f_bavail * fsv.f_frsize
         return SFTPVFSAttrs(bsize=MAX_WRITE, frsize=1, blocks=quota, bfree=min(free, disk_free),
-                            bavail=min(free, disk_free), files=fsv.f_files, ffree=fsv.f_ffree,
-                            favail=fsv.f_favail, fsid=0, flags=0, namemax=fsv.f_namemax)
+                            bavail=min(free, disk_free), files=files, ffree=ffree,
+                            favail=favail, fsid=0, flags=0, namemax=fsv.f_namemax)
 
     # -- directories and names ------------------------------------------------
 
@@ -275,21 +334,42 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         return _iter()
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self.jail.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
+        self.ledger.charge_entry()
+        try:
+            self.jail.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
+        except BaseException:
+            self.ledger.credit_entries(1)
+            raise
 
     def rmdir(self, path: bytes) -> None:
         self.jail.rmdir(path)
+        self.ledger.credit_entries(1)
 
     def remove(self, path: bytes) -> None:
-        self.ledger.removed(self.jail.unlink(path))
+        held = self._held(path)
+        try:
+            gone = self.jail.unlink(path)
+        except BaseException:
+            if held is not None:
+                self._close_fd(held)
+            raise
+        self.ledger.entry_gone(gone, held)
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         self.jail.rename(oldpath, newpath, replace=False)
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        replaced = self.jail.rename(oldpath, newpath, replace=True)
+        held = self._held(newpath)
+        try:
+            replaced = self.jail.rename(oldpath, newpath, replace=True)
+        except BaseException:
+            if held is not None:
+                self._close_fd(held)
+            raise
         if replaced is not None:
-            self.ledger.removed(replaced)
+            self.ledger.entry_gone(replaced, held)
+        elif held is not None:
+            self._close_fd(held)
 
     def readlink(self, path: bytes) -> bytes:
         return self.jail.readlink(path)
@@ -376,11 +456,11 @@ class SshfilesSFTPHandler(SFTPServerHandler):
 
     async def _process_check_file_name(self, packet: SSHPacket) -> bytes:
         req = hashing.parse_check_file(packet, by_handle=False)
-        fd = self._server.jail.open_regular(req.target, os.O_RDONLY)
+        fd = self._server._open_fd(req.target, os.O_RDONLY)
         try:
             return ExtendedReply(await hashing.answer_check_file(fd, req))
         finally:
-            os.close(fd)
+            self._server._close_fd(fd)
 
     async def _process_check_file_handle(self, packet: SSHPacket) -> bytes:
         req = hashing.parse_check_file(packet, by_handle=True)

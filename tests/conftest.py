@@ -206,6 +206,17 @@ def server(tmp_path: Path, host_keys_dir: Path) -> Iterator[ServerHandle]:
 
 
 @pytest.fixture
+def workers_server(tmp_path: Path, host_keys_dir: Path) -> Iterator[ServerHandle]:
+    """A running `sshfiles serve --workers 2`."""
+    h = make_server(tmp_path, host_keys_dir, ("--workers", "2"))
+    h.start()
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
 def outside(tmp_path: Path) -> Path:
     """A secret file next to the homes, which no user may ever read, change or learn of."""
     secret = tmp_path / "secret.txt"

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -762,18 +760,6 @@ def test_sigkill_mid_upload_reconciles_on_restart(server):
 
 
 # -- several server processes sharing the store (--workers) ---------------------------------------
-
-
-@pytest.fixture
-def workers_server(tmp_path, host_keys_dir):
-    from conftest import make_server
-
-    h = make_server(tmp_path, host_keys_dir, ("--workers", "2"))
-    h.start()
-    try:
-        yield h
-    finally:
-        h.stop()
 
 
 async def sftp_on_two_workers(server, user):
