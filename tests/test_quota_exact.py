@@ -353,3 +353,34 @@ def test_store_schema_v1_is_migrated(tmp_path):
         assert (acct.quota, acct.used, acct.entries, acct.max_entries, acct.disabled) == (4096, 12, 0, None, False)
     finally:
         store.close()
+
+
+# -- a crash loses no acknowledged byte, with one worker or several ----------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_loses_no_acknowledged_byte(tmp_path, host_keys_dir, workers):
+    from conftest import make_server
+
+    server = make_server(tmp_path, host_keys_dir, ("--workers", str(workers)))
+    server.start()
+    try:
+        user = add_user(server, "durable", quota="4MiB")
+        blocks = [os.urandom(32 * KiB) for _ in range(24)]
+
+        async def upload_and_crash():
+            conn = await server.connect(user)
+            sftp = await conn.start_sftp_client()
+            f = await sftp.open("data", "wb")
+            for i, block in enumerate(blocks):
+                await f.write(block, i * 32 * KiB)      # acknowledged once this returns
+            server.kill()
+            conn.abort()
+        run(upload_and_crash())
+        assert (user.home / "data").read_bytes() == b"".join(blocks)
+        server.log_path.rename(server.root / "server-before-kill.log")
+        server.start()
+        assert assert_ledger_matches_disk(server, user) == 24 * 32 * KiB
+        assert_entries_match_disk(server, user)
+    finally:
+        server.stop()
