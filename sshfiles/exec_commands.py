@@ -14,7 +14,7 @@ What rclone 1.60 sends, and how it is answered here:
   empty input (it sends no stdin). We hash stdin when the caller gives us a reader, else empty input.
 * ``md5sum /abs/path`` -- the actual hash, printed as coreutils does: ``<hex>  <path>\\n``.
 
-Paths are the user's visible paths; ``open_file`` (supplied by the server) resolves them in the
+Paths are the user's visible paths; ``files_of`` (the user's session) resolves them in the
 user's jail and returns a read-only fd or raises OSError. Error messages only ever show the path the
 user typed, never a host path.
 """
@@ -25,7 +25,7 @@ import errno
 import os
 import re
 import shlex
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 from asyncssh import SSHReader, SSHWriter
 
@@ -46,7 +46,11 @@ SUM_COMMANDS: dict[str, str] = {
 _SHELL_OPERATORS = set("();<>|&")
 _VARIABLE = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*|\$[0-9#?*@$!-]")
 
-OpenFile = Callable[[bytes], int]
+class FileOpener(Protocol):
+    """What the hash commands need from the user's session: a read-only fd of a jailed path and its close."""
+
+    def open_for_hash(self, path: bytes | str) -> int: ...
+    def close_fd(self, fd: int) -> None: ...
 
 
 class CommandRefused(Exception):
@@ -107,7 +111,7 @@ async def _hash_stdin(stdin: Optional[SSHReader], algorithm: str) -> bytes:
     return hasher.digest()
 
 
-async def _run_sum(prog: str, args: list[str], open_file: OpenFile, stdout: SSHWriter,
+async def _run_sum(prog: str, args: list[str], files_of: FileOpener, stdout: SSHWriter,
                    stderr: SSHWriter, stdin: Optional[SSHReader]) -> int:
     algorithm = SUM_COMMANDS[prog]
     files: list[str] = []
@@ -132,7 +136,7 @@ async def _run_sum(prog: str, args: list[str], open_file: OpenFile, stdout: SSHW
             digest = await _hash_stdin(stdin, algorithm)
         else:
             try:
-                fd = open_file(os.fsencode(name))
+                fd = files_of.open_for_hash(os.fsencode(name))
             except OSError as exc:
                 _emit(stderr, f"{prog}: {name}: {_strerror(exc)}\n".encode(errors="surrogateescape"))
                 status = 1
@@ -144,20 +148,20 @@ async def _run_sum(prog: str, args: list[str], open_file: OpenFile, stdout: SSHW
                 status = 1
                 continue
             finally:
-                os.close(fd)
+                files_of.close_fd(fd)
         prefix, shown = _coreutils_name(name)
         _emit(stdout, f"{prefix}{digest.hex()}  {shown}\n".encode(errors="surrogateescape"))
     return status
 
 
-async def run_exec(command: str, open_file: OpenFile, stdout: SSHWriter, stderr: SSHWriter,
+async def run_exec(command: str, files_of: FileOpener, stdout: SSHWriter, stderr: SSHWriter,
                    stdin: Optional[SSHReader] = None) -> int:
     """Run one exec request without a shell and return its exit status.
 
-    ``open_file(path_bytes)`` resolves a user-visible path inside the user's jail and returns a
-    read-only fd (which this function closes) or raises OSError. ``stdin`` is optional: only a bare
-    ``md5sum``/``sha1sum`` reads it; without it, stdin counts as empty, which is what rclone's
-    probe expects. Anything we do not answer is refused on stderr with exit status 1.
+    ``files_of.open_for_hash(path_bytes)`` resolves a user-visible path inside the user's jail and
+    returns a read-only fd (which this function hands back to ``files_of.close_fd``) or raises
+    OSError. ``stdin`` is optional: only a bare ``md5sum``/``sha1sum`` reads it; without it, stdin
+    counts as empty, which is what rclone's probe expects. Anything we do not answer is refused on stderr with exit status 1.
     """
     try:
         argv = parse_command(command)
@@ -171,7 +175,7 @@ async def run_exec(command: str, open_file: OpenFile, stdout: SSHWriter, stderr:
 
     prog, args = argv[0], argv[1:]
     if prog in SUM_COMMANDS:
-        return await _run_sum(prog, args, open_file, stdout, stderr, stdin)
+        return await _run_sum(prog, args, files_of, stdout, stderr, stdin)
     if prog == "echo":
         words = [_VARIABLE.sub("", a) for a in args]
         newline = True

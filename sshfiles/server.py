@@ -2,8 +2,8 @@
 
 No file logic lives here.  A connection authenticates against the accounts
 store (argon2 off the event loop, keys from the store), and each channel then
-gets a `Session` holding the user's `Jail` and `UserLedger`; the SFTP
-subsystem, SCP and the hash exec commands all work through those.
+gets a `UserSession` (session.py) holding the user's jail and ledger; the SFTP
+subsystem, SCP and the hash exec commands are adapters over it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,11 +25,12 @@ from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 from . import passwords, speedups
 from .exec_commands import run_exec
 from .accounts import Account, AccountError, OwnerLock, SQLiteAccountStore, validate_username
-from .jail import Jail, openat2_available
-from .quota import QuotaManager, UserLedger, reconcile_dead_owners
-from .sftp import JailedSFTPServer, OpenFile, SshfilesSFTPHandler
+from .jail import openat2_available
+from .quota import QuotaManager, reconcile_dead_owners
+from .session import UserSession
+from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 
-__all__ = ["ServerConfig", "SshfilesService", "Session", "ensure_host_keys", "run_server"]
+__all__ = ["ServerConfig", "SshfilesService", "ensure_host_keys", "run_server"]
 
 log = logging.getLogger("sshfiles.server")
 
@@ -99,35 +99,6 @@ class SshfilesService:
         self.store.close()
 
 
-class Session:
-    """One authenticated channel: the user's jail and ledger, and its transfer log."""
-
-    def __init__(self, service: SshfilesService, account: Account, peer: str) -> None:
-        self.service = service
-        self.username = account.name
-        self.peer = peer
-        self.jail = Jail(account.home)
-        self.ledger: UserLedger = service.quotas.ledger(account.name)
-        self._closed = False
-
-    def log_transfer(self, f: OpenFile) -> None:
-        if not (f.bytes_read or f.bytes_written or f.writable):
-            return
-        direction = "upload" if f.writable else "download"
-        nbytes = f.bytes_written if f.writable else f.bytes_read
-        result = f"failed: {f.failed}" if f.failed else "ok"
-        log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s",
-                 self.username, f.vpath, direction, nbytes, time.monotonic() - f.opened, result)
-
-    def sftp_ended(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.jail.close()
-
-
 class _ChannelSession(SSHServerStreamSession):
     """A session channel: SFTP subsystem, SCP, the hash commands, and a polite no to shells."""
 
@@ -192,8 +163,7 @@ class _ChannelSession(SSHServerStreamSession):
             else:
                 session = self._auth.new_session()
                 try:
-                    status = await run_exec(command, lambda p: session.jail.open_regular(p, os.O_RDONLY),
-                                            stdout, stderr, stdin)
+                    status = await run_exec(command, session, stdout, stderr, stdin)
                 finally:
                     session.close()
         except Exception as exc:  # never leave the client hanging without a status
@@ -307,11 +277,11 @@ class _Connection(asyncssh.SSHServer):
     def session_requested(self) -> _ChannelSession:
         return _ChannelSession(self)
 
-    def new_session(self) -> Session:
+    def new_session(self) -> UserSession:
         # Re-read the account: a key, home or quota change applies to each new channel.
         acct = self.service.store.get_user(self.username) or self.account
         assert acct is not None
-        return Session(self.service, acct, self.peer)
+        return UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer)
 
 
 def _server_options(config: ServerConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""The SFTP verbs: each one a few lines that call the jail and the quota.
+"""The SFTP protocol adapter: each verb translated into a call on the user's session.
 
-`JailedSFTPServer` is the `asyncssh.SFTPServer` for one session.  It never
-builds a host path: every path goes to `Jail`, every size change to the
-user's `UserLedger` first.  Errors reach the client through asyncssh's
-OSError -> status mapping, with ``strerror`` only (no file names), so no
-host path can appear in a reply.
+`JailedSFTPServer` is the `asyncssh.SFTPServer` for one channel.  It holds no
+rule of its own: paths, quotas and entries are the `UserSession`'s business
+(session.py), which raises `OSError`s that asyncssh maps to SFTP statuses,
+with ``strerror`` only (no file names), so no host path can appear in a reply.
+What stays here is protocol: flag and attribute translation, statvfs
+encoding, and telling OpenSSH's clients why a write was refused (they print
+the channel's stderr but not a v3 status message).
 
 `SshfilesSFTPHandler` adjusts asyncssh's protocol handler where a stock
 client needs it (see its docstring).
@@ -12,12 +14,10 @@ client needs it (see its docstring).
 
 from __future__ import annotations
 
-import logging
+import errno
 import os
 import stat
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 import asyncssh
 from asyncssh.packet import SSHPacket, String, UInt64
@@ -27,35 +27,12 @@ from asyncssh.sftp import (
 )
 
 from . import __version__, hashing
-from .jail import Jail
-from .quota import MAX_FILE_SIZE, QuotaExceeded, UserLedger, check_size, entries_limit, hold, release, size_lock
+from .session import MAX_READ, FileHandle, UserSession
 
-if TYPE_CHECKING:
-    from .server import Session
+__all__ = ["JailedSFTPServer", "SshfilesSFTPHandler", "ExtendedReply", "MAX_READ", "MAX_WRITE"]
 
-__all__ = ["JailedSFTPServer", "SshfilesSFTPHandler", "ExtendedReply", "OpenFile", "MAX_READ", "MAX_WRITE"]
-
-log = logging.getLogger("sshfiles.transfer")
-
-# OpenSSH's sftp-server limits: big enough to keep a pipelined client busy,
-# small enough that one request never holds megabytes in memory.
-MAX_READ = 256 * 1024
 MAX_WRITE = 256 * 1024
 MAX_PACKET = MAX_WRITE + 1024
-
-
-@dataclass
-class OpenFile:
-    """An open file handle of one session."""
-
-    fd: int
-    vpath: str
-    writable: bool
-    append: bool
-    opened: float = field(default_factory=time.monotonic)
-    bytes_read: int = 0
-    bytes_written: int = 0
-    failed: str | None = None
 
 
 def _attrs(st: os.stat_result) -> SFTPAttrs:
@@ -63,13 +40,11 @@ def _attrs(st: os.stat_result) -> SFTPAttrs:
 
 
 class JailedSFTPServer(asyncssh.SFTPServer):
-    """One user's SFTP session: jail and quota on every verb."""
+    """One channel's SFTP (and SCP) verbs, each a call on the user's session."""
 
-    def __init__(self, chan: asyncssh.SSHServerChannel, session: "Session") -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel, session: UserSession) -> None:
         super().__init__(chan)
         self.session = session
-        self.jail: Jail = session.jail
-        self.ledger: UserLedger = session.ledger
         self.user = session.username
 
     # -- names ----------------------------------------------------------------
@@ -81,11 +56,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         return self.user
 
     def realpath(self, path: bytes) -> bytes:
-        return self.jail.realpath(path).encode("utf-8", "surrogateescape")
+        return self.session.realpath(path).encode("utf-8", "surrogateescape")
 
     # -- files ----------------------------------------------------------------
 
-    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> OpenFile:
+    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> FileHandle:
         if pflags & FXF_READ and pflags & FXF_WRITE:
             flags = os.O_RDWR
         elif pflags & FXF_WRITE:
@@ -96,131 +71,33 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             flags |= os.O_CREAT
         if pflags & FXF_EXCL:
             flags |= os.O_EXCL
-        return self._open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), attrs)
-
-    def _open(self, path: bytes, flags: int, trunc: bool, append: bool, attrs: SFTPAttrs) -> OpenFile:
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if (trunc or append) and not writable:
-            raise asyncssh.SFTPInvalidParameter("truncate or append needs write access")
         perms = 0o666 if attrs.permissions is None else stat.S_IMODE(attrs.permissions)
-        fd = self._open_fd(path, flags, perms)
         try:
-            vpath = self.jail.virtual_path(fd)
-            if writable:
-                self.ledger.write_handles += 1
-                if trunc:
-                    self._truncate_fd(fd, 0)
-        except BaseException:
-            if writable:
-                self.ledger.write_handles -= 1
-            self._close_fd(fd)
+            return self.session.open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), perms)
+        except OSError as exc:
+            self._notify(exc)
             raise
-        return OpenFile(fd, vpath, writable, append)
 
-    def _open_fd(self, path: bytes | str, flags: int, perms: int = 0o666) -> int:
-        """Open a regular file as a holder of its inode, charging an entry if this creates it.
+    def close(self, file_obj: FileHandle) -> None:
+        self.session.close_file(file_obj)
 
-        A create is tried without O_CREAT first, so only a file that really
-        comes into being costs an entry; O_EXCL then makes the charge exact
-        even if another session creates the same name in between.
-        """
-        fd = -1
-        if flags & os.O_CREAT and not flags & os.O_EXCL:
-            try:
-                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)
-            except FileNotFoundError:
-                pass
-        if fd < 0 and flags & os.O_CREAT:
-            self.ledger.charge_entry()
-            try:
-                fd = self.jail.open_regular(path, flags | os.O_EXCL, perms)
-            except FileExistsError:
-                self.ledger.credit_entries(1)
-                if flags & os.O_EXCL:
-                    raise
-                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)  # created meanwhile
-            except BaseException:
-                self.ledger.credit_entries(1)
-                raise
-        elif fd < 0:
-            fd = self.jail.open_regular(path, flags, perms)
-        hold(fd)
-        return fd
+    def read(self, file_obj: FileHandle, offset: int, size: int) -> bytes:
+        return self.session.read(file_obj, offset, size)
 
-    def _close_fd(self, fd: int) -> None:
-        """Close a handle from `_open_fd`; the last one of a removed file credits its bytes."""
-        self.ledger.credit(release(fd))
-
-    def _held(self, path: bytes) -> int | None:
-        """A handle on the regular file a removal is about to unlink (see UserLedger.entry_gone)."""
+    def write(self, file_obj: FileHandle, offset: int, data: bytes) -> int:
+        first = file_obj.failed is None
         try:
-            fd = self.jail.open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        hold(fd)
-        return fd
+            return self.session.write(file_obj, offset, data)
+        except OSError as exc:
+            if first:  # once per handle: a pipelined upload has many refused writes
+                self._notify(exc)
+            raise
 
-    def close(self, file_obj: OpenFile) -> None:
-        if file_obj.fd < 0:
+    def _notify(self, exc: OSError) -> None:
+        """Say why a quota refused on the channel's stderr too: OpenSSH's sftp and scp print
+        that, but show only 'Failure' for a v3 status (they never print its message)."""
+        if exc.errno != errno.EDQUOT:
             return
-        fd, file_obj.fd = file_obj.fd, -1
-        try:
-            if file_obj.writable:
-                self.ledger.write_handles -= 1
-                self.ledger.settle(release_pool=self.ledger.write_handles == 0)
-        finally:
-            self._close_fd(fd)
-            self.session.log_transfer(file_obj)
-
-    def read(self, file_obj: OpenFile, offset: int, size: int) -> bytes:
-        if offset > MAX_FILE_SIZE:
-            return b""  # past any possible end of file: EOF, as for any offset past the end
-        data = os.pread(file_obj.fd, min(size, MAX_READ), offset)
-        file_obj.bytes_read += len(data)
-        return data
-
-    def write(self, file_obj: OpenFile, offset: int, data: bytes) -> int:
-        if not file_obj.writable:
-            raise asyncssh.SFTPPermissionDenied("File not open for writing")
-        fd = file_obj.fd
-        with size_lock(fd):
-            # The kernel's size, not a remembered one: another handle, session or
-            # worker may have changed the file since our last write.
-            size = os.fstat(fd).st_size
-            if file_obj.append:
-                offset = size
-            end = offset + len(data)
-            try:
-                if end > size:  # the quota speaks first: its message is the one a user can act on
-                    self.ledger.charge(end - size)
-                    try:
-                        check_size(end)
-                    except OSError:
-                        self.ledger.uncharge(end - size)
-                        raise
-            except QuotaExceeded as exc:
-                if file_obj.failed is None:  # once per handle: a pipelined upload has many refused writes
-                    self._notify(exc)
-                file_obj.failed = str(exc)
-                raise
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    view = view[written:]
-                    offset += written
-            except OSError as exc:
-                # Disk full or I/O error: charge only what really landed.
-                if end > size:
-                    self.ledger.uncharge(end - max(size, os.fstat(fd).st_size))
-                file_obj.failed = exc.strerror or "write failed"
-                raise
-        file_obj.bytes_written += len(data)
-        return len(data)
-
-    def _notify(self, exc: QuotaExceeded) -> None:
-        """Say why on the channel's stderr too: OpenSSH's sftp and scp print that, but show
-        only 'Failure' for a v3 status (they never print its message)."""
         chan = self.channel
         if chan.get_subsystem() == "sftp":
             try:
@@ -228,49 +105,31 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             except OSError:
                 pass
 
-    def fstat(self, file_obj: OpenFile) -> SFTPAttrs:
-        return _attrs(os.fstat(file_obj.fd))
+    def fstat(self, file_obj: FileHandle) -> SFTPAttrs:
+        return _attrs(self.session.fstat(file_obj))
 
-    def fsetstat(self, file_obj: OpenFile, attrs: SFTPAttrs) -> None:
+    def fsetstat(self, file_obj: FileHandle, attrs: SFTPAttrs) -> None:
         if attrs.size is not None:
-            if not file_obj.writable:
-                raise asyncssh.SFTPPermissionDenied("File not open for writing")
-            self._truncate_fd(file_obj.fd, attrs.size)
-        if attrs.permissions is not None:
-            self.jail.fchmod(file_obj.fd, attrs.permissions)
-        if attrs.atime is not None and attrs.mtime is not None:
-            os.utime(file_obj.fd, (attrs.atime, attrs.mtime))
-
-    def fsync(self, file_obj: OpenFile) -> None:
-        os.fsync(file_obj.fd)
-
-    def _truncate_fd(self, fd: int, size: int) -> None:
-        """Set a file's size: growth is charged before, a shrink credited after."""
-        check_size(size)
-        with size_lock(fd):  # no other process can change the size between fstat and ftruncate
-            old = os.fstat(fd).st_size
-            if size > old:
-                try:
-                    self.ledger.charge(size - old)
-                except QuotaExceeded as exc:
-                    self._notify(exc)
-                    raise
             try:
-                os.ftruncate(fd, size)
-            except OSError:
-                if size > old:
-                    self.ledger.uncharge(size - old)
+                self.session.truncate(file_obj, attrs.size)
+            except OSError as exc:
+                self._notify(exc)
                 raise
-        if size < old:
-            self.ledger.credit(old - size)
+        if attrs.permissions is not None:
+            self.session.fchmod(file_obj, attrs.permissions)
+        if attrs.atime is not None and attrs.mtime is not None:
+            self.session.futime(file_obj, (attrs.atime, attrs.mtime))
+
+    def fsync(self, file_obj: FileHandle) -> None:
+        self.session.fsync(file_obj)
 
     # -- metadata by path ---------------------------------------------------
 
     def lstat(self, path: bytes) -> SFTPAttrs:
-        return _attrs(self.jail.stat(path, follow=False))
+        return _attrs(self.session.stat(path, follow=False))
 
     def stat(self, path: bytes) -> SFTPAttrs:
-        return _attrs(self.jail.stat(path, follow=True))
+        return _attrs(self.session.stat(path, follow=True))
 
     def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
         self._setstat(path, attrs, follow=True)
@@ -280,44 +139,43 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         if attrs.size is not None:
-            fd = self._open_fd(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
             try:
-                self._truncate_fd(fd, attrs.size)
-                self.ledger.settle(release_pool=self.ledger.write_handles == 0)
-            finally:
-                self._close_fd(fd)
+                self.session.set_size(path, attrs.size, follow)
+            except OSError as exc:
+                self._notify(exc)
+                raise
         if attrs.permissions is not None:
-            self.jail.chmod(path, attrs.permissions, follow)
+            self.session.chmod(path, attrs.permissions, follow)
         if attrs.atime is not None and attrs.mtime is not None:
-            self.jail.utime(path, (attrs.atime, attrs.mtime), follow)
+            self.session.utime(path, (attrs.atime, attrs.mtime), follow)
 
     def statvfs(self, path: bytes) -> SFTPVFSAttrs:
-        self.jail.stat(path)  # a missing path is an error, as for OpenSSH
+        self.session.stat(path)  # a missing path is an error, as for OpenSSH
         return self._vfs()
 
-    def fstatvfs(self, file_obj: OpenFile) -> SFTPVFSAttrs:
+    def fstatvfs(self, file_obj: FileHandle) -> SFTPVFSAttrs:
         return self._vfs()
 
     def _vfs(self) -> SFTPVFSAttrs:
         """The quota as a filesystem: size = quota, used = usage, free = the rest.
 
         f_frsize is 1 so block counts are exact byte counts (OpenSSH's df
-        multiplies by f_frsize); f_bsize stays a sane I/O size.
+        multiplies by f_frsize); f_bsize stays a sane I/O size.  The entry
+        quota shows as the inode counts (`df -i`).
         """
-        fsv = self.jail.statvfs()
-        quota, used = self.ledger.state()
-        _, max_entries, entries = self.ledger.store.entries_state(self.user)
-        limit = entries_limit(quota, max_entries)
+        space = self.session.space()
+        fsv = space.fs
         files, ffree, favail = fsv.f_files, fsv.f_ffree, fsv.f_favail
-        if limit is not None:  # the entry quota as the filesystem's inode counts
-            files, ffree, favail = limit, min(ffree, max(0, limit - entries)), min(favail, max(0, limit - entries))
-        if quota is None:
+        if space.entry_limit is not None:
+            room = max(0, space.entry_limit - space.entries)
+            files, ffree, favail = space.entry_limit, min(ffree, room), min(favail, room)
+        if space.quota is None:
             attrs = SFTPVFSAttrs.from_local(fsv)
             attrs.files, attrs.ffree, attrs.favail = files, ffree, favail
             return attrs
-        free = max(0, quota - used)
+        free = max(0, space.quota - space.used)
         disk_free = fsv.f_bavail * fsv.f_frsize
-        return SFTPVFSAttrs(bsize=MAX_WRITE, frsize=1, blocks=quota, bfree=min(free, disk_free),
+        return SFTPVFSAttrs(bsize=MAX_WRITE, frsize=1, blocks=space.quota, bfree=min(free, disk_free),
                             bavail=min(free, disk_free), files=files, ffree=ffree,
                             favail=favail, fsid=0, flags=0, namemax=fsv.f_namemax)
 
@@ -325,7 +183,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
         # Read eagerly so that opendir of a missing directory fails at opendir.
-        entries = [SFTPName(name, attrs=_attrs(st)) for name, st in self.jail.listdir(path)]
+        entries = [SFTPName(name, attrs=_attrs(st)) for name, st in self.session.listdir(path)]
 
         async def _iter() -> AsyncIterator[SFTPName]:
             for entry in entries:
@@ -334,45 +192,26 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         return _iter()
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self.ledger.charge_entry()
         try:
-            self.jail.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
-        except BaseException:
-            self.ledger.credit_entries(1)
+            self.session.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
+        except OSError as exc:
+            self._notify(exc)
             raise
 
     def rmdir(self, path: bytes) -> None:
-        self.jail.rmdir(path)
-        self.ledger.credit_entries(1)
+        self.session.rmdir(path)
 
     def remove(self, path: bytes) -> None:
-        held = self._held(path)
-        try:
-            gone = self.jail.unlink(path)
-        except BaseException:
-            if held is not None:
-                self._close_fd(held)
-            raise
-        self.ledger.entry_gone(gone, held)
+        self.session.remove(path)
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
-        self.jail.rename(oldpath, newpath, replace=False)
+        self.session.rename(oldpath, newpath)
 
     def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        held = self._held(newpath)
-        try:
-            replaced = self.jail.rename(oldpath, newpath, replace=True)
-        except BaseException:
-            if held is not None:
-                self._close_fd(held)
-            raise
-        if replaced is not None:
-            self.ledger.entry_gone(replaced, held)
-        elif held is not None:
-            self._close_fd(held)
+        self.session.posix_rename(oldpath, newpath)
 
     def readlink(self, path: bytes) -> bytes:
-        return self.jail.readlink(path)
+        return self.session.readlink(path)
 
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
         raise asyncssh.SFTPOpUnsupported("Symbolic links are not supported on this server")
@@ -381,7 +220,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         raise asyncssh.SFTPOpUnsupported("Hard links are not supported on this server")
 
     def exit(self) -> None:
-        self.session.sftp_ended()
+        self.session.close()
 
 
 class ExtendedReply:
@@ -456,16 +295,17 @@ class SshfilesSFTPHandler(SFTPServerHandler):
 
     async def _process_check_file_name(self, packet: SSHPacket) -> bytes:
         req = hashing.parse_check_file(packet, by_handle=False)
-        fd = self._server._open_fd(req.target, os.O_RDONLY)
+        session = self._server.session
+        fd = session.open_for_hash(req.target)
         try:
             return ExtendedReply(await hashing.answer_check_file(fd, req))
         finally:
-            self._server._close_fd(fd)
+            session.close_fd(fd)
 
     async def _process_check_file_handle(self, packet: SSHPacket) -> bytes:
         req = hashing.parse_check_file(packet, by_handle=True)
         file_obj = self._file_handles.get(req.target)
-        if not isinstance(file_obj, OpenFile):
+        if not isinstance(file_obj, FileHandle):
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
         return ExtendedReply(await hashing.answer_check_file(file_obj.fd, req))
 

@@ -1,0 +1,339 @@
+"""One user's operations on their home: the policy layer every protocol adapter calls.
+
+SFTP (sftp.py), SCP (through the same SFTP server object) and the exec
+commands (exec_commands.py) never touch the jail or the quota ledger
+themselves: they translate their protocol into calls on a `UserSession` and
+its results back into replies.  So every rule — confinement, the byte and
+entry quotas, and the permissions and hooks to come — is enforced here, once,
+for every protocol.  The module has no SSH types: errors are `OSError`s
+(errno says what happened, ``strerror`` is the one line a user sees, never a
+host path), which is what asyncssh's SFTP server maps to status codes, and
+what makes the layer testable in-process.
+
+Size bookkeeping follows quota.py: growth is charged before it happens, a
+shrink credited after, each size change under `size_lock`; every handle holds
+its inode (`hold`) so a removed file's bytes are credited by the last handle
+that closes it, in whatever session or worker process that is.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .jail import Jail
+from .quota import (MAX_FILE_SIZE, EntriesExceeded, QuotaExceeded, UserLedger, check_size, entries_limit, hold,
+                    release, size_lock)
+
+__all__ = ["UserSession", "FileHandle", "SpaceInfo", "MAX_READ"]
+
+log = logging.getLogger("sshfiles.session")
+
+# OpenSSH's sftp-server limits: big enough to keep a pipelined client busy,
+# small enough that one request never holds megabytes in memory.
+MAX_READ = 256 * 1024
+
+
+@dataclass
+class FileHandle:
+    """A file one session has open (an SFTP handle, an SCP transfer)."""
+
+    fd: int
+    vpath: str
+    writable: bool
+    append: bool
+    opened: float = field(default_factory=time.monotonic)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    failed: str | None = None
+
+
+@dataclass
+class SpaceInfo:
+    """What `df` should show: the quota as the filesystem when there is one."""
+
+    quota: int | None       # bytes; None = the real filesystem's size
+    used: int
+    entry_limit: int | None
+    entries: int
+    fs: os.statvfs_result
+
+
+class UserSession:
+    """One authenticated user's view of their home, with every rule applied.
+
+    One instance per channel (an SFTP subsystem, an SCP or exec command); it
+    holds the jail's root fd and shares the user's ledger with the user's
+    other sessions in this process.
+    """
+
+    def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?") -> None:
+        self.username = username
+        self.peer = peer
+        self.jail = Jail(home)
+        self.ledger = ledger
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.jail.close()
+
+    # -- handles --------------------------------------------------------------
+
+    def open(self, path: bytes | str, flags: int, trunc: bool = False, append: bool = False,
+             perms: int = 0o666) -> FileHandle:
+        """Open a regular file; `flags` are os.O_* (access mode, O_CREAT, O_EXCL)."""
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if (trunc or append) and not writable:
+            raise OSError(errno.EINVAL, "truncate or append needs write access")
+        fd = self._open_fd(path, flags, perms)
+        try:
+            vpath = self.jail.virtual_path(fd)
+            if writable:
+                self.ledger.write_handles += 1
+                if trunc:
+                    self._truncate_fd(fd, 0)
+        except BaseException:
+            if writable:
+                self.ledger.write_handles -= 1
+            self._close_fd(fd)
+            raise
+        return FileHandle(fd, vpath, writable, append)
+
+    def close_file(self, f: FileHandle) -> None:
+        """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last."""
+        if f.fd < 0:
+            return
+        fd, f.fd = f.fd, -1
+        try:
+            if f.writable:
+                self.ledger.write_handles -= 1
+                self.ledger.settle(release_pool=self.ledger.write_handles == 0)
+        finally:
+            self._close_fd(fd)
+            self.log_transfer(f)
+
+    def open_for_hash(self, path: bytes | str) -> int:
+        """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`."""
+        return self._open_fd(path, os.O_RDONLY)
+
+    def close_fd(self, fd: int) -> None:
+        self._close_fd(fd)
+
+    def _open_fd(self, path: bytes | str, flags: int, perms: int = 0o666) -> int:
+        """Open a regular file as a holder of its inode, charging an entry if this creates it.
+
+        A create is tried without O_CREAT first, so only a file that really
+        comes into being costs an entry; O_EXCL then makes the charge exact
+        even if another session creates the same name in between.
+        """
+        fd = -1
+        if flags & os.O_CREAT and not flags & os.O_EXCL:
+            try:
+                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)
+            except FileNotFoundError:
+                pass
+        if fd < 0 and flags & os.O_CREAT:
+            self.ledger.charge_entry()
+            try:
+                fd = self.jail.open_regular(path, flags | os.O_EXCL, perms)
+            except FileExistsError:
+                self.ledger.credit_entries(1)
+                if flags & os.O_EXCL:
+                    raise
+                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)  # created meanwhile
+            except BaseException:
+                self.ledger.credit_entries(1)
+                raise
+        elif fd < 0:
+            fd = self.jail.open_regular(path, flags, perms)
+        hold(fd)
+        return fd
+
+    def _close_fd(self, fd: int) -> None:
+        """Close a handle from `_open_fd`; the last one of a removed file credits its bytes."""
+        self.ledger.credit(release(fd))
+
+    def _held(self, path: bytes | str) -> int | None:
+        """A handle on the regular file a removal is about to unlink (see UserLedger.entry_gone)."""
+        try:
+            fd = self.jail.open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        hold(fd)
+        return fd
+
+    # -- data -----------------------------------------------------------------
+
+    def read(self, f: FileHandle, offset: int, size: int) -> bytes:
+        if offset > MAX_FILE_SIZE:
+            return b""  # past any possible end of file: EOF, as for any offset past the end
+        data = os.pread(f.fd, min(size, MAX_READ), offset)
+        f.bytes_read += len(data)
+        return data
+
+    def write(self, f: FileHandle, offset: int, data: bytes) -> int:
+        """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all."""
+        if not f.writable:
+            raise PermissionError(errno.EACCES, "File not open for writing")
+        fd = f.fd
+        with size_lock(fd):
+            # The kernel's size, not a remembered one: another handle, session or
+            # worker may have changed the file since our last write.
+            size = os.fstat(fd).st_size
+            if f.append:
+                offset = size
+            end = offset + len(data)
+            try:
+                if end > size:  # the quota speaks first: its message is the one a user can act on
+                    self.ledger.charge(end - size)
+                    try:
+                        check_size(end)
+                    except OSError:
+                        self.ledger.uncharge(end - size)
+                        raise
+            except QuotaExceeded as exc:
+                f.failed = str(exc)
+                raise
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view = view[written:]
+                    offset += written
+            except OSError as exc:
+                # Disk full or I/O error: charge only what really landed.
+                if end > size:
+                    self.ledger.uncharge(end - max(size, os.fstat(fd).st_size))
+                f.failed = exc.strerror or "write failed"
+                raise
+        f.bytes_written += len(data)
+        return len(data)
+
+    def truncate(self, f: FileHandle, size: int) -> None:
+        if not f.writable:
+            raise PermissionError(errno.EACCES, "File not open for writing")
+        self._truncate_fd(f.fd, size)
+
+    def _truncate_fd(self, fd: int, size: int) -> None:
+        """Set a file's size: growth is charged before, a shrink credited after."""
+        check_size(size)
+        with size_lock(fd):  # no other process can change the size between fstat and ftruncate
+            old = os.fstat(fd).st_size
+            if size > old:
+                self.ledger.charge(size - old)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                if size > old:
+                    self.ledger.uncharge(size - old)
+                raise
+        if size < old:
+            self.ledger.credit(old - size)
+
+    def fsync(self, f: FileHandle) -> None:
+        os.fsync(f.fd)
+
+    def fstat(self, f: FileHandle) -> os.stat_result:
+        return os.fstat(f.fd)
+
+    # -- metadata ---------------------------------------------------------------
+
+    def stat(self, path: bytes | str, follow: bool = True) -> os.stat_result:
+        return self.jail.stat(path, follow=follow)
+
+    def realpath(self, path: bytes | str) -> str:
+        return self.jail.realpath(path)
+
+    def set_size(self, path: bytes | str, size: int, follow: bool = True) -> None:
+        fd = self._open_fd(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
+        try:
+            self._truncate_fd(fd, size)
+            self.ledger.settle(release_pool=self.ledger.write_handles == 0)
+        finally:
+            self._close_fd(fd)
+
+    def chmod(self, path: bytes | str, mode: int, follow: bool = True) -> None:
+        self.jail.chmod(path, mode, follow)
+
+    def fchmod(self, f: FileHandle, mode: int) -> None:
+        self.jail.fchmod(f.fd, mode)
+
+    def utime(self, path: bytes | str, times: tuple[float, float], follow: bool = True) -> None:
+        self.jail.utime(path, times, follow)
+
+    def futime(self, f: FileHandle, times: tuple[float, float]) -> None:
+        os.utime(f.fd, times)
+
+    def space(self) -> SpaceInfo:
+        """The user's quota and usage with the filesystem's numbers, for statvfs."""
+        quota, used = self.ledger.state()
+        _, max_entries, entries = self.ledger.store.entries_state(self.username)
+        return SpaceInfo(quota, used, entries_limit(quota, max_entries), entries, self.jail.statvfs())
+
+    # -- names ----------------------------------------------------------------
+
+    def listdir(self, path: bytes | str) -> Iterator[tuple[bytes, os.stat_result]]:
+        return self.jail.listdir(path)
+
+    def readlink(self, path: bytes | str) -> bytes:
+        return self.jail.readlink(path)
+
+    def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
+        self.ledger.charge_entry()
+        try:
+            self.jail.mkdir(path, mode)
+        except BaseException:
+            self.ledger.credit_entries(1)
+            raise
+
+    def rmdir(self, path: bytes | str) -> None:
+        self.jail.rmdir(path)
+        self.ledger.credit_entries(1)
+
+    def remove(self, path: bytes | str) -> None:
+        held = self._held(path)
+        try:
+            gone = self.jail.unlink(path)
+        except BaseException:
+            if held is not None:
+                self._close_fd(held)
+            raise
+        self.ledger.entry_gone(gone, held)
+
+    def rename(self, old: bytes | str, new: bytes | str) -> None:
+        """SFTP's classic rename: fails if `new` exists."""
+        self.jail.rename(old, new, replace=False)
+
+    def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
+        """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them)."""
+        held = self._held(new)
+        try:
+            replaced = self.jail.rename(old, new, replace=True)
+        except BaseException:
+            if held is not None:
+                self._close_fd(held)
+            raise
+        if replaced is not None:
+            self.ledger.entry_gone(replaced, held)
+        elif held is not None:
+            self._close_fd(held)
+
+    # -- log --------------------------------------------------------------------
+
+    def log_transfer(self, f: FileHandle) -> None:
+        if not (f.bytes_read or f.bytes_written or f.writable):
+            return
+        direction = "upload" if f.writable else "download"
+        nbytes = f.bytes_written if f.writable else f.bytes_read
+        result = f"failed: {f.failed}" if f.failed else "ok"
+        log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s",
+                 self.username, f.vpath, direction, nbytes, time.monotonic() - f.opened, result)
+
+
+__all__ += ["EntriesExceeded", "QuotaExceeded"]
