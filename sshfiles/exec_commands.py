@@ -161,7 +161,8 @@ async def run_exec(command: str, files_of: FileOpener, stdout: SSHWriter, stderr
     ``files_of.open_for_hash(path_bytes)`` resolves a user-visible path inside the user's jail and
     returns a read-only fd (which this function hands back to ``files_of.close_fd``) or raises
     OSError. ``stdin`` is optional: only a bare ``md5sum``/``sha1sum`` reads it; without it, stdin
-    counts as empty, which is what rclone's probe expects. Anything we do not answer is refused on stderr with exit status 1.
+    counts as empty, which is what rclone's probe expects. Anything we do not answer is refused on
+    stderr with exit status 1.
     """
     try:
         argv = parse_command(command)
