@@ -139,7 +139,7 @@ class UserSession:
             except FileNotFoundError:
                 pass
         if fd < 0 and flags & os.O_CREAT:
-            self.ledger.charge_entry()
+            self._charge_entry(path)
             try:
                 fd = self.jail.open_regular(path, flags | os.O_EXCL, perms)
             except FileExistsError:
@@ -154,6 +154,19 @@ class UserSession:
             fd = self.jail.open_regular(path, flags, perms)
         hold(fd)
         return fd
+
+    def _charge_entry(self, path: bytes | str) -> None:
+        """Charge a new entry; when the quota is full but the name exists, say that instead."""
+        try:
+            self.ledger.charge_entry()
+        except EntriesExceeded:
+            try:
+                exists = self.jail.lstat_entry(path) is not None
+            except OSError:
+                exists = False
+            if exists:
+                raise FileExistsError(errno.EEXIST, "File exists") from None
+            raise
 
     def _close_fd(self, fd: int) -> None:
         """Close a handle from `_open_fd`; the last one of a removed file credits its bytes."""
@@ -285,7 +298,7 @@ class UserSession:
         return self.jail.readlink(path)
 
     def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
-        self.ledger.charge_entry()
+        self._charge_entry(path)
         try:
             self.jail.mkdir(path, mode)
         except BaseException:
