@@ -106,6 +106,9 @@ class AccountStore(Protocol):
     def set_quota(self, name: str, quota: int | None) -> None: ...
     def add_key(self, name: str, key: StoredKey) -> None: ...
     def remove_key(self, name: str, fingerprint: str) -> None: ...
+    def rehash_password(self, name: str, old_hash: str, new_hash: str) -> bool: ...
+    def set_disabled(self, name: str, disabled: bool) -> None: ...
+    def auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]: ...
     # ledger
     def reserve(self, owner: str, name: str, amount: int) -> bool: ...
     def settle(self, owner: str, name: str, consumed: int, release: int) -> None: ...
@@ -237,8 +240,11 @@ class SQLiteAccountStore:
         with self._tx() as db:
             if db.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
                 raise AccountError(f"user {name!r} already exists")
-            db.execute("INSERT INTO users (name, home, password_hash, quota, used, created) VALUES (?,?,?,?,0,?)",
-                       (name, home, password_hash, quota, time.time()))
+            # auth_rev starts at the creation time in ms, not 0: a session of a removed account
+            # must not match a new account of the same name created within a watcher tick.
+            now = time.time()
+            db.execute("INSERT INTO users (name, home, password_hash, quota, used, created, auth_rev) "
+                       "VALUES (?,?,?,?,0,?,?)", (name, home, password_hash, quota, now, int(now * 1000)))
 
     def get_user(self, name: str) -> Account | None:
         rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries "
@@ -275,7 +281,41 @@ class SQLiteAccountStore:
                 raise AccountError(f"no such user: {name}")
 
     def set_password_hash(self, name: str, password_hash: str | None) -> None:
-        self._update_user("UPDATE users SET password_hash=? WHERE name=?", (password_hash, name), name)
+        """A new password (or none): bumps auth_rev, so the user's live sessions end."""
+        self._update_user("UPDATE users SET password_hash=?, auth_rev=auth_rev+1 WHERE name=?",
+                          (password_hash, name), name)
+
+    def rehash_password(self, name: str, old_hash: str, new_hash: str) -> bool:
+        """Replace `old_hash` by an equivalent hash with current parameters (at login).
+
+        Unlike `set_password_hash` this does not bump auth_rev: the password is the
+        same, and the login doing it must not end its own user's sessions.  Nothing
+        changes if the hash is no longer `old_hash` (an admin set a new password
+        meanwhile); returns whether it was replaced.
+        """
+        with self._tx() as db:
+            return db.execute("UPDATE users SET password_hash=? WHERE name=? AND password_hash=?",
+                              (new_hash, name, old_hash)).rowcount == 1
+
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        """Disable (ends live sessions: auth_rev bumps) or re-enable an account."""
+        bump = 1 if disabled else 0
+        self._update_user("UPDATE users SET disabled=?, auth_rev=auth_rev+? WHERE name=?",
+                          (int(disabled), bump, name), name)
+
+    def auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]:
+        """(disabled, auth_rev) of each named account that exists, in one read.
+
+        The session watcher's query: a name missing from the answer was removed.
+        """
+        states: dict[str, tuple[bool, int]] = {}
+        for i in range(0, len(names), 500):  # stay below SQLite's bound-parameter limit
+            chunk = names[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for name, disabled, rev in self._query(
+                    f"SELECT name, disabled, auth_rev FROM users WHERE name IN ({marks})", tuple(chunk)):
+                states[name] = (bool(disabled), rev)
+        return states
 
     def set_quota(self, name: str, quota: int | None) -> None:
         self._update_user("UPDATE users SET quota=? WHERE name=?", (quota, name), name)
@@ -286,12 +326,14 @@ class SQLiteAccountStore:
             if db.execute("SELECT 1 FROM keys WHERE user=? AND fingerprint=?", (name, key.fingerprint)).fetchone():
                 raise AccountError(f"user {name!r} already has key {key.fingerprint}")
             db.execute("INSERT INTO keys VALUES (?,?,?,?)", (name, key.fingerprint, key.key, key.comment))
+            db.execute("UPDATE users SET auth_rev=auth_rev+1 WHERE name=?", (name,))
 
     def remove_key(self, name: str, fingerprint: str) -> None:
         self.require_user(name)
         with self._tx() as db:
             if db.execute("DELETE FROM keys WHERE user=? AND fingerprint=?", (name, fingerprint)).rowcount == 0:
                 raise AccountError(f"user {name!r} has no key {fingerprint}")
+            db.execute("UPDATE users SET auth_rev=auth_rev+1 WHERE name=?", (name,))
 
     # -- usage ledger -------------------------------------------------------
 
