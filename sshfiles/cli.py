@@ -18,7 +18,7 @@ import asyncssh
 import click
 
 from . import __version__, passwords
-from .accounts import UNLIMITED_ENTRIES, AccountError, SQLiteAccountStore, StoredKey, validate_username
+from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
 from .units import format_size, parse_size
 
@@ -34,12 +34,12 @@ class Context:
         self.accounts_dir = accounts_dir
         self.homes_dir = homes_dir
         self.config = config
-        self._store: SQLiteAccountStore | None = None
+        self._store: AccountStore | None = None
 
     @property
-    def store(self) -> SQLiteAccountStore:
+    def store(self) -> AccountStore:
         if self._store is None:
-            self._store = SQLiteAccountStore(self.accounts_dir)
+            self._store = open_store(accounts_dir=self.accounts_dir)
         return self._store
 
 
@@ -367,7 +367,7 @@ def quota_scan(obj: Context, name: str | None) -> None:
     """
     # Reservations of server processes that died are not usage: drop them first, or the
     # scan's result would be charged on top of them.
-    reconcile_dead_owners(obj.store, obj.accounts_dir)
+    reconcile_dead_owners(obj.store)
     names = [name] if name else [a.name for a in obj.store.list_users()]
     for n in names:
         before, after = rescan_user(obj.store, n)

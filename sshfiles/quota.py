@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .accounts import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, SQLiteAccountStore
+from .stores import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, AccountStore
 from .units import format_size
 
 __all__ = ["QuotaExceeded", "EntriesExceeded", "QuotaManager", "UserLedger", "scan_usage", "entries_limit",
@@ -168,7 +168,7 @@ class UserLedger:
     """One user's quota bookkeeping inside this process."""
 
     name: str
-    store: SQLiteAccountStore
+    store: AccountStore
     owner: str
     pool: int = 0            # reserved in the store, not yet consumed
     unsettled: int = 0       # consumed (really on disk) but not yet moved into `used`
@@ -349,7 +349,7 @@ class UserLedger:
 class QuotaManager:
     """All users' ledgers for this process, keyed by name."""
 
-    def __init__(self, store: SQLiteAccountStore, owner: str) -> None:
+    def __init__(self, store: AccountStore, owner: str) -> None:
         self.store = store
         self.owner = owner
         self._ledgers: dict[str, UserLedger] = {}
@@ -406,7 +406,7 @@ def scan_usage(home: str | os.PathLike[str]) -> Usage:
     return usage
 
 
-def rescan_user(store: SQLiteAccountStore, name: str,
+def rescan_user(store: AccountStore, name: str,
                 on_change: Callable[[str, int, int], None] | None = None) -> tuple[int, int]:
     """Set a user's settled usage (bytes and entries) to what is on disk; returns bytes (before, after)."""
     acct = store.require_user(name)
@@ -418,13 +418,11 @@ def rescan_user(store: SQLiteAccountStore, name: str,
     return before, usage.bytes
 
 
-def reconcile_dead_owners(store: SQLiteAccountStore, accounts_dir: str | os.PathLike[str]) -> list[str]:
+def reconcile_dead_owners(store: AccountStore) -> list[str]:
     """After a crash: drop dead processes' reservations and rescan the users they wrote for."""
-    from .accounts import OwnerLock
-
     repaired: list[str] = []
     for owner in store.owners():
-        if OwnerLock.is_alive(accounts_dir, owner):
+        if store.owner_alive(owner):
             continue
         for name in store.drop_owner(owner):
             if store.get_user(name) is not None:

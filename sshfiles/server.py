@@ -24,7 +24,7 @@ from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from . import passwords, speedups
 from .exec_commands import run_exec
-from .accounts import Account, AccountError, OwnerLock, SQLiteAccountStore, validate_username
+from .stores import Account, AccountError, open_store, validate_username
 from .jail import openat2_available
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession
@@ -89,13 +89,13 @@ class SshfilesService:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.store = SQLiteAccountStore(config.accounts_dir)
-        self.owner_lock = OwnerLock(config.accounts_dir)
-        self.quotas = QuotaManager(self.store, self.owner_lock.owner)
+        self.store = open_store(accounts_dir=config.accounts_dir)
+        self.owner = self.store.register_owner()
+        self.quotas = QuotaManager(self.store, self.owner)
 
     def close(self) -> None:
         self.quotas.settle_all()
-        self.owner_lock.release()
+        self.store.release_owner(self.owner)
         self.store.close()
 
 
@@ -367,8 +367,8 @@ def run_server(config: ServerConfig, announce: Callable[[str], None] = print) ->
     os.umask(0o022)
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
-    store = SQLiteAccountStore(config.accounts_dir)
-    repaired = reconcile_dead_owners(store, config.accounts_dir)
+    store = open_store(accounts_dir=config.accounts_dir)
+    repaired = reconcile_dead_owners(store)
     if repaired:
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")
     store.close()

@@ -328,7 +328,7 @@ asyncio.run(main())
     assert len(data) >= 21 * 65536 and len(data) % 65536 == 0
     for i in range(len(data) // 65536):
         assert data[i * 65536:(i + 1) * 65536] == bytes([i % 256]) * 65536
-    from sshfiles.accounts import SQLiteAccountStore
+    from sshfiles.stores.sqlite import SQLiteAccountStore
     store = SQLiteAccountStore(server.accounts_dir)
     assert store.charged("alice") == len(data)
 

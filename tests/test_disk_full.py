@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from sshfiles.accounts import SQLiteAccountStore
+from sshfiles.stores.sqlite import SQLiteAccountStore
 
 
 @pytest.fixture

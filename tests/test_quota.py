@@ -25,7 +25,7 @@ from asyncssh.packet import String
 
 from click.testing import CliRunner
 
-from sshfiles.accounts import SQLiteAccountStore
+from sshfiles.stores.sqlite import SQLiteAccountStore
 from sshfiles.cli import main as cli_main
 from sshfiles.units import format_size
 

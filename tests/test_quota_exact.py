@@ -20,7 +20,7 @@ from conftest import have
 from test_quota import (KiB, add_user, assert_ledger_matches_disk, disk_usage, ledger, put, refused, run, seed,
                         sftp_on_two_workers, user_row)
 
-from sshfiles.accounts import SQLiteAccountStore
+from sshfiles.stores.sqlite import SQLiteAccountStore
 
 
 def entries_on_disk(home) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sshfiles.accounts import SQLiteAccountStore
+from sshfiles.stores.sqlite import SQLiteAccountStore
 from sshfiles.quota import EntriesExceeded, QuotaExceeded, QuotaManager, scan_usage
 from sshfiles.session import UserSession
 

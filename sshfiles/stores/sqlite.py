@@ -1,19 +1,22 @@
-"""The accounts store: users, their keys, quotas, and the usage ledger.
+"""The SQLite backend of the store contract: one file, ``accounts.db``, for one machine.
 
-This is the only module that knows SQL.  `AccountStore` is the interface the
-rest of sshfiles uses; `SQLiteAccountStore` implements it on the standard
-library's sqlite3 in WAL mode, which is safe for the admin CLI and several
-server processes writing at once (every mutation is one short IMMEDIATE
-transaction).  A PostgreSQL store later is a second class with the same
-methods.
+It implements `AccountStore` (stores/base.py) on the standard library's
+sqlite3 in WAL mode, which is safe for the admin CLI and several server
+processes writing at once: every mutation is one short IMMEDIATE transaction.
+This module and its future siblings are the only ones that know SQL.
 
 The ledger keeps, per user, ``used`` (settled bytes) and, per server process,
 ``reservations`` (bytes that process may write without asking again, plus
 what it wrote but has not settled yet).  The quota check is
 ``used + sum(reservations) + n <= quota``, done atomically in the database,
 so processes never over-commit together.  A process that dies leaves its
-reservation rows behind; `stale_owners` finds them so the server can rescan
-those users' homes (see quota.py).
+reservation rows behind; its liveness is an flock'd file beside the database
+(the processes sharing a SQLite file share a machine), so `owner_alive`
+tells the server which users to rescan (quota.py `reconcile_dead_owners`).
+
+Every call is synchronous and short; a writer waits at most the busy timeout
+for another process's lock.  Calls run on the event loop, except those on the
+session watcher's path, which run in a thread.
 """
 
 from __future__ import annotations
@@ -21,108 +24,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator
 
-__all__ = [
-    "Account", "AccountStore", "SQLiteAccountStore", "AccountError", "StoreCorrupt",
-    "validate_username",
-]
+from .base import (LEDGER_MAX, Account, AccountError, StoreCorrupt, StoredKey, validate_username)
 
-# Every ledger value is an exact SQLite integer: a user without a byte quota is still bounded
-# by this, so no sum can ever overflow into a float (SQLite's silent fallback).
-LEDGER_MAX = 2**63 - 1
-# Entry quotas: max_entries -1 stores "unlimited" (NULL means the default for the byte quota).
-UNLIMITED_ENTRIES = -1
-
-_USERNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
-
-
-class AccountError(Exception):
-    """A user-facing error about accounts (unknown user, duplicate, bad name)."""
-
-
-class StoreCorrupt(AccountError):
-    """The accounts store cannot be read as an sshfiles store."""
-
-
-def validate_username(name: str) -> str:
-    """Refuse names that could ever be abused as a path or an option.
-
-    Letters, digits, '_', '.', '@', '-', at most 64, not starting with '-' or
-    '.', never '..': checked before anything builds a home path from it.
-    """
-    if not isinstance(name, str) or not _USERNAME.match(name) or ".." in name:
-        raise AccountError(
-            f"invalid user name {name!r}: use 1-64 letters, digits, '_', '.', '@', '-', "
-            "not starting with '-' or '.'")
-    return name
-
-
-@dataclass
-class Account:
-    name: str
-    home: str
-    password_hash: str | None
-    quota: int | None  # bytes; None = unlimited
-    used: int = 0
-    disabled: bool = False
-    # Bumped by every change that must end the user's live sessions (password, keys,
-    # disable, removal): a server compares it with the value it saw at login.
-    auth_rev: int = 0
-    entries: int = 0          # files, directories and symlinks in the home (the entries ledger)
-    max_entries: int | None = None  # None = the default for the byte quota (see quota.py)
-    keys: list["StoredKey"] = field(default_factory=list)
-
-    @property
-    def auth_methods(self) -> list[str]:
-        methods = []
-        if self.password_hash:
-            methods.append("password")
-        if self.keys:
-            methods.append("publickey")
-        return methods
-
-
-@dataclass
-class StoredKey:
-    fingerprint: str
-    key: str  # one OpenSSH public key line
-    comment: str = ""
-
-
-class AccountStore(Protocol):
-    """What sshfiles needs from an accounts backend."""
-
-    def add_user(self, name: str, home: str, password_hash: str | None, quota: int | None) -> None: ...
-    def get_user(self, name: str) -> Account | None: ...
-    def list_users(self) -> list[Account]: ...
-    def remove_user(self, name: str) -> Account: ...
-    def set_password_hash(self, name: str, password_hash: str | None) -> None: ...
-    def set_quota(self, name: str, quota: int | None) -> None: ...
-    def add_key(self, name: str, key: StoredKey) -> None: ...
-    def remove_key(self, name: str, fingerprint: str) -> None: ...
-    def rehash_password(self, name: str, old_hash: str, new_hash: str) -> bool: ...
-    def set_disabled(self, name: str, disabled: bool) -> None: ...
-    def auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]: ...
-    # ledger
-    def reserve(self, owner: str, name: str, amount: int) -> bool: ...
-    def settle(self, owner: str, name: str, consumed: int, release: int) -> None: ...
-    def adjust_used(self, name: str, delta: int) -> None: ...
-    def set_used(self, name: str, used: int) -> None: ...
-    def charged(self, name: str) -> int: ...
-    def quota_state(self, name: str) -> tuple[int | None, int]: ...
-    def charge_entries(self, name: str, n: int, limit: int | None) -> bool: ...
-    def adjust_entries(self, name: str, delta: int) -> None: ...
-    def entries_state(self, name: str) -> tuple[int | None, int | None, int]: ...
-    def set_usage(self, name: str, used: int, entries: int) -> None: ...
-    def set_max_entries(self, name: str, max_entries: int | None) -> None: ...
-    def owners(self) -> list[str]: ...
-    def drop_owner(self, owner: str) -> list[str]: ...
+__all__ = ["SQLiteAccountStore"]
 
 
 _SCHEMA = """
@@ -176,6 +85,7 @@ class SQLiteAccountStore:
             busy_timeout = float(os.environ.get("SSHFILES_STORE_BUSY_TIMEOUT", "30"))
         self.directory = Path(directory)
         self.path = self.directory / self.FILENAME
+        self._owner_fds: dict[str, int] = {}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)
@@ -210,6 +120,8 @@ class SQLiteAccountStore:
             raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
 
     def close(self) -> None:
+        for owner in list(self._owner_fds):
+            self.release_owner(owner)
         self._db.close()
 
     @contextlib.contextmanager
@@ -417,40 +329,34 @@ class SQLiteAccountStore:
             return 0, 0, 0
         return rows[0][0], rows[0][1], rows[0][2]
 
-    def owners(self) -> list[str]:
-        return [o for o, in self._query("SELECT DISTINCT owner FROM reservations")]
+    # -- owners (serving processes) ------------------------------------------
 
-    def drop_owner(self, owner: str) -> list[str]:
-        """Forget a dead process's reservations; returns the users whose usage must be rescanned."""
-        with self._tx() as db:
-            users = [u for u, in db.execute("SELECT user FROM reservations WHERE owner=?", (owner,))]
-            db.execute("DELETE FROM reservations WHERE owner=?", (owner,))
-        return users
+    def register_owner(self) -> str:
+        """A new owner id for this process, alive for as long as it holds its lock file.
 
+        An exclusive flock on ``owners/<id>.lock`` beside the database: the
+        kernel drops it when the process dies however it dies, so a crash can
+        never leave an owner that looks alive.
+        """
+        owners = self.directory / "owners"
+        owners.mkdir(parents=True, exist_ok=True)
+        owner = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
+        fd = os.open(owners / f"{owner}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._owner_fds[owner] = fd
+        return owner
 
-class OwnerLock:
-    """Proof of life for a server process that holds reservations.
+    def release_owner(self, owner: str) -> None:
+        fd = self._owner_fds.pop(owner, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / "owners" / f"{owner}.lock")
+            os.close(fd)
 
-    Each serving process holds an exclusive flock on ``<accounts>/owners/<id>.lock``
-    for its lifetime.  A reservation owner whose lock file can be locked by
-    someone else is dead (crashed or killed), whatever its pid says.
-    """
-
-    def __init__(self, accounts_dir: str | os.PathLike[str]) -> None:
-        self.dir = Path(accounts_dir) / "owners"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.owner = f"{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}"
-        self._fd = os.open(self.dir / f"{self.owner}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(self.dir / f"{self.owner}.lock")
-        os.close(self._fd)
-
-    @staticmethod
-    def is_alive(accounts_dir: str | os.PathLike[str], owner: str) -> bool:
-        path = Path(accounts_dir) / "owners" / f"{owner}.lock"
+    def owner_alive(self, owner: str) -> bool:
+        if owner in self._owner_fds:
+            return True
+        path = self.directory / "owners" / f"{owner}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -464,3 +370,13 @@ class OwnerLock:
         with contextlib.suppress(OSError):
             path.unlink()
         return False
+
+    def owners(self) -> list[str]:
+        return [o for o, in self._query("SELECT DISTINCT owner FROM reservations")]
+
+    def drop_owner(self, owner: str) -> list[str]:
+        """Forget a dead process's reservations; returns the users whose usage must be rescanned."""
+        with self._tx() as db:
+            users = [u for u, in db.execute("SELECT user FROM reservations WHERE owner=?", (owner,))]
+            db.execute("DELETE FROM reservations WHERE owner=?", (owner,))
+        return users

@@ -1,0 +1,39 @@
+"""Where accounts, keys, quotas and the usage ledger live: the store contract and its backends.
+
+`open_store(url)` is the only way code gets a store.  The contract is
+`AccountStore` in base.py; backends: SQLite (sqlite.py, the embedded default,
+one machine).  A PostgreSQL backend for several nodes is one more module here
+plus its run of the contract tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .base import (LEDGER_MAX, UNLIMITED_ENTRIES, Account, AccountError, AccountStore, StoreCorrupt, StoredKey,
+                   validate_username)
+
+__all__ = ["open_store", "AccountStore", "Account", "AccountError", "StoreCorrupt", "StoredKey",
+           "validate_username", "LEDGER_MAX", "UNLIMITED_ENTRIES"]
+
+
+def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] = "accounts",
+               busy_timeout: float | None = None) -> AccountStore:
+    """Open the store named by `url`; without one, the SQLite store in `accounts_dir`.
+
+    ``sqlite:PATH`` or ``sqlite:///ABSOLUTE/PATH`` names the directory that
+    holds ``accounts.db``.  Any other scheme is refused with a one-line error.
+    """
+    from .sqlite import SQLiteAccountStore
+
+    if not url:
+        return SQLiteAccountStore(Path(accounts_dir), busy_timeout=busy_timeout)
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
+        if not path:
+            raise AccountError(f"store URL {url!r} names no directory")
+        return SQLiteAccountStore(Path(path), busy_timeout=busy_timeout)
+    raise AccountError(f"unsupported store URL {url!r}: this version has the SQLite store only (sqlite:DIR)")
