@@ -39,6 +39,13 @@ def _attrs(st: os.stat_result) -> SFTPAttrs:
     return SFTPAttrs.from_local(st)
 
 
+def _handle(file_obj: object) -> FileHandle:
+    """asyncssh passes back whatever `open` returned: always one of our handles."""
+    if not isinstance(file_obj, FileHandle):
+        raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+    return file_obj
+
+
 class JailedSFTPServer(asyncssh.SFTPServer):
     """One channel's SFTP (and SCP) verbs, each a call on the user's session."""
 
@@ -78,16 +85,17 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             self._notify(exc)
             raise
 
-    def close(self, file_obj: FileHandle) -> None:
-        self.session.close_file(file_obj)
+    def close(self, file_obj: object) -> None:
+        self.session.close_file(_handle(file_obj))
 
-    def read(self, file_obj: FileHandle, offset: int, size: int) -> bytes:
-        return self.session.read(file_obj, offset, size)
+    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        return self.session.read(_handle(file_obj), offset, size)
 
-    def write(self, file_obj: FileHandle, offset: int, data: bytes) -> int:
-        first = file_obj.failed is None
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        f = _handle(file_obj)
+        first = f.failed is None
         try:
-            return self.session.write(file_obj, offset, data)
+            return self.session.write(f, offset, data)
         except OSError as exc:
             if first:  # once per handle: a pipelined upload has many refused writes
                 self._notify(exc)
@@ -105,23 +113,24 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             except OSError:
                 pass
 
-    def fstat(self, file_obj: FileHandle) -> SFTPAttrs:
-        return _attrs(self.session.fstat(file_obj))
+    def fstat(self, file_obj: object) -> SFTPAttrs:
+        return _attrs(self.session.fstat(_handle(file_obj)))
 
-    def fsetstat(self, file_obj: FileHandle, attrs: SFTPAttrs) -> None:
+    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+        f = _handle(file_obj)
         if attrs.size is not None:
             try:
-                self.session.truncate(file_obj, attrs.size)
+                self.session.truncate(f, attrs.size)
             except OSError as exc:
                 self._notify(exc)
                 raise
         if attrs.permissions is not None:
-            self.session.fchmod(file_obj, attrs.permissions)
+            self.session.fchmod(f, attrs.permissions)
         if attrs.atime is not None and attrs.mtime is not None:
-            self.session.futime(file_obj, (attrs.atime, attrs.mtime))
+            self.session.futime(f, (attrs.atime, attrs.mtime))
 
-    def fsync(self, file_obj: FileHandle) -> None:
-        self.session.fsync(file_obj)
+    def fsync(self, file_obj: object) -> None:
+        self.session.fsync(_handle(file_obj))
 
     # -- metadata by path ---------------------------------------------------
 
@@ -153,7 +162,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         self.session.stat(path)  # a missing path is an error, as for OpenSSH
         return self._vfs()
 
-    def fstatvfs(self, file_obj: FileHandle) -> SFTPVFSAttrs:
+    def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
         return self._vfs()
 
     def _vfs(self) -> SFTPVFSAttrs:
