@@ -193,8 +193,8 @@ def _create_home(obj: Context, name: str, home: str | None) -> Path:
     The homes directory is 0700 rather than 0711: only the server's own
     account ever needs to enter it, and without search permission for
     others a home left too open (a restored backup, an admin's chmod) still
-    exposes nothing to local accounts.  An existing homes directory or home
-    with modes that let others list or write it is corrected
+    exposes nothing to local accounts.  An existing homes directory that
+    gives others any access, or a home others can write, is corrected
     (`jail.secure_homes`, the same rule `serve` applies at start).
     """
     path = Path(home) if home else obj.homes_dir / name

@@ -492,19 +492,20 @@ class Jail:
 # -- the admin's side: homes on the host ---------------------------------------------------------
 
 # What no home root may have: group/other write (anyone could plant files in the jail) and the
-# special bits.  What the homes directory may not have on top: group/other read (a listable
-# homes directory tells every local account who the users are).
+# special bits.  The homes directory may give group/other nothing at all: listing it tells every
+# local account who the users are, and searching it reaches into any home left open, where files
+# stored before these rules (setuid ones too) may still lie.
 HOME_ROOT_FORBIDDEN = stat.S_IWGRP | stat.S_IWOTH | SPECIAL_BITS
-HOMES_DIR_FORBIDDEN = HOME_ROOT_FORBIDDEN | stat.S_IRGRP | stat.S_IROTH
+HOMES_DIR_FORBIDDEN = stat.S_IRWXG | stat.S_IRWXO | SPECIAL_BITS
 
 
 def secure_homes(homes_dir: Path | None, homes: Iterable[Path]) -> list[str]:
     """Correct the homes directory and home roots that an older version, a restored backup or an
     admin left too open; one warning line each, also returned.  `serve` calls it at start.
 
-    Only the forbidden bits are taken away (0777 -> 0755 for a home, 0755 -> 0711 for the homes
-    directory): any other access an admin granted on purpose stays.  Missing paths are skipped;
-    creating them is `user add`'s job.
+    Only the forbidden bits are taken away: 0777 -> 0755 for a home (read access an admin granted
+    on purpose, e.g. to a group, stays), anything -> 0700 for the homes directory.  Missing paths
+    are skipped; creating them is `user add`'s job.
     """
     lines = []
     targets = [(homes_dir, "homes directory", HOMES_DIR_FORBIDDEN)] if homes_dir is not None else []

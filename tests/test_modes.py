@@ -454,10 +454,10 @@ def test_user_add_creates_private_homes(tmp_path, host_keys_dir):
     alice = fresh.add_user("alice")
     assert mode_of(fresh.homes_dir) == 0o700
     assert mode_of(alice.home) == 0o700
-    # an existing world-listable homes directory is no longer listable or writable by others
+    # an existing world-listable homes directory gives others nothing any more
     os.chmod(fresh.homes_dir, 0o777)
     bob = fresh.add_user("bob")
-    assert mode_of(fresh.homes_dir) & 0o066 == 0
+    assert mode_of(fresh.homes_dir) == 0o700
     assert mode_of(bob.home) == 0o700
     assert mode_of(alice.home) == 0o700
 
@@ -475,7 +475,7 @@ def test_start_corrects_bad_home_modes(tmp_path, host_keys_dir):
         assert mode_of(alice.home) == 0o755
         assert mode_of(carol.home) == 0o750
         assert mode_of(bob.home) == 0o700           # the bystander: untouched, nothing logged
-        assert mode_of(server.homes_dir) & 0o066 == 0
+        assert mode_of(server.homes_dir) == 0o700
         log = server.log()
         lines = [line for line in log.splitlines() if "mode" in line and "corrected" in line]
         assert len(lines) == 3, log
