@@ -18,8 +18,9 @@ import asyncssh
 import click
 
 from . import __version__, passwords
-from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
+from .jail import secure_homes
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
+from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
 from .units import format_size, parse_size
 
 DEFAULT_PORT = 2222
@@ -176,6 +177,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     )
     if config.workers < 1:
         fail("--workers must be at least 1")
+    secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)
         home = _create_home(obj, DEFAULT_USER, None)
@@ -206,13 +208,25 @@ def user() -> None:
 
 
 def _create_home(obj: Context, name: str, home: str | None) -> Path:
+    """Create (or adopt) a home: 0700, in a homes directory that is 0700 too.
+
+    The homes directory is 0700 rather than 0711: only the server's own
+    account ever needs to enter it, and without search permission for
+    others a home left too open (a restored backup, an admin's chmod) still
+    exposes nothing to local accounts.  An existing homes directory that
+    gives others any access, or a home others can write, is corrected
+    (`jail.secure_homes`, the same rule `serve` applies at start).
+    """
     path = Path(home) if home else obj.homes_dir / name
     try:
+        if not home:
+            obj.homes_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         fail(f"cannot create home {path}: {exc.strerror}")
     if not path.is_dir():
         fail(f"home {path} is not a directory")
+    secure_homes(obj.homes_dir if not home else None, [path])
     return path.resolve()
 
 
