@@ -593,8 +593,14 @@ def _listening_socket(config: ServerConfig) -> socket.socket:
     return sock
 
 
-async def _serve(config: ServerConfig, sock: socket.socket) -> None:
-    """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts."""
+async def _serve(config: ServerConfig, sock: socket.socket, worker: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
+
+    A worker drains on SIGTERM and cuts on FORCE_SIGNAL, which only its parent
+    sends (for the admin's second signal): a SIGTERM sent to the whole process
+    group (systemd's default) reaches a worker twice, from the sender and
+    forwarded by the parent, and must not count as a second signal.
+    """
     acceptor, service = await start_server(config, sock=sock)
     stop = asyncio.Event()
     force = asyncio.Event()
@@ -602,14 +608,16 @@ async def _serve(config: ServerConfig, sock: socket.socket) -> None:
 
     def _on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
-        if stop.is_set():
-            log.info("%s again: stopping now", name)
-            force.set()
-        else:
+        if not stop.is_set():
             log.info("%s: stopping", name)
             stop.set()
+            if signum != FORCE_SIGNAL:
+                return
+        if not force.is_set() and (signum == FORCE_SIGNAL or not worker):
+            log.info("%s: stopping now, cutting transfers", name)
+            force.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker else (signal.SIGINT, signal.SIGTERM)):
         loop.add_signal_handler(sig, _on_signal, sig)
     watcher = asyncio.create_task(service.watch())
     try:
@@ -634,6 +642,8 @@ def _event_loop_policy() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+FORCE_SIGNAL = signal.SIGUSR1  # parent -> worker: the admin signalled twice, stop now
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _die_with_parent(parent: int) -> None:
@@ -652,10 +662,12 @@ def _run_worker(config: ServerConfig, sock: socket.socket, parent: int) -> None:
     """The body of a forked worker; never returns.  A crash logs its traceback and exits 1."""
     code = 1
     try:
-        _die_with_parent(parent)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        asyncio.run(_serve(config, sock))
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _die_with_parent(parent)
+        asyncio.run(_serve(config, sock, worker=True))
         code = 0
     except BaseException:
         log.exception("worker %d crashed", os.getpid())
@@ -689,59 +701,72 @@ def _reconcile(config: ServerConfig) -> list[str]:
 def _supervise(config: ServerConfig, sock: socket.socket) -> None:
     """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
 
-    It waits for any child (os.wait) and replaces a dead worker after a backoff
+    It blocks in os.wait for any child and replaces a dead worker after a backoff
     that grows while workers die young, so one that crashes at start does not spin.
-    On SIGTERM/SIGINT it forwards SIGTERM (again for a second signal) and waits at
-    most grace + WORKER_STOP_EXTRA seconds before SIGKILLing what is left.
+    On SIGTERM/SIGINT it forwards SIGTERM (FORCE_SIGNAL for a second signal, which
+    makes the workers stop at once); a timer SIGKILLs workers still alive grace +
+    WORKER_STOP_EXTRA seconds after the first signal, so the wait is bounded.
     """
     parent = os.getpid()
     children: dict[int, float] = {}  # pid -> start time (monotonic)
     signals: list[int] = []
-    delay = 0.0
     respawn_at: list[float] = []     # due times of replacements not yet forked
-    kill_at: float | None = None
+    delay = 0.0
 
     def _spawn() -> None:
-        pid = os.fork()
-        if pid == 0:
-            _run_worker(config, sock, parent)
-        children[pid] = time.monotonic()
+        # Stop signals stay blocked across fork: the child must not run the parent's handlers
+        # (they would signal its siblings) before it has installed its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _run_worker(config, sock, parent)
+            children[pid] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def _on_signal(signum: int, _frame: object) -> None:
+        if not signals:
+            log.info("%s: stopping %d workers", signal.Signals(signum).name, len(children))
+            signal.setitimer(signal.ITIMER_REAL, config.grace + WORKER_STOP_EXTRA)
         signals.append(signum)
         for child in list(children):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGTERM)
+                os.kill(child, signal.SIGTERM if len(signals) == 1 else FORCE_SIGNAL)
 
+    def _on_deadline(_signum: int, _frame: object) -> None:
+        for child in list(children):
+            log.warning("worker %d did not stop in time; killing it", child)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, _on_deadline)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     for _ in range(config.workers):
         _spawn()
-    while children or (respawn_at and not signals):
-        if signals and kill_at is None:
-            log.info("%s: stopping %d workers", signal.Signals(signals[0]).name, len(children))
-            kill_at = time.monotonic() + config.grace + WORKER_STOP_EXTRA
+    while True:
+        if signals:
             respawn_at.clear()
+        if not children and not respawn_at:
+            break
         now = time.monotonic()
-        if kill_at is not None and now >= kill_at:
-            for child in list(children):
-                log.warning("worker %d did not stop in time; killing it", child)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
-            kill_at = now + 3600  # reaped below; do not kill twice
-        while respawn_at and respawn_at[0] <= now and not signals:
+        while respawn_at and respawn_at[0] <= now:
             respawn_at.pop(0)
             _spawn()
-        if kill_at is None and not respawn_at:
+        if respawn_at:  # a replacement is due later: poll, so a stop signal is not held up
             try:
-                pid, status = os.wait()  # blocks; a signal runs _on_signal and the wait resumes
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                break
-        else:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = 0, 0
             if pid == 0:
                 time.sleep(0.1)
                 continue
+        else:
+            try:
+                pid, status = os.wait()  # a signal runs _on_signal and the wait resumes (PEP 475)
+            except ChildProcessError:
+                break
         started = children.pop(pid, None)
         if started is None:
             continue
@@ -756,12 +781,13 @@ def _supervise(config: ServerConfig, sock: socket.socket) -> None:
             log.error("could not reconcile the quota ledger after worker %d: %s", pid, exc)
         else:
             if repaired:
-                log.info("quota usage rescanned after worker %d died: %s", pid, ", ".join(repaired))
+                log.info("quota usage rescanned after worker %d ended: %s", pid, ", ".join(repaired))
         if not signals:
             lived = time.monotonic() - started
             delay = 0.0 if lived >= RESPAWN_STABLE else min(RESPAWN_MAX_DELAY, max(1.0, delay * 2))
             respawn_at.append(time.monotonic() + delay)
             respawn_at.sort()
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def run_server(config: ServerConfig, announce: Callable[[str], None] = print) -> None:

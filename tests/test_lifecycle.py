@@ -479,9 +479,11 @@ async def _slow_upload(sftp: asyncssh.SFTPClient, path: str, pieces: int, delay:
     return pieces * 4096
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "target"), [(1, "process"), (2, "process"), (2, "group")])
 def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path, host_keys_dir: Path,
-                                                                 workers: int) -> None:
+                                                                 workers: int, target: str) -> None:
+    """`target` group: SIGTERM to the whole process group, as systemd sends it; each worker then gets
+    it twice (directly and forwarded), which must still drain, not count as a second signal."""
     server = make_server(tmp_path, host_keys_dir, ("--grace", "15", "--workers", str(workers)))
     server.start()
     assert server.proc is not None
@@ -496,7 +498,10 @@ def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path,
                 await isftp.stat(".")
                 upload = asyncio.create_task(_slow_upload(usftp, "slow.bin", 20, 0.15))
                 await asyncio.sleep(0.5)
-                server.proc.send_signal(signal.SIGTERM)
+                if target == "group":
+                    os.killpg(server.proc.pid, signal.SIGTERM)
+                else:
+                    server.proc.send_signal(signal.SIGTERM)
                 took = await ended_within(isftp, 5)  # the idle session goes at once
                 await assert_closed(iconn)
                 with pytest.raises(ENDED):  # no new channel during the grace
@@ -542,8 +547,9 @@ def test_grace_expiry_cuts_transfers_and_logs_them_interrupted(tmp_path: Path, h
         server.stop()
 
 
-def test_second_signal_stops_at_once_and_still_logs(tmp_path: Path, host_keys_dir: Path) -> None:
-    server = make_server(tmp_path, host_keys_dir, ("--grace", "60"))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_second_signal_stops_at_once_and_still_logs(tmp_path: Path, host_keys_dir: Path, workers: int) -> None:
+    server = make_server(tmp_path, host_keys_dir, ("--grace", "60", "--workers", str(workers)))
     server.start()
     assert server.proc is not None
     try:
