@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,22 +119,28 @@ class SshfilesService:
         # The watcher's own store connection, used only from its thread (one query at a time):
         # the loop's connection may be inside a write transaction at that moment.
         self._watch_store: SQLiteAccountStore | None = None
+        self._watch_lock = threading.Lock()  # close() must not close it under a running query
 
     def close(self) -> None:
         self.quotas.settle_all()
         self.owner_lock.release()
         self.store.close()
-        if self._watch_store is not None:
-            self._watch_store.close()
-            self._watch_store = None
+        if self._watch_lock.acquire(timeout=5):
+            try:
+                if self._watch_store is not None:
+                    self._watch_store.close()
+                    self._watch_store = None
+            finally:
+                self._watch_lock.release()
 
     # -- the session watcher -------------------------------------------------------------------
 
     def _auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]:
         """Runs in a thread: the event loop never waits on the store for the watcher."""
-        if self._watch_store is None:
-            self._watch_store = SQLiteAccountStore(self.config.accounts_dir)
-        return self._watch_store.auth_states(names)
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = SQLiteAccountStore(self.config.accounts_dir)
+            return self._watch_store.auth_states(names)
 
     async def watch(self) -> None:
         """Every WATCH_INTERVAL: end stale and idle connections (until cancelled)."""

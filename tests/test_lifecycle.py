@@ -316,8 +316,15 @@ def test_login_rehash_does_not_end_the_users_sessions(server: ServerHandle) -> N
     assert "session ended user=rehash" not in server.log()
 
 
-def test_idle_timeout_closes_idle_sessions_only(tmp_path: Path, host_keys_dir: Path) -> None:
-    server = make_server(tmp_path, host_keys_dir, ("--idle-timeout", "2"))
+@pytest.mark.parametrize("how", ["flag", "toml"])
+def test_idle_timeout_closes_idle_sessions_only(tmp_path: Path, host_keys_dir: Path, how: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if how == "flag":
+        server = make_server(tmp_path, host_keys_dir, ("--idle-timeout", "2"))
+    else:
+        (tmp_path / "sshfiles.toml").write_text("idle_timeout = 2\ngrace = 3\n")
+        monkeypatch.setenv("SSHFILES_CONFIG", str(tmp_path / "sshfiles.toml"))
+        server = make_server(tmp_path, host_keys_dir)
     server.start()
     try:
         idle = key_user(server, "idle")
@@ -339,6 +346,8 @@ def test_idle_timeout_closes_idle_sessions_only(tmp_path: Path, host_keys_dir: P
         run(scenario())
         assert re.search(r"session ended user=idle source=\S+ reason=\"idle timeout\"", server.log())
         assert "session ended user=busy" not in server.log()
+        server.stop()
+        assert re.search(r"may finish for %s s" % ("3" if how == "toml" else "30"), server.log())
     finally:
         server.stop()
 
