@@ -193,7 +193,7 @@ def test_public_key_query_for_another_user_binds_nothing(server: ServerHandle) -
 # -- item 3: removed or changed accounts end their sessions ----------------------------------------
 
 
-CHANGES = ["remove", "passwd", "key-remove", "disable"]
+CHANGES = ["remove", "passwd", "key-add", "key-remove", "disable"]
 
 
 def _apply(server: ServerHandle, user: User, change: str) -> str:
@@ -203,6 +203,11 @@ def _apply(server: ServerHandle, user: User, change: str) -> str:
         return "account removed"
     if change == "passwd":
         server.cli("user", "passwd", user.name, "--password-stdin", input="a-new-password\n")
+        return "credentials changed"
+    if change == "key-add":
+        new_key = server.root / "id_extra"
+        asyncssh.generate_private_key("ssh-ed25519").write_public_key(str(new_key) + ".pub")
+        server.cli("user", "key", "add", user.name, str(new_key) + ".pub")
         return "credentials changed"
     if change == "key-remove":
         fp = server.cli("user", "key", "list", user.name).stdout.split()[0]
