@@ -1,6 +1,6 @@
 """`sshfiles`: the admin command line (serve, user ..., quota ...).
 
-A thin click layer over accounts.py, quota.py and server.py.  Every user
+A thin click layer over stores/, quota.py and server.py.  Every user
 error ends as one line on stderr and a non-zero exit (1), never a traceback;
 click's own usage errors exit 2.
 """
@@ -156,9 +156,15 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
               help="Server processes sharing the port [default: 1; see README].")
 @click.option("--login-timeout", type=float, default=None, help="Seconds to authenticate [default: 60].")
 @click.option("--max-auth-tries", type=int, default=None, help="Failed attempts per connection [default: 6].")
+@click.option("--idle-timeout", type=float, default=None,
+              help="Close a connection after this many seconds without channel data or SFTP request; "
+                   "0 = never [default: 900].")
+@click.option("--grace", type=float, default=None,
+              help="Seconds transfers in progress may finish after SIGTERM/SIGINT [default: 30].")
 @click.pass_obj
 def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
-          login_timeout: float | None, max_auth_tries: int | None) -> None:
+          login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
+          grace: float | None) -> None:
     """Run the SFTP server.
 
     On the first start with an empty accounts store it creates the account
@@ -174,9 +180,13 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
         login_timeout=login_timeout or float(cfg.get("login_timeout", 60)),
         max_auth_tries=max_auth_tries or int(cfg.get("max_auth_tries", 6)),
         workers=workers or int(cfg.get("workers", 1)),
+        idle_timeout=idle_timeout if idle_timeout is not None else float(cfg.get("idle_timeout", 900)),
+        grace=grace if grace is not None else float(cfg.get("grace", 30)),
     )
     if config.workers < 1:
         fail("--workers must be at least 1")
+    if config.idle_timeout < 0 or config.grace < 0:
+        fail("--idle-timeout and --grace must not be negative")
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)
@@ -204,7 +214,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
 
 @main.group(cls=_Group)
 def user() -> None:
-    """Manage accounts (changes apply at the next login, no restart)."""
+    """Manage accounts (no restart; password, key, disable and remove end live sessions)."""
 
 
 def _create_home(obj: Context, name: str, home: str | None) -> Path:
@@ -270,7 +280,8 @@ def user_list(obj: Context) -> None:
     """Users with their auth methods, quota and usage (FILES: entries used/limit)."""
     rows = [("NAME", "AUTH", "QUOTA", "USED", "FILES", "HOME")]
     for a in obj.store.list_users():
-        rows.append((a.name, ",".join(a.auth_methods) or "-", format_size(a.quota), format_size(a.used),
+        auth = (",".join(a.auth_methods) or "-") + (" (disabled)" if a.disabled else "")
+        rows.append((a.name, auth, format_size(a.quota), format_size(a.used),
                      _format_files(a.entries, entries_limit(a.quota, a.max_entries)), a.home))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -303,6 +314,24 @@ def user_remove(obj: Context, name: str, purge_home: bool) -> None:
         click.echo(f"removed user {name} and deleted {home}")
     else:
         click.echo(f"removed user {name} (home {acct.home} kept)")
+
+
+@user.command("disable")
+@click.argument("name")
+@click.pass_obj
+def user_disable(obj: Context, name: str) -> None:
+    """Refuse NAME's logins and end its live sessions (on every worker, within seconds)."""
+    obj.store.set_disabled(name, True)
+    click.echo(f"disabled user {name} (live sessions end within seconds)")
+
+
+@user.command("enable")
+@click.argument("name")
+@click.pass_obj
+def user_enable(obj: Context, name: str) -> None:
+    """Allow NAME to log in again."""
+    obj.store.set_disabled(name, False)
+    click.echo(f"enabled user {name}")
 
 
 @user.command("quota")

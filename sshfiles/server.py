@@ -1,19 +1,31 @@
-"""The SSH side: listener, host keys, algorithm policy, authentication, session dispatch.
+"""The SSH side: listener, host keys, algorithm policy, authentication, session dispatch, lifecycle.
 
 No file logic lives here.  A connection authenticates against the accounts
 store (argon2 off the event loop, keys from the store), and each channel then
 gets a `UserSession` (session.py) holding the user's jail and ledger; the SFTP
 subsystem, SCP and the hash exec commands are adapters over it.
+
+Lifecycle: only a completed authentication binds an account to a connection
+(`_Connection.auth_completed`).  A watcher per process (`SshfilesService.watch`)
+ends the connections of users that were removed, disabled or had their
+credentials changed, and connections idle for too long; new channels re-check
+the account synchronously.  SIGTERM/SIGINT drain the server (`SshfilesService.
+shutdown`), and with ``--workers N`` a supervising parent replaces dead
+workers (`run_server`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,11 +36,12 @@ from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
 
 from . import passwords, speedups
 from .exec_commands import run_exec
-from .stores import Account, AccountError, open_store, validate_username
 from .jail import openat2_available
+from .logsafe import LogSafeFormatter, esc
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
+from .stores import Account, AccountError, AccountStore, open_store, validate_username
 
 __all__ = ["ServerConfig", "SshfilesService", "ensure_host_keys", "run_server"]
 
@@ -51,6 +64,13 @@ HOST_KEY_TYPES = [("ssh_host_ed25519_key", "ssh-ed25519", {}),
                   ("ssh_host_rsa_key", "ssh-rsa", {"key_size": 3072})]
 
 
+WATCH_INTERVAL = 1.0      # seconds between two looks at the live users' accounts
+CLEANUP_TIMEOUT = 5.0     # how long shutdown waits for cut connections to settle and log
+WORKER_STOP_EXTRA = 10.0  # a worker gets grace + this to exit after SIGTERM before SIGKILL
+RESPAWN_MAX_DELAY = 30.0  # backoff cap for a worker that keeps dying right after it starts
+RESPAWN_STABLE = 10.0     # a worker that lived this long resets the backoff
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -61,6 +81,8 @@ class ServerConfig:
     login_timeout: float = 60.0
     max_auth_tries: int = 6
     workers: int = 1
+    idle_timeout: float = 900.0  # seconds without channel data or SFTP request; 0 = never
+    grace: float = 30.0          # seconds transfers may finish after SIGTERM/SIGINT
 
 
 def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
@@ -85,18 +107,102 @@ def fingerprint(key: asyncssh.SSHKey) -> str:
 
 
 class SshfilesService:
-    """What all connections of one server process share: store, quotas, config."""
+    """What all connections of one server process share: store, quotas, config, live connections."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.store = open_store(accounts_dir=config.accounts_dir)
         self.owner = self.store.register_owner()
         self.quotas = QuotaManager(self.store, self.owner)
+        self.connections: set[_Connection] = set()  # every live connection, authenticated or not
+        self.sessions: set[UserSession] = set()     # channels whose cleanup has not finished
+        self.stopping = False                       # set by SIGTERM/SIGINT: no new channels
+        # The watcher's own store connection, used only from its thread (one query at a time):
+        # the loop's connection may be inside a write transaction at that moment.
+        self._watch_store: AccountStore | None = None
+        self._watch_lock = threading.Lock()  # close() must not close it under a running query
 
     def close(self) -> None:
         self.quotas.settle_all()
         self.store.release_owner(self.owner)
         self.store.close()
+        if self._watch_lock.acquire(timeout=5):
+            try:
+                if self._watch_store is not None:
+                    self._watch_store.close()
+                    self._watch_store = None
+            finally:
+                self._watch_lock.release()
+
+    # -- the session watcher -------------------------------------------------------------------
+
+    def _auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]:
+        """Runs in a thread: the event loop never waits on the store for the watcher."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+            return self._watch_store.auth_states(names)
+
+    async def watch(self) -> None:
+        """Every WATCH_INTERVAL: end stale and idle connections (until cancelled)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self.check_connections()
+            except Exception:  # the watcher must outlive any one bad round
+                log.exception("session watcher round failed")
+
+    async def check_connections(self) -> None:
+        """End the connections whose account vanished, is disabled, changed credentials, or idled out."""
+        live = [c for c in self.connections if c.account is not None and c.ended is None]
+        if not live:
+            return
+        states: dict[str, tuple[bool, int]] | None
+        try:
+            states = await asyncio.to_thread(self._auth_states, sorted({c.username for c in live}))
+        except AccountError as exc:  # a locked or broken store: keep sessions, still enforce idling
+            log.error("accounts store error in the session watcher: %s", exc)
+            states = None
+        now = time.monotonic()
+        for c in live:
+            reason = None
+            if states is not None:
+                reason = c.stale_reason(states.get(c.username))
+            if reason is None and c.idle_for(now) > self.config.idle_timeout > 0:
+                reason = "idle timeout"
+            if reason is not None:
+                c.end(reason)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def shutdown(self, force: asyncio.Event) -> None:
+        """Drain: idle connections go at once, transfers get `grace` seconds, then everything is cut.
+
+        Every wait here is bounded, so a stop takes the same time on Python 3.11
+        (where `asyncio.run` would cut every connection unlogged) and 3.12+
+        (where the listener's `wait_closed` would wait for idle sessions forever).
+        """
+        self.stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace
+        log.info("stopping: %d connections open; transfers in progress may finish for %g s",
+                 len(self.connections), self.config.grace)
+        while True:
+            for c in list(self.connections):
+                if c.ended is None and c.busy() == 0:
+                    c.end("server stopping")
+            if not self.connections or force.is_set() or loop.time() >= deadline:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(force.wait(), min(0.1, max(0.0, deadline - loop.time())))
+        for c in list(self.connections):
+            c.end("server stopping", cut=True)
+        end = loop.time() + CLEANUP_TIMEOUT
+        while (self.connections or self.sessions) and loop.time() < end:
+            await asyncio.sleep(0.05)
+        if self.connections or self.sessions:
+            log.warning("stopping with %d connections and %d sessions not cleaned up",
+                        len(self.connections), len(self.sessions))
 
 
 class _ChannelSession(SSHServerStreamSession):
@@ -105,6 +211,10 @@ class _ChannelSession(SSHServerStreamSession):
     def __init__(self, conn: "_Connection") -> None:
         super().__init__(None, sftp_factory=None, allow_scp=False)
         self._auth = conn
+
+    def data_received(self, data: Any, datatype: Any) -> None:
+        self._auth.touch()  # every SFTP request arrives here too: this is the idle clock
+        super().data_received(data, datatype)
 
     def shell_requested(self) -> bool:
         return True  # answered with a clear message, below
@@ -133,10 +243,15 @@ class _ChannelSession(SSHServerStreamSession):
 
     async def _run_sftp(self, chan: Any, stdin: SSHReader[bytes], stdout: SSHWriter[bytes]) -> None:
         session = self._auth.new_session()
+        handler: SshfilesSFTPHandler | None = None
         try:
             server = JailedSFTPServer(chan, session)
-            await SshfilesSFTPHandler(server, stdin, stdout, 3).run()  # SFTP v3, as OpenSSH speaks
+            handler = SshfilesSFTPHandler(server, stdin, stdout, 3)  # SFTP v3, as OpenSSH speaks
+            self._auth.handlers.add(handler)
+            await handler.run()
         finally:
+            if handler is not None:
+                self._auth.handlers.discard(handler)
             session.close()
             # OpenSSH's scp (SFTP mode) and `ssh -s sftp` want an exit status; asyncssh sends none.
             try:
@@ -147,29 +262,37 @@ class _ChannelSession(SSHServerStreamSession):
     async def _run_scp(self, chan: Any, command: str, stdin: SSHReader[bytes], stdout: SSHWriter[bytes],
                        stderr: SSHWriter[bytes]) -> None:
         session = self._auth.new_session()
+        self._auth.running += 1
+        log.info("exec user=%s source=%s command=%s", esc(self._auth.username), self._auth.peer, esc(command))
         try:
             handler = run_scp_server(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
             if handler is not None:
                 await handler
         finally:
+            self._auth.running -= 1
             session.close()
 
     async def _run_exec(self, chan: Any, command: str | None, stdin: SSHReader[bytes],
                         stdout: SSHWriter[bytes], stderr: SSHWriter[bytes]) -> None:
         status = 1
+        self._auth.running += 1
         try:
             if not command:
                 stderr.write(b"This server offers SFTP only: connect with sftp, scp or sshfiles-cli.\r\n")
             else:
+                log.info("exec user=%s source=%s command=%s", esc(self._auth.username), self._auth.peer,
+                         esc(command))
                 session = self._auth.new_session()
                 try:
                     status = await run_exec(command, session, stdout, stderr, stdin)
                 finally:
                     session.close()
         except Exception as exc:  # never leave the client hanging without a status
-            log.warning("exec failed for %s: %s", self._auth.username, exc)
+            log.warning("exec failed for %s: %s", esc(self._auth.username), esc(exc))
             stderr.write(b"sshfiles: command failed\n")
         finally:
+            self._auth.running -= 1
+            self._auth.touch()  # a long hash is activity: the idle clock starts after it
             try:
                 chan.exit(status)
             except OSError:
@@ -177,7 +300,12 @@ class _ChannelSession(SSHServerStreamSession):
 
 
 class _Connection(asyncssh.SSHServer):
-    """Authentication for one SSH connection."""
+    """Authentication and lifecycle of one SSH connection.
+
+    An account is bound only by a completed authentication (`auth_completed`),
+    for the user name asyncssh authenticated: a public-key *query* (no
+    signature) for another user's key proves nothing and binds nothing.
+    """
 
     def __init__(self, service: SshfilesService) -> None:
         self.service = service
@@ -185,18 +313,70 @@ class _Connection(asyncssh.SSHServer):
         self.username = ""
         self.peer = "?"
         self.account: Account | None = None
+        self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
-        self.method = ""
+        # What each user name was validated with during authentication (the last
+        # positive answer per name); only the name that completes is ever bound.
+        self._validated: dict[str, tuple[Account, str]] = {}
+        self.handlers: set[SshfilesSFTPHandler] = set()
+        self.running = 0             # exec and scp channels in progress
+        self.last_activity = time.monotonic()
+        self.ended: str | None = None  # why the server ended this connection, once it did
+
+    # -- lifecycle -----------------------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
+        self.service.connections.add(self)
         log.debug("connection from %s", self.peer)
+        if self.service.stopping:  # accepted just before the listener closed
+            self.end("server stopping")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.service.connections.discard(self)
         if self.account is not None:
-            log.info("logout user=%s source=%s", self.username, self.peer)
+            log.info("logout user=%s source=%s", esc(self.username), self.peer)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without channel data; a running exec or scp command is never idle."""
+        return 0.0 if self.running else now - self.last_activity
+
+    def busy(self) -> int:
+        """Transfers in progress: open SFTP file handles plus running exec/scp commands."""
+        return self.running + sum(len(h._file_handles) for h in self.handlers)
+
+    def stale_reason(self, state: tuple[bool, int] | None) -> str | None:
+        """Why this login no longer holds, given the account's (disabled, auth_rev) or None if gone."""
+        if state is None:
+            return "account removed"
+        disabled, rev = state
+        if disabled:
+            return "account disabled"
+        if rev != self.auth_rev:
+            return "credentials changed"
+        return None
+
+    def end(self, reason: str, cut: bool = False) -> None:
+        """Close the connection now; its open transfers are logged interrupted (`_cleanup`)."""
+        if self.ended is not None and not cut:
+            return
+        first = self.ended is None
+        self.ended = reason
+        if first and self.account is not None:
+            log.info("session ended user=%s source=%s reason=%s", esc(self.username), self.peer, esc(reason))
+        if self.conn is not None:
+            for handler in self.handlers:
+                if handler._file_handles:
+                    handler._server.session.interrupted = True
+            with contextlib.suppress(Exception):
+                self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"sshfiles: {reason}")
+
+    # -- authentication ------------------------------------------------------------------------
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -219,6 +399,8 @@ class _Connection(asyncssh.SSHServer):
         except AccountError as exc:  # a corrupt or locked store: refuse, keep serving
             log.error("accounts store error: %s", exc)
             return None
+        if acct is not None and acct.disabled:
+            return None
         if acct is not None and not Path(acct.home).is_dir():
             log.error("home of %s is missing; refusing login", username)
             return None
@@ -226,12 +408,12 @@ class _Connection(asyncssh.SSHServer):
 
     def _result(self, username: str, method: str, acct: Account | None, ok: bool) -> bool:
         if ok and acct is not None:
-            self.account = acct
-            self.method = method
-            log.info("login user=%s source=%s method=%s result=ok", username, self.peer, method)
+            self._validated[username] = (acct, method)
+            if method == "password":  # a right password completes the authentication
+                log.info("login user=%s source=%s method=%s result=ok", esc(username), self.peer, method)
             return True
         self.failures += 1
-        log.info("login user=%s source=%s method=%s result=failed", username, self.peer, method)
+        log.info("login user=%s source=%s method=%s result=failed", esc(username), self.peer, method)
         if self.failures >= self.service.config.max_auth_tries and self.conn is not None:
             log.info("too many authentication failures from %s; disconnecting", self.peer)
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
@@ -244,13 +426,17 @@ class _Connection(asyncssh.SSHServer):
         ok = await passwords.verify_password_async(stored, password)
         if ok and acct is not None and stored and passwords.needs_rehash(stored):
             try:
-                self.service.store.set_password_hash(username, await passwords.hash_password_async(password))
-                log.info("rehashed password of %s with current argon2 parameters", username)
+                # Not set_password_hash: the same password must not end this user's sessions.
+                if self.service.store.rehash_password(username, stored,
+                                                      await passwords.hash_password_async(password)):
+                    log.info("rehashed password of %s with current argon2 parameters", username)
             except AccountError as exc:
                 log.warning("could not rehash password of %s: %s", username, exc)
         return self._result(username, "password", acct, ok)
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # asyncssh asks this for a query without signature (answered PK_OK) and again for
+        # the signed request: a True here binds nothing (see auth_completed).
         acct = self._lookup(username)
         ok = False
         if acct is not None:
@@ -262,26 +448,59 @@ class _Connection(asyncssh.SSHServer):
                         break
                 except (asyncssh.KeyImportError, ValueError):
                     continue
-        if not ok:
-            return self._result(username, "publickey", acct, False)
-        # asyncssh asks once without and once with a signature; log the login once.
-        if self.account is None:
-            self.account = acct
-            self.method = "publickey"
-        return True
+        return self._result(username, "publickey", acct, ok)
 
     def auth_completed(self) -> None:
-        if self.method == "publickey":
-            log.info("login user=%s source=%s method=publickey result=ok", self.username, self.peer)
+        """Bind the account of the user name asyncssh authenticated, and nothing else."""
+        assert self.conn is not None
+        username = self.conn.get_extra_info("username") or ""
+        validated = self._validated.get(username)
+        self._validated.clear()
+        if validated is None or validated[0].name != username:
+            log.error("authentication completed for %s without a validated account; disconnecting",
+                      esc(username))
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "authentication error")
+            return
+        acct, method = validated
+        self.username = username
+        self.account = acct
+        self.auth_rev = acct.auth_rev
+        self.touch()
+        if method == "publickey":
+            log.info("login user=%s source=%s method=publickey result=ok", esc(username), self.peer)
 
-    def session_requested(self) -> _ChannelSession:
+    # -- channels ------------------------------------------------------------------------------
+
+    def session_requested(self) -> _ChannelSession | bool:
+        """A new channel: refused while stopping, and only for an account that still holds.
+
+        The re-check reads the store synchronously (one indexed read per channel
+        open), so a channel can never start between a change and the watcher's tick.
+        """
+        if self.service.stopping or self.ended is not None or self.account is None:
+            return False
+        try:
+            acct = self.service.store.get_user(self.username)
+        except AccountError as exc:
+            log.error("accounts store error: %s", exc)
+            return False
+        reason = self.stale_reason(None if acct is None else (acct.disabled, acct.auth_rev))
+        if reason is not None:
+            self.end(reason)
+            return False
+        assert acct is not None
+        self.account = acct  # a home or quota change applies to each new channel
+        self.touch()
         return _ChannelSession(self)
 
     def new_session(self) -> UserSession:
-        # Re-read the account: a key, home or quota change applies to each new channel.
-        acct = self.service.store.get_user(self.username) or self.account
-        assert acct is not None
-        return UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer)
+        """A channel's session, on the account as it was re-read when the channel opened."""
+        assert self.account is not None and self.account.name == self.username
+        acct = self.account
+        session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
+                              on_close=self.service.sessions.discard)
+        self.service.sessions.add(session)
+        return session
 
 
 def _server_options(config: ServerConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
@@ -319,9 +538,18 @@ async def start_server(config: ServerConfig, service: SshfilesService | None = N
 
 
 def configure_logging() -> None:
-    """Our log is the product's log; asyncssh's per-packet chatter stays at warnings."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    """Our log is the product's log; asyncssh's per-packet chatter stays at warnings.
+
+    The formatter escapes control characters a library might log raw; our own
+    lines escape every client-supplied value themselves (logsafe.esc).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogSafeFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    if not any(getattr(h, "_sshfiles", False) for h in root.handlers):
+        handler._sshfiles = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
@@ -339,18 +567,44 @@ def _listening_socket(config: ServerConfig) -> socket.socket:
     return sock
 
 
-async def _serve(config: ServerConfig, sock: socket.socket) -> None:
+async def _serve(config: ServerConfig, sock: socket.socket, worker: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
+
+    A worker drains on SIGTERM and cuts on FORCE_SIGNAL, which only its parent
+    sends (for the admin's second signal): a SIGTERM sent to the whole process
+    group (systemd's default) reaches a worker twice, from the sender and
+    forwarded by the parent, and must not count as a second signal.
+    """
     acceptor, service = await start_server(config, sock=sock)
     stop = asyncio.Event()
+    force = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def _on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            log.info("%s: stopping", name)
+            stop.set()
+            if signum != FORCE_SIGNAL:
+                return
+        if not force.is_set() and (signum == FORCE_SIGNAL or not worker):
+            log.info("%s: stopping now, cutting transfers", name)
+            force.set()
+
+    for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker else (signal.SIGINT, signal.SIGTERM)):
+        loop.add_signal_handler(sig, _on_signal, sig)
+    watcher = asyncio.create_task(service.watch())
     try:
         await stop.wait()
     finally:
         acceptor.close()
-        await acceptor.wait_closed()
-        service.close()
+        try:
+            await service.shutdown(force)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(acceptor.wait_closed(), 2)  # 3.12+ waits for connections: bounded
+            service.close()
 
 
 def _event_loop_policy() -> None:
@@ -361,12 +615,164 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+_PR_SET_PDEATHSIG = 1
+FORCE_SIGNAL = signal.SIGUSR1  # parent -> worker: the admin signalled twice, stop now
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a new worker: get SIGTERM when the parent dies, and exit if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot ask to die with the parent: %s", exc)
+    if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+        os._exit(0)
+
+
+def _run_worker(config: ServerConfig, sock: socket.socket, parent: int) -> None:
+    """The body of a forked worker; never returns.  A crash logs its traceback and exits 1."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _die_with_parent(parent)
+        asyncio.run(_serve(config, sock, worker=True))
+        code = 0
+    except BaseException:
+        log.exception("worker %d crashed", os.getpid())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by signal {name}"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+def _reconcile(config: ServerConfig) -> list[str]:
+    """Drop dead processes' reservations and rescan their users (quota.reconcile_dead_owners)."""
+    store = open_store(accounts_dir=config.accounts_dir)
+    try:
+        return reconcile_dead_owners(store)
+    finally:
+        store.close()
+
+
+def _supervise(config: ServerConfig, sock: socket.socket) -> None:
+    """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
+
+    It blocks in os.wait for any child and replaces a dead worker after a backoff
+    that grows while workers die young, so one that crashes at start does not spin.
+    On SIGTERM/SIGINT it forwards SIGTERM (FORCE_SIGNAL for a second signal, which
+    makes the workers stop at once); a timer SIGKILLs workers still alive grace +
+    WORKER_STOP_EXTRA seconds after the first signal, so the wait is bounded.
+    """
+    parent = os.getpid()
+    children: dict[int, float] = {}  # pid -> start time (monotonic)
+    signals: list[int] = []
+    respawn_at: list[float] = []     # due times of replacements not yet forked
+    delay = 0.0
+
+    def _spawn() -> None:
+        # Stop signals stay blocked across fork: the child must not run the parent's handlers
+        # (they would signal its siblings) before it has installed its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _run_worker(config, sock, parent)
+            children[pid] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        if not signals:
+            log.info("%s: stopping %d workers", signal.Signals(signum).name, len(children))
+            signal.setitimer(signal.ITIMER_REAL, config.grace + WORKER_STOP_EXTRA)
+        signals.append(signum)
+        for child in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM if len(signals) == 1 else FORCE_SIGNAL)
+
+    def _on_deadline(_signum: int, _frame: object) -> None:
+        for child in list(children):
+            log.warning("worker %d did not stop in time; killing it", child)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+    signal.signal(signal.SIGALRM, _on_deadline)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    for _ in range(config.workers):
+        _spawn()
+    while True:
+        if signals:
+            respawn_at.clear()
+        if not children and not respawn_at:
+            break
+        now = time.monotonic()
+        while respawn_at and respawn_at[0] <= now:
+            respawn_at.pop(0)
+            _spawn()
+        if respawn_at:  # a replacement is due later: poll, so a stop signal is not held up
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid == 0:
+                time.sleep(0.1)
+                continue
+        else:
+            try:
+                pid, status = os.wait()  # a signal runs _on_signal and the wait resumes (PEP 475)
+            except ChildProcessError:
+                break
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        how = _describe_status(status)
+        if signals:
+            log.info("worker %d %s", pid, how)
+        else:
+            log.error("worker %d %s; replacing it", pid, how)
+        try:
+            repaired = _reconcile(config)
+        except AccountError as exc:
+            log.error("could not reconcile the quota ledger after worker %d: %s", pid, exc)
+        else:
+            if repaired:
+                log.info("quota usage rescanned after worker %d ended: %s", pid, ", ".join(repaired))
+        if not signals:
+            lived = time.monotonic() - started
+            delay = 0.0 if lived >= RESPAWN_STABLE else min(RESPAWN_MAX_DELAY, max(1.0, delay * 2))
+            respawn_at.append(time.monotonic() + delay)
+            respawn_at.sort()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def run_server(config: ServerConfig, announce: Callable[[str], None] = print) -> None:
     """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
     configure_logging()
     os.umask(0o022)
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
+    if os.geteuid() == 0:
+        log.warning("running as root: better run sshfiles as a dedicated unprivileged service user "
+                    "that owns only the keys, accounts and homes directories")
     store = open_store(accounts_dir=config.accounts_dir)
     repaired = reconcile_dead_owners(store)
     if repaired:
@@ -382,35 +788,7 @@ def run_server(config: ServerConfig, announce: Callable[[str], None] = print) ->
         asyncio.run(_serve(config, sock))
         announce("sshfiles stopped")
         return
-    children: list[int] = []
-    for _ in range(config.workers):
-        pid = os.fork()
-        if pid == 0:  # worker: its own event loop, store connection and owner lock
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                asyncio.run(_serve(config, sock))
-            finally:
-                os._exit(0)
-        children.append(pid)
     announce(f"sshfiles listening on {config.host} port {port} with {config.workers} workers")
+    _supervise(config, sock)
     sock.close()
-
-    def _forward(signum: int, _frame: object) -> None:
-        for child in children:
-            try:
-                os.kill(child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGINT, _forward)
-    signal.signal(signal.SIGTERM, _forward)
-    for child in children:
-        while True:
-            try:
-                os.waitpid(child, 0)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
     announce("sshfiles stopped")

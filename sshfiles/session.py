@@ -22,10 +22,11 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .jail import Jail
+from .logsafe import esc
 from .quota import (MAX_FILE_SIZE, EntriesExceeded, QuotaExceeded, UserLedger, check_size, entries_limit, hold,
                     release, size_lock)
 
@@ -71,17 +72,24 @@ class UserSession:
     other sessions in this process.
     """
 
-    def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?") -> None:
+    def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
+                 on_close: Callable[[UserSession], None] | None = None) -> None:
         self.username = username
         self.peer = peer
         self.jail = Jail(home)
         self.ledger = ledger
+        # Set when the session ends with transfers still open (client vanished, or the
+        # server cut it): their handles are closed for them and logged as interrupted.
+        self.interrupted = False
+        self._on_close = on_close
         self._closed = False
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self.jail.close()
+            if self._on_close is not None:
+                self._on_close(self)
 
     # -- handles --------------------------------------------------------------
 
@@ -344,9 +352,12 @@ class UserSession:
             return
         direction = "upload" if f.writable else "download"
         nbytes = f.bytes_written if f.writable else f.bytes_read
-        result = f"failed: {f.failed}" if f.failed else "ok"
+        if f.failed:
+            result = esc(f"failed: {f.failed}")
+        else:
+            result = "interrupted" if self.interrupted else "ok"
         log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s",
-                 self.username, f.vpath, direction, nbytes, time.monotonic() - f.opened, result)
+                 esc(self.username), esc(f.vpath), direction, nbytes, time.monotonic() - f.opened, result)
 
 
 __all__ += ["EntriesExceeded", "QuotaExceeded"]

@@ -270,6 +270,10 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         # asyncssh's cleanup closes the channel without an exit status (a later chan.exit() is a
         # no-op), so `ssh -s sftp` ends with status -1 and OpenSSH's scp (SFTP mode) exits 1.
         # Report the status first, as OpenSSH's sftp-server process does by exiting.
+        # Handles still open here were never CLOSEd (client vanished, or the server cut the
+        # connection): super() closes them, and their transfers are logged as interrupted.
+        if self._file_handles:
+            self._server.session.interrupted = True
         writer = self._writer
         if writer is not None and not writer.channel.is_closing():
             try:
