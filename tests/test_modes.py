@@ -448,7 +448,7 @@ def test_read_only_directory_gains_and_loses_nothing(server, bystander, tmp_path
 
 # -- homes ------------------------------------------------------------------------------------------
 
-def test_user_add_creates_private_homes(tmp_path, host_keys_dir):
+def test_user_add_creates_private_homes(tmp_path):
     fresh = ServerHandle(root=tmp_path, keys_dir=tmp_path / "keys", accounts_dir=tmp_path / "accounts",
                          homes_dir=tmp_path / "state" / "homes")
     alice = fresh.add_user("alice")
