@@ -170,7 +170,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     On the first start with an empty accounts store it creates the account
     'sftpuser' with a random password and prints how to connect.
     """
-    from .server import ServerConfig, run_server
+    from .server import ServerConfig, configure_logging, run_server
 
     cfg = obj.config
     config = ServerConfig(
@@ -187,6 +187,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
         fail("--workers must be at least 1")
     if config.idle_timeout < 0 or config.grace < 0:
         fail("--idle-timeout and --grace must not be negative")
+    configure_logging()  # before the first line we may log (home mode corrections)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)

@@ -34,8 +34,6 @@ from test_quota import (
     sftp_on_two_workers,
 )
 
-workers_server = test_quota.workers_server  # the `--workers 2` server fixture, shared
-
 KiB = 1024
 ENDED = (asyncssh.Error, OSError, asyncssh.SFTPError)  # what a request on a closed connection raises
 
