@@ -21,8 +21,9 @@ import asyncio
 import os
 import posixpath
 import stat as statmod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import cast
 
 import asyncssh
 
@@ -64,7 +65,7 @@ class TransferResult:
     resumed_from: int = 0
     sent: int = 0
     restarted: bool = False
-    verified: Optional[bool] = None
+    verified: bool | None = None
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -141,7 +142,7 @@ def resume_point(local: list[bytes], remote: list[bytes], block: int, partial: i
     writes, so we resume at the first differing block; an earlier difference means the partial is
     not a prefix of our file, so we restart at 0.
     """
-    for i, (a, b) in enumerate(zip(local, remote)):
+    for i, (a, b) in enumerate(zip(local, remote, strict=False)):  # unequal lengths: checked below
         if a != b:
             start = i * block
             if start and partial - start <= in_flight + block:
@@ -199,7 +200,7 @@ async def _copy_range(read_at: ReadAt, write_at: WriteAt, start: int, end: int,
             pending.add(asyncio.ensure_future(one(off, n)))
             off += n
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        errors = [t.exception() for t in done if t.exception() is not None]  # retrieve them all
+        errors = [exc for t in done if (exc := t.exception()) is not None]  # retrieve them all
         if errors:
             for p in pending:
                 p.cancel()
@@ -216,7 +217,7 @@ def _fit_chunk(opts: TransferOptions, server_max: int) -> TransferOptions:
     return opts
 
 
-async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> Optional[int]:
+async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> int | None:
     try:
         attrs = await sftp.stat(path)
     except asyncssh.SFTPNoSuchFile:
@@ -427,7 +428,7 @@ async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
     async def walk(rpath: str, lpath: str) -> None:
         os.makedirs(lpath, exist_ok=True)
         for entry in sorted(await sftp.readdir(rpath), key=lambda e: e.filename):
-            name = entry.filename
+            name = cast(str, entry.filename)  # readdir of a str path yields str names
             if name in (".", ".."):
                 continue
             child = posixpath.join(rpath, name)
