@@ -255,7 +255,7 @@ def _send_coalesced(self: SSHConnection, data: bytes) -> None:
 def _flush(conn: Any, transport: asyncio.WriteTransport) -> None:
     pending: list[bytes] = conn._sshfiles_pending
     conn._sshfiles_pending = None
-    try:  # noqa: SIM105 - once per loop turn on the data path: a bare try costs nothing, suppress() a call
+    try:
         transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
     except ConnectionError:  # the peer is gone; asyncssh notices through connection_lost
         pass
