@@ -9,6 +9,11 @@ rerun tests/test_speedups.py, tests/test_client.py and tests/unit, then widen ``
 
 Each item says which upstream behaviour it changes and whether the change belongs upstream:
 
+0. SSH wire primitives: ``SSHPacket`` (a reader over a packet body), ``String``/``UInt32``/``UInt64``
+   (encoders) and ``PacketDecodeError`` live in ``asyncssh.packet``, which is not public API. They
+   are re-exported here unchanged so codecs (``checkfile.py``) need no private import of their own.
+   Belongs upstream: exporting them would help every SFTP extension author.
+
 1. ``extended_request`` -- client side, raw SFTP extended requests (``check-file``). asyncssh's
    ``SFTPClient`` has no public way to send a vendor extension and read its EXTENDED_REPLY, and its
    handler rejects an EXTENDED_REPLY for any request name not in the class-level ``_return_types``
@@ -68,6 +73,11 @@ __all__ = [
     "SUPPORTED",
     "FastChachaCipher",
     "FastChachaEncryption",
+    "PacketDecodeError",
+    "SSHPacket",
+    "String",
+    "UInt32",
+    "UInt64",
     "check_version",
     "extended_request",
     "install_speedups",
@@ -102,7 +112,7 @@ check_version(asyncssh.__version__)
 from asyncssh import encryption as _encryption  # noqa: E402
 from asyncssh.connection import SSHConnection  # noqa: E402
 from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
-from asyncssh.packet import SSHPacket, SSHPacketLogger, UInt64  # noqa: E402
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32, UInt64  # noqa: E402
 from asyncssh.sftp import FXP_EXTENDED_REPLY, SFTPClientHandler  # noqa: E402
 from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext  # noqa: E402

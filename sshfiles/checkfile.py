@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncssh
-from asyncssh.packet import SSHPacket, String, UInt32, UInt64
 
+from .asyncssh_seam import SSHPacket, String, UInt32, UInt64
 from .hashing import ALGORITHMS, UnsupportedAlgorithm, block_count, digest_size, hash_fd_range_async, select_algorithm
 
 __all__ = [
@@ -103,7 +103,7 @@ def parse_check_file(packet: SSHPacket, by_handle: bool) -> CheckFileRequest:
 
     asyncssh's server handler has already read the request id and the extension name when it calls
     an extended handler, so ``packet`` starts at the handle/filename string. A malformed packet raises
-    ``asyncssh.packet.PacketDecodeError`` (asyncssh answers it with SSH_FX_BAD_MESSAGE).
+    ``PacketDecodeError`` (re-exported by ``asyncssh_seam``; asyncssh answers it with SSH_FX_BAD_MESSAGE).
     """
     target = packet.get_string()
     alg_list = packet.get_string().decode("ascii", errors="replace")
@@ -125,7 +125,7 @@ def decode_reply(body: bytes) -> tuple[str, list[bytes]]:
 
     Raises ``MalformedReply`` when the algorithm is unknown to us or the digest bytes are not a whole
     number of its digests (we could not tell where one block's digest ends). A truncated algorithm
-    string raises ``asyncssh.packet.PacketDecodeError``, as asyncssh's own decoders do.
+    string raises ``PacketDecodeError`` (see ``asyncssh_seam``), as asyncssh's own decoders do.
     """
     packet = SSHPacket(body)
     alg = packet.get_string().decode("ascii")

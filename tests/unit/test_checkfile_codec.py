@@ -10,9 +10,9 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from asyncssh.packet import PacketDecodeError, SSHPacket
 
 from sshfiles import checkfile
+from sshfiles.asyncssh_seam import PacketDecodeError, SSHPacket
 from sshfiles.checkfile import CheckFileRequest, MalformedReply, decode_reply, encode_reply, encode_request
 from sshfiles.hashing import ALGORITHMS, hash_fd_range
 
