@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncssh
@@ -23,6 +25,17 @@ def test_unsupported_fails_in_one_line_naming_the_range(version: str) -> None:
         check_version(version)
     message = str(exc.value)
     assert "\n" not in message and ">=2.24,<2.25" in message and f"installed: {version}" in message
+
+
+def test_import_fails_on_an_unsupported_asyncssh() -> None:
+    """The check runs at import, before any private name is touched (a subprocess: the import is global)."""
+    code = "import asyncssh; asyncssh.__version__ = '2.25.0'; import sshfiles.asyncssh_seam"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=Path(sshfiles.__file__).parent.parent)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == (
+        "ImportError: sshfiles needs asyncssh >=2.24,<2.25 (installed: 2.25.0): "
+        "it relies on internals checked only for that range")
 
 
 def test_installed_version_is_supported() -> None:
