@@ -25,13 +25,13 @@ import errno
 import os
 import re
 import shlex
-from typing import Optional, Protocol
+from typing import Protocol
 
 from asyncssh import SSHReader, SSHWriter
 
 from .hashing import hash_fd_range_async
 
-__all__ = ["SUM_COMMANDS", "run_exec", "parse_command", "CommandRefused"]
+__all__ = ["SUM_COMMANDS", "CommandRefused", "parse_command", "run_exec"]
 
 #: exec command name -> hashing.ALGORITHMS name
 SUM_COMMANDS: dict[str, str] = {
@@ -98,7 +98,7 @@ def _strerror(exc: OSError) -> str:
     return exc.strerror or os.strerror(exc.errno or errno.EIO)
 
 
-async def _hash_stdin(stdin: Optional[SSHReader], algorithm: str) -> bytes:
+async def _hash_stdin(stdin: SSHReader | None, algorithm: str) -> bytes:
     import hashlib
 
     hasher = hashlib.new(algorithm)
@@ -112,7 +112,7 @@ async def _hash_stdin(stdin: Optional[SSHReader], algorithm: str) -> bytes:
 
 
 async def _run_sum(prog: str, args: list[str], files_of: FileOpener, stdout: SSHWriter,
-                   stderr: SSHWriter, stdin: Optional[SSHReader]) -> int:
+                   stderr: SSHWriter, stdin: SSHReader | None) -> int:
     algorithm = SUM_COMMANDS[prog]
     files: list[str] = []
     options_done = False
@@ -155,7 +155,7 @@ async def _run_sum(prog: str, args: list[str], files_of: FileOpener, stdout: SSH
 
 
 async def run_exec(command: str, files_of: FileOpener, stdout: SSHWriter, stderr: SSHWriter,
-                   stdin: Optional[SSHReader] = None) -> int:
+                   stdin: SSHReader | None = None) -> int:
     """Run one exec request without a shell and return its exit status.
 
     ``files_of.open_for_hash(path_bytes)`` resolves a user-visible path inside the user's jail and

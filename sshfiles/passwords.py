@@ -23,7 +23,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from argon2.profiles import RFC_9106_LOW_MEMORY
 
-__all__ = ["hash_password", "verify_password", "needs_rehash", "verify_password_async"]
+__all__ = ["hash_password", "needs_rehash", "verify_password", "verify_password_async"]
 
 _hasher = PasswordHasher.from_parameters(RFC_9106_LOW_MEMORY)
 def _lower_priority() -> None:

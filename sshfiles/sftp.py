@@ -26,7 +26,7 @@ from asyncssh.sftp import (
     FXP_EXTENDED_REPLY, FXP_WRITE, SFTPAttrs, SFTPName, SFTPVFSAttrs, SFTPLimits, SFTPServerHandler,
 )
 
-from . import __version__, hashing
+from . import __version__, checkfile, hashing
 from .session import MAX_READ, FileHandle, UserSession
 
 __all__ = ["JailedSFTPServer", "SshfilesSFTPHandler", "ExtendedReply", "MAX_READ", "MAX_WRITE"]
@@ -306,21 +306,21 @@ class SshfilesSFTPHandler(SFTPServerHandler):
         packet.check_end()
         return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, 4096)
 
-    async def _process_check_file_name(self, packet: SSHPacket) -> bytes:
-        req = hashing.parse_check_file(packet, by_handle=False)
+    async def _process_check_file_name(self, packet: SSHPacket) -> ExtendedReply:
+        req = checkfile.parse_check_file(packet, by_handle=False)
         session = self._server.session
         fd = session.open_for_hash(req.target)
         try:
-            return ExtendedReply(await hashing.answer_check_file(fd, req))
+            return ExtendedReply(await checkfile.answer_check_file(fd, req))
         finally:
             session.close_fd(fd)
 
-    async def _process_check_file_handle(self, packet: SSHPacket) -> bytes:
-        req = hashing.parse_check_file(packet, by_handle=True)
+    async def _process_check_file_handle(self, packet: SSHPacket) -> ExtendedReply:
+        req = checkfile.parse_check_file(packet, by_handle=True)
         file_obj = self._file_handles.get(req.target)
         if not isinstance(file_obj, FileHandle):
             raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return ExtendedReply(await hashing.answer_check_file(file_obj.fd, req))
+        return ExtendedReply(await checkfile.answer_check_file(file_obj.fd, req))
 
     _packet_handlers = dict(SFTPServerHandler._packet_handlers)
     _packet_handlers.pop(b"ranges@asyncssh.com", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_size", "format_size", "UNLIMITED_WORDS"]
+__all__ = ["UNLIMITED_WORDS", "format_size", "parse_size"]
 
 UNLIMITED_WORDS = ("unlimited", "none", "off")
 _UNITS = {

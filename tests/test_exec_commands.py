@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from types import SimpleNamespace
 
 import asyncssh
 import pytest
-
-from types import SimpleNamespace
 
 from sshfiles.exec_commands import CommandRefused, parse_command
 

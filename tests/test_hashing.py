@@ -11,14 +11,9 @@ import asyncssh
 import pytest
 from asyncssh.packet import SSHPacket, String, UInt32, UInt64
 
-from sshfiles import hashing
-from sshfiles.hashing import (
-    CheckFileRequest,
-    answer_check_file,
-    hash_fd_range,
-    hash_fd_range_async,
-    parse_check_file,
-)
+from sshfiles import checkfile as hashing  # CHECK_FILE_EXTENSION moved with the check-file codec
+from sshfiles.checkfile import CheckFileRequest, answer_check_file, parse_check_file
+from sshfiles.hashing import hash_fd_range, hash_fd_range_async
 
 
 @pytest.fixture()

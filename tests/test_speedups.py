@@ -6,7 +6,7 @@ import os
 
 from asyncssh.crypto.chacha import ChachaCipher
 
-from sshfiles.speedups import FastChachaCipher
+from sshfiles.asyncssh_seam import FastChachaCipher
 
 
 def test_same_bytes_as_asyncssh_for_many_sizes():
@@ -71,7 +71,7 @@ def test_packet_logging_still_works_when_asked_for(caplog):
     from asyncssh.logging import logger as ssh_logger
     from asyncssh.packet import SSHPacketLogger
 
-    from sshfiles import speedups
+    from sshfiles import asyncssh_seam as speedups
 
     class Probe(SSHPacketLogger):
         _handler_names = {94: "MSG_CHANNEL_DATA"}

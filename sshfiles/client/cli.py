@@ -13,9 +13,11 @@ import shlex
 import stat as statmod
 import sys
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, TypeVar, cast
 
 import asyncssh
 import click
@@ -28,6 +30,11 @@ from .transfer import TransferOptions, plan_get, plan_put, remote_hash, run_jobs
 
 DEFAULT_PORT = 2222
 
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+#: A remote path as typed -> the path relative to the shell's working directory.
+Resolve = Callable[[str], str]
+
 
 @dataclass
 class State:
@@ -35,11 +42,11 @@ class State:
 
     opts: ConnectOptions
     quiet: bool = False
-    session: Optional[Session] = None
+    session: Session | None = None
     out: Callable[[str], None] = field(default=lambda s: click.echo(s))
 
 
-def _remote(state: State, fn):
+def _remote(state: State, fn: Callable[[asyncssh.SFTPClient, Resolve], Awaitable[T]]) -> T:
     """Run ``fn(sftp, resolve)`` on the shell's session, or on a fresh one for a single command."""
     if state.session is not None:
         s = state.session
@@ -48,9 +55,9 @@ def _remote(state: State, fn):
         return s.run(lambda sftp: fn(sftp, s.resolve))
 
 
-def _sftp_call(coro_factory, what: str):
+def _sftp_call(coro_factory: Callable[[], Awaitable[T]], what: str) -> Coroutine[Any, Any, T]:
     """Await an SFTP call, turning its status into a one-line ClientError naming ``what``."""
-    async def run():
+    async def run() -> T:
         try:
             return await coro_factory()
         except asyncssh.SFTPError as exc:
@@ -71,7 +78,7 @@ def _sftp_call(coro_factory, what: str):
               help="Known-hosts file: unknown hosts are trusted on first use, changed keys refused.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summaries; errors only.")
 @click.pass_context
-def cli(ctx: click.Context, host: str, port: int, user: Optional[str], identity: tuple[str, ...],
+def cli(ctx: click.Context, host: str, port: int, user: str | None, identity: tuple[str, ...],
         known_hosts: Path, quiet: bool) -> None:
     if ctx.obj is None:  # the shell passes its own State with an open session
         ctx.obj = State(ConnectOptions(host=host, port=port, user=user, identities=list(identity),
@@ -93,7 +100,7 @@ _transfer_options = [
 ]
 
 
-def transfer_options(fn):
+def transfer_options(fn: F) -> F:
     for opt in reversed(_transfer_options):
         fn = opt(fn)
     return fn
@@ -118,7 +125,7 @@ def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume
     sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
     opts = TransferOptions(resume=resume, verify=verify)
 
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[ClientError]:
         plan = await plan_put(sftp, sources, resolve(dest), recursive)
         return await run_jobs(sftp, plan, "put", opts, make_progress(state.quiet), jobs)
 
@@ -135,7 +142,7 @@ def get(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume
     sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
     opts = TransferOptions(resume=resume, verify=verify)
 
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[ClientError]:
         plan = await plan_get(sftp, [resolve(s) for s in sources], dest, recursive)
         return await run_jobs(sftp, plan, "get", opts, make_progress(state.quiet), jobs)
 
@@ -154,13 +161,14 @@ def _long_line(name: str, attrs: asyncssh.SFTPAttrs) -> str:
 @click.pass_obj
 def ls(state: State, long_: bool, path: str) -> int:
     """List a remote directory (or show one file)."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[tuple[str, asyncssh.SFTPAttrs]]:
         target = resolve(path)
         attrs = await _sftp_call(lambda: sftp.stat(target), path)
         if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
             return [(posixpath.basename(target), attrs)]
         names = await _sftp_call(lambda: sftp.readdir(target), path)
-        return sorted(((n.filename, n.attrs) for n in names if n.filename not in (".", "..")),
+        # readdir of a str path yields str names
+        return sorted(((cast(str, n.filename), n.attrs) for n in names if n.filename not in (".", "..")),
                       key=lambda t: t[0])
 
     for name, attrs in _remote(state, go):
@@ -175,12 +183,12 @@ def ls(state: State, long_: bool, path: str) -> int:
 @click.pass_obj
 def mkdir(state: State, parents: bool, paths: tuple[str, ...]) -> int:
     """Create remote directories."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> None:
         for p in paths:
             if parents:
-                await _sftp_call(lambda: sftp.makedirs(resolve(p), exist_ok=True), p)
+                await _sftp_call(partial(sftp.makedirs, resolve(p), exist_ok=True), p)
             else:
-                await _sftp_call(lambda: sftp.mkdir(resolve(p)), p)
+                await _sftp_call(partial(sftp.mkdir, resolve(p)), p)
     _remote(state, go)
     return EXIT_OK
 
@@ -191,13 +199,13 @@ def mkdir(state: State, parents: bool, paths: tuple[str, ...]) -> int:
 @click.pass_obj
 def rm(state: State, recursive: bool, paths: tuple[str, ...]) -> int:
     """Remove remote files (and trees with -r)."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> None:
         for p in paths:
             target = resolve(p)
-            if recursive and await _sftp_call(lambda: sftp.isdir(target), p):
-                await _sftp_call(lambda: sftp.rmtree(target), p)
+            if recursive and await _sftp_call(partial(sftp.isdir, target), p):
+                await _sftp_call(partial(sftp.rmtree, target), p)
             else:
-                await _sftp_call(lambda: sftp.remove(target), p)
+                await _sftp_call(partial(sftp.remove, target), p)
     _remote(state, go)
     return EXIT_OK
 
@@ -207,9 +215,9 @@ def rm(state: State, recursive: bool, paths: tuple[str, ...]) -> int:
 @click.pass_obj
 def rmdir(state: State, paths: tuple[str, ...]) -> int:
     """Remove empty remote directories."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> None:
         for p in paths:
-            await _sftp_call(lambda: sftp.rmdir(resolve(p)), p)
+            await _sftp_call(partial(sftp.rmdir, resolve(p)), p)
     _remote(state, go)
     return EXIT_OK
 
@@ -220,7 +228,7 @@ def rmdir(state: State, paths: tuple[str, ...]) -> int:
 @click.pass_obj
 def mv(state: State, src: str, dst: str) -> int:
     """Rename or move a remote file or directory (into DST if it is a directory)."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> None:
         s, d = resolve(src), resolve(dst)
         if await sftp.isdir(d):
             d = posixpath.join(d, posixpath.basename(posixpath.normpath(s)))
@@ -238,7 +246,7 @@ def mv(state: State, src: str, dst: str) -> int:
 @click.pass_obj
 def df(state: State) -> int:
     """Show the space (quota) available to you on the server."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> asyncssh.SFTPVFSAttrs:
         return await _sftp_call(lambda: sftp.statvfs(resolve(".")), "df")
 
     v = _remote(state, go)
@@ -258,7 +266,7 @@ def df(state: State) -> int:
 @click.pass_obj
 def hash_(state: State, algorithm: str, paths: tuple[str, ...]) -> int:
     """Print the server-computed hash of remote files (sha256sum format)."""
-    async def go(sftp, resolve):
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[tuple[str, str]]:
         return [(p, await remote_hash(sftp, resolve(p), algorithm)) for p in paths]
 
     for p, digest in _remote(state, go):
@@ -311,7 +319,8 @@ def shell(state: State) -> int:
                     click.echo(session.cwd)
                 elif name == "cd":
                     target = session.resolve(args[0] if args else "/")
-                    async def chdir(sftp, target=target, shown=(args[0] if args else "/")):
+                    async def chdir(sftp: asyncssh.SFTPClient, target: str = target,
+                                    shown: str = (args[0] if args else "/")) -> str:
                         path = await _sftp_call(lambda: sftp.realpath(target), shown)
                         if not await sftp.isdir(path):
                             raise ClientError(f"{shown}: Not a directory", 5)
@@ -338,7 +347,7 @@ def shell(state: State) -> int:
     return EXIT_OK
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the command, map every expected failure to one line and an exit code."""
     try:
         rv = cli.main(args=argv, prog_name="sshfiles-cli", standalone_mode=False)

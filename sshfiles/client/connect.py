@@ -18,9 +18,9 @@ import asyncio
 import getpass
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import asyncssh
 
@@ -87,9 +87,9 @@ class ConnectOptions:
 
     host: str = "127.0.0.1"
     port: int = 22
-    user: Optional[str] = None
+    user: str | None = None
     identities: list[str] = field(default_factory=list)
-    password: Optional[str] = None
+    password: str | None = None
     known_hosts: Path = DEFAULT_KNOWN_HOSTS
     connect_timeout: float = 20.0
     #: Called with a line to show the user (fingerprint on first use); stderr by default.
@@ -105,7 +105,7 @@ class _Client(asyncssh.SSHClient):
         self._known = known
         self._pattern = pattern
         self._recorded = recorded
-        self.mismatch: Optional[asyncssh.SSHKey] = None
+        self.mismatch: asyncssh.SSHKey | None = None
         self._password_tries = 0
         self.prompted = False
 
@@ -120,7 +120,7 @@ class _Client(asyncssh.SSHClient):
                           f"{fingerprint(key)} trusted on first use, recorded in {self._known.path}")
         return True
 
-    def password_auth_requested(self):
+    def password_auth_requested(self) -> str | Awaitable[str | None] | None:
         self._password_tries += 1
         if self._opts.password is not None:
             return self._opts.password if self._password_tries == 1 else None
@@ -130,7 +130,7 @@ class _Client(asyncssh.SSHClient):
         user = self._opts.user or getpass.getuser()
         return asyncio.to_thread(getpass.getpass, f"{user}@{self._opts.host}'s password: ")
 
-    def kbdint_auth_requested(self):
+    def kbdint_auth_requested(self) -> str | None:
         return None  # sshfiles uses plain password auth; avoids double prompts
 
 
@@ -179,7 +179,7 @@ async def connect(opts: ConnectOptions) -> asyncssh.SSHClientConnection:
                           EXIT_CONNECT) from None
     except asyncssh.DisconnectError as exc:
         raise ClientError(f"connection to {pattern} failed: {exc.reason}", EXIT_CONNECT) from None
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise ClientError(f"cannot connect to {pattern}: {reason}", EXIT_CONNECT) from None
     except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:

@@ -68,11 +68,11 @@ class VerifyError(ClientError):
 
 
 _SFTP_CODES = {
-    asyncssh.sftp.FX_NO_SUCH_FILE: EXIT_NOT_FOUND,
-    asyncssh.sftp.FX_PERMISSION_DENIED: EXIT_NOT_FOUND,
-    asyncssh.sftp.FX_NO_SUCH_PATH: EXIT_NOT_FOUND,
-    asyncssh.sftp.FX_QUOTA_EXCEEDED: EXIT_QUOTA,
-    asyncssh.sftp.FX_NO_SPACE_ON_FILESYSTEM: EXIT_QUOTA,
+    asyncssh.FX_NO_SUCH_FILE: EXIT_NOT_FOUND,
+    asyncssh.FX_PERMISSION_DENIED: EXIT_NOT_FOUND,
+    asyncssh.FX_NO_SUCH_PATH: EXIT_NOT_FOUND,
+    asyncssh.FX_QUOTA_EXCEEDED: EXIT_QUOTA,
+    asyncssh.FX_NO_SPACE_ON_FILESYSTEM: EXIT_QUOTA,
 }
 
 
@@ -91,7 +91,7 @@ def from_sftp_error(exc: asyncssh.SFTPError, what: str) -> ClientError:
     code = _SFTP_CODES.get(exc.code, EXIT_ERROR)
     if code == EXIT_ERROR and _is_quota_text(reason):
         code = EXIT_QUOTA
-    if exc.code == asyncssh.sftp.FX_NO_SUCH_FILE and reason.lower() in ("no such file", ""):
+    if exc.code == asyncssh.FX_NO_SUCH_FILE and reason.lower() in ("no such file", ""):
         reason = "No such file or directory"
     return ClientError(f"{what}: {reason}", code)
 

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from typing import IO, Optional, Protocol
+from typing import IO, Protocol
 
 from tqdm import tqdm
 
@@ -85,7 +85,7 @@ class PlainProgress(QuietProgress):
 
 
 class _BarTask:
-    def __init__(self, owner: "TtyProgress", bar: tqdm) -> None:
+    def __init__(self, owner: TtyProgress, bar: tqdm) -> None:
         self._owner = owner
         self._bar = bar
 
@@ -113,7 +113,7 @@ class TtyProgress:
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
         self.lock = threading.Lock()
-        self.overall: Optional[tqdm] = None
+        self.overall: tqdm | None = None
 
     def _columns(self) -> int:
         # A pty nobody sized (script(1) without a terminal, CI) reports 0x0, and tqdm then hides
@@ -123,7 +123,7 @@ class TtyProgress:
         except (OSError, ValueError, AttributeError):
             return 0
 
-    def _bar(self, label: str, total: int, initial: int, position: Optional[int] = None) -> tqdm:
+    def _bar(self, label: str, total: int, initial: int, position: int | None = None) -> tqdm:
         sized = self._columns() > 0
         return tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True,
                     unit_divisor=1024, file=self.stream, leave=False, dynamic_ncols=sized,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
-from typing import Awaitable, Callable, Optional, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncssh
 
@@ -26,11 +27,11 @@ class Session:
     def __init__(self, opts: ConnectOptions) -> None:
         self.opts = opts
         self.loop = asyncio.new_event_loop()
-        self.conn: Optional[asyncssh.SSHClientConnection] = None
-        self.sftp: Optional[asyncssh.SFTPClient] = None
-        self.cwd: Optional[str] = None  # None: the server's start directory (the user's home)
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.sftp: asyncssh.SFTPClient | None = None
+        self.cwd: str | None = None  # None: the server's start directory (the user's home)
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         try:
             self.conn = self.loop.run_until_complete(connect(self.opts))
             self.sftp = self.loop.run_until_complete(self.conn.start_sftp_client())
@@ -76,7 +77,7 @@ class Session:
                 t.cancel()
             if pending:
                 self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        except Exception:  # noqa: BLE001 - closing must never mask the real error
+        except Exception:  # closing must never mask the real error
             pass
         finally:
             self.loop.close()

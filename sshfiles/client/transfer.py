@@ -21,14 +21,15 @@ import asyncio
 import os
 import posixpath
 import stat as statmod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import cast
 
 import asyncssh
-from asyncssh.constants import FXP_EXTENDED_REPLY
-from asyncssh.packet import String, UInt32, UInt64
 
-from sshfiles.hashing import ALGORITHMS, hash_fd_range
+from sshfiles import checkfile
+from sshfiles.asyncssh_seam import extended_request, request_read, request_write
+from sshfiles.hashing import hash_fd_range
 
 from .errors import ClientError, VerifyError, from_os_error, from_sftp_error
 from .progress import Progress, QuietProgress, Timer, human
@@ -64,7 +65,7 @@ class TransferResult:
     resumed_from: int = 0
     sent: int = 0
     restarted: bool = False
-    verified: Optional[bool] = None
+    verified: bool | None = None
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -84,34 +85,21 @@ class TransferResult:
 
 # --------------------------------------------------------------------------- check-file (client side)
 
-def _enable_check_file(sftp: asyncssh.SFTPClient) -> asyncssh.sftp.SFTPClientHandler:
-    """Let asyncssh's client accept EXTENDED_REPLY for check-file requests.
-
-    asyncssh only accepts an EXTENDED_REPLY for the extensions it knows; the table is per class, so
-    we give this handler instance its own copy with check-file added (asyncssh is pinned to 2.24).
-    """
-    handler = sftp._handler  # noqa: SLF001 - no public API for raw extended requests
-    if b"check-file-handle" not in handler._return_types:  # noqa: SLF001
-        handler._return_types = {**handler._return_types,  # noqa: SLF001
-                                 b"check-file-handle": FXP_EXTENDED_REPLY,
-                                 b"check-file-name": FXP_EXTENDED_REPLY}
-    return handler
-
-
 async def check_file(sftp: asyncssh.SFTPClient, target: bytes, *, by_handle: bool,
                      algorithms: str = VERIFY_ALGORITHM, offset: int = 0, length: int = 0,
                      block_size: int = 0) -> tuple[str, list[bytes]]:
-    """Send check-file-handle/-name and return (algorithm used, digests)."""
-    handler = _enable_check_file(sftp)
-    name = b"check-file-handle" if by_handle else b"check-file-name"
-    packet = await handler._make_request(  # noqa: SLF001
-        name, String(target), String(algorithms), UInt64(offset), UInt64(length), UInt32(block_size))
-    alg = packet.get_string().decode("ascii")
-    blob = packet.get_remaining_payload()
-    size = ALGORITHMS.get(alg, (None, 0))[1]
-    if not size or len(blob) % size:
-        raise ClientError(f"server sent a malformed check-file reply ({alg}, {len(blob)} bytes)")
-    return alg, [blob[i:i + size] for i in range(0, len(blob), size)]
+    """Send check-file-handle/-name and return (algorithm used, digests).
+
+    The wire format is ``sshfiles.checkfile`` (the server's own codec); asyncssh has no public call
+    for a raw extended request, so it goes through ``asyncssh_seam.extended_request``.
+    """
+    name = checkfile.CHECK_FILE_HANDLE if by_handle else checkfile.CHECK_FILE_NAME
+    body = await extended_request(sftp, name, checkfile.encode_request(target, algorithms, offset, length,
+                                                                       block_size))
+    try:
+        return checkfile.decode_reply(body)
+    except checkfile.MalformedReply as exc:
+        raise ClientError(str(exc)) from None
 
 
 async def remote_hash(sftp: asyncssh.SFTPClient, path: str, algorithm: str = VERIFY_ALGORITHM) -> str:
@@ -154,7 +142,7 @@ def resume_point(local: list[bytes], remote: list[bytes], block: int, partial: i
     writes, so we resume at the first differing block; an earlier difference means the partial is
     not a prefix of our file, so we restart at 0.
     """
-    for i, (a, b) in enumerate(zip(local, remote)):
+    for i, (a, b) in enumerate(zip(local, remote, strict=False)):  # unequal lengths: checked below
         if a != b:
             start = i * block
             if start and partial - start <= in_flight + block:
@@ -212,7 +200,7 @@ async def _copy_range(read_at: ReadAt, write_at: WriteAt, start: int, end: int,
             pending.add(asyncio.ensure_future(one(off, n)))
             off += n
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        errors = [t.exception() for t in done if t.exception() is not None]  # retrieve them all
+        errors = [exc for t in done if (exc := t.exception()) is not None]  # retrieve them all
         if errors:
             for p in pending:
                 p.cancel()
@@ -229,7 +217,7 @@ def _fit_chunk(opts: TransferOptions, server_max: int) -> TransferOptions:
     return opts
 
 
-async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> Optional[int]:
+async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> int | None:
     try:
         attrs = await sftp.stat(path)
     except asyncssh.SFTPNoSuchFile:
@@ -271,15 +259,14 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
             task = progress.start_file(posixpath.basename(remote) or remote, size, start)
             # One WRITE request per chunk (not SFTPClientFile.write, which fans out into tasks of
             # its own that asyncssh leaves unretrieved when a quota error cancels the copy).
-            handler = sftp._handler  # noqa: SLF001
-            opts = _fit_chunk(opts, handler.limits.max_write_len)
+            opts = _fit_chunk(opts, sftp.limits.max_write_len)
             try:
                 async with sftp.open(remote, "r+b" if start else "wb") as rf:
                     async def read_at(off: int, n: int) -> bytes:
                         return os.pread(fd, n, off)
 
                     async def write_at(off: int, data: bytes) -> None:
-                        await handler.write(rf.handle, off, data)
+                        await request_write(sftp, rf.handle, off, data)
 
                     def advance(n: int) -> None:
                         result.sent += n
@@ -339,14 +326,14 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                 result.resumed_from = start
                 task = progress.start_file(os.path.basename(local) or local, size, start)
                 try:
-                    handler = sftp._handler  # noqa: SLF001 - one READ per chunk, see put_file
-                    opts = _fit_chunk(opts, handler.limits.max_read_len)
+                    # One READ request per chunk, see put_file.
+                    opts = _fit_chunk(opts, sftp.limits.max_read_len)
 
                     async def read_at(off: int, n: int) -> bytes:
                         parts: list[bytes] = []
                         while n > 0:
                             try:
-                                data, _ = await handler.read(rf.handle, off, n)
+                                data = await request_read(sftp, rf.handle, off, n)
                             except asyncssh.SFTPEOFError:
                                 break
                             parts.append(data)
@@ -441,7 +428,7 @@ async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
     async def walk(rpath: str, lpath: str) -> None:
         os.makedirs(lpath, exist_ok=True)
         for entry in sorted(await sftp.readdir(rpath), key=lambda e: e.filename):
-            name = entry.filename
+            name = cast(str, entry.filename)  # readdir of a str path yields str names
             if name in (".", ".."):
                 continue
             child = posixpath.join(rpath, name)

@@ -1,0 +1,291 @@
+"""The one module of sshfiles allowed to touch asyncssh internals.
+
+Why a seam: sshfiles relies on a few asyncssh behaviours that have no public API (raw extended SFTP
+requests from the client) or that cost too much per packet (the transport fixes below). Private names
+change between asyncssh releases without notice, so every use of one lives here, next to the version
+check that makes an untested asyncssh fail at import with one clear line instead of misbehaving at
+the first packet. To support a new asyncssh release: re-check each item below against its source,
+rerun tests/test_speedups.py, tests/test_client.py and tests/unit, then widen ``SUPPORTED``.
+
+Each item says which upstream behaviour it changes and whether the change belongs upstream:
+
+0. SSH wire primitives: ``SSHPacket`` (a reader over a packet body), ``String``/``UInt32``/``UInt64``
+   (encoders) and ``PacketDecodeError`` live in ``asyncssh.packet``, which is not public API. They
+   are re-exported here unchanged so codecs (``checkfile.py``) need no private import of their own.
+   Belongs upstream: exporting them would help every SFTP extension author.
+
+1. ``extended_request`` -- client side, raw SFTP extended requests (``check-file``). asyncssh's
+   ``SFTPClient`` has no public way to send a vendor extension and read its EXTENDED_REPLY, and its
+   handler rejects an EXTENDED_REPLY for any request name not in the class-level ``_return_types``
+   table. We give the one handler instance its own copy of the table with the name added, then call
+   the private ``_make_request``. Belongs upstream: yes, as a public
+   ``SFTPClient.extended_request(name, payload) -> bytes``.
+
+2. ``request_read`` / ``request_write`` -- client side, exactly one READ/WRITE request per call.
+   ``SFTPClientFile.read/write`` split and fan out into tasks of their own, which asyncssh leaves
+   unretrieved when the caller cancels (a quota error mid-upload); the transfer engine pipelines its
+   own requests, so it needs the per-request calls of the private ``SFTPClient._handler``. Belongs
+   upstream: the unretrieved-task warning is an upstream bug; a public per-request API would be nice.
+
+3. ``install_speedups`` -- server side, per-packet costs measured with py-spy (README, Performance):
+
+   a. No empty SSH_MSG_IGNORE before every packet. ``SSHConnection.send_packet`` sends one ahead of
+      every non-key-exchange packet once encryption is on: RFC 4251 section 9.3.1's countermeasure
+      against chosen-plaintext attacks on CBC mode. sshfiles offers no CBC cipher (server.py), so it
+      protects nothing here while it doubles the packets on the wire (a second encryption, MAC and
+      socket write per data packet). Belongs upstream: yes, as "only when a CBC cipher is in use"
+      (OpenSSH never sends it).
+   b. One socket write per event-loop turn instead of one per SSH packet. ``SSHConnection._send``
+      hands every packet to the transport on its own, so an upload answers each WRITE with a separate
+      send() for its small STATUS reply and window adjust; buffering a turn's packets and writing them
+      together is the same byte stream with a fraction of the system calls. Belongs upstream: maybe,
+      as an option (it delays writes to the end of the current loop turn).
+   c. No packet-log formatting when packet logging is off. ``SSHPacketLogger._log_packet`` formats a
+      description of every packet (name, byte count, payload copy) before its logger checks the debug
+      level (3) that packet logging needs; below 3 the result was always discarded. Belongs
+      upstream: yes, a plain bug fix.
+   d. A cheaper chacha20-poly1305@openssh.com. asyncssh 2.24 builds three ChaCha20 cipher objects
+      per packet (header, Poly1305 key, data) and concatenates each received packet twice; at 32 KiB
+      (the largest packet OpenSSH's client accepts) that is about 58 us per packet, of which the
+      ChaCha20 and Poly1305 work is about 20 us. ``FastChachaCipher`` derives the Poly1305 key and
+      encrypts the data from one ChaCha20 context (block 0 is the Poly1305 key, the data starts at
+      block 1, exactly as the OpenSSH construction specifies) and feeds Poly1305 in pieces, so it does
+      two cipher setups per packet instead of three. Same wire format: tests/test_speedups.py checks
+      it byte for byte against asyncssh's implementation and the stock OpenSSH client. Belongs
+      upstream: yes.
+
+   ``install_speedups()`` patches classes, so it affects every connection in the process: only the
+   server calls it, never the client library.
+
+Still outside this module (to be moved here when those files are free): the server-side handler
+adjustments in sftp.py (``SshfilesSFTPHandler``) and the channel session in server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, cast
+
+import asyncssh
+
+__all__ = [
+    "SUPPORTED",
+    "FastChachaCipher",
+    "FastChachaEncryption",
+    "PacketDecodeError",
+    "SSHPacket",
+    "String",
+    "UInt32",
+    "UInt64",
+    "check_version",
+    "extended_request",
+    "install_speedups",
+    "request_read",
+    "request_write",
+]
+
+#: The asyncssh versions whose internals this module was checked against: [low, high).
+SUPPORTED: tuple[tuple[int, int], tuple[int, int]] = ((2, 24), (2, 25))
+_SUPPORTED_TEXT = ">=2.24,<2.25"
+
+
+def check_version(version: str) -> None:
+    """Raise ImportError with one line unless ``version`` is in ``SUPPORTED``.
+
+    Only the release's major.minor is compared (2.24.1 is 2.24); a version that does not parse is
+    unsupported too, since nothing can be said about its internals.
+    """
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major = minor = -1
+    low, high = SUPPORTED
+    if not low <= (major, minor) < high:
+        raise ImportError(f"sshfiles needs asyncssh {_SUPPORTED_TEXT} (installed: {version}): "
+                          "it relies on internals checked only for that range")
+
+
+check_version(asyncssh.__version__)
+
+# Imported after the check: on another version these private modules may not even exist.
+from asyncssh import encryption as _encryption  # noqa: E402
+from asyncssh.connection import SSHConnection  # noqa: E402
+from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32, UInt64  # noqa: E402
+from asyncssh.sftp import FXP_EXTENDED_REPLY, SFTPClientHandler  # noqa: E402
+from cryptography.exceptions import InvalidSignature  # noqa: E402
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20  # noqa: E402
+from cryptography.hazmat.primitives.poly1305 import Poly1305  # noqa: E402
+
+# --------------------------------------------------------------------------- 1, 2: the SFTP client
+
+
+def _client_handler(sftp: asyncssh.SFTPClient) -> SFTPClientHandler:
+    """The protocol handler behind a public ``SFTPClient`` (private attribute ``_handler``)."""
+    return cast(SFTPClientHandler, sftp._handler)
+
+
+def _accept_extended_reply(handler: SFTPClientHandler, name: bytes) -> None:
+    """Let ``handler`` accept an EXTENDED_REPLY for request ``name`` (per instance, never per class)."""
+    if name not in handler._return_types:
+        handler._return_types = {**handler._return_types, name: FXP_EXTENDED_REPLY}
+
+
+async def extended_request(sftp: asyncssh.SFTPClient, name: bytes, payload: bytes) -> bytes:
+    """Send SFTP extended request ``name`` with ``payload`` (the bytes after the name) and return
+    the EXTENDED_REPLY body (the bytes after the request id).
+
+    An error status from the server raises the matching ``asyncssh.SFTPError``; an OK status where a
+    reply was due raises ``asyncssh.SFTPBadMessage``, as asyncssh does for its own requests.
+    """
+    handler = _client_handler(sftp)
+    _accept_extended_reply(handler, name)
+    reply = cast(SSHPacket, await handler._make_request(name, payload))
+    return reply.get_remaining_payload()
+
+
+async def request_read(sftp: asyncssh.SFTPClient, handle: bytes, offset: int, length: int) -> bytes:
+    """One READ request: up to ``length`` bytes at ``offset``; raises ``asyncssh.SFTPEOFError`` at EOF."""
+    data, _ = await _client_handler(sftp).read(handle, offset, length)
+    return data
+
+
+async def request_write(sftp: asyncssh.SFTPClient, handle: bytes, offset: int, data: bytes) -> None:
+    """One WRITE request of ``data`` at ``offset``."""
+    await _client_handler(sftp).write(handle, offset, data)
+
+
+# --------------------------------------------------------------------------- 3d: chacha20-poly1305
+
+_CHACHA = b"chacha20-poly1305@openssh.com"
+_CTR_0 = bytes(8)
+_BLOCK0 = bytes(64)
+
+
+class FastChachaCipher:
+    """Same interface as ``asyncssh.crypto.ChachaCipher``, two cipher setups per packet (item 3d)."""
+
+    def __init__(self, key: bytes) -> None:
+        half = len(key) // 2
+        self._key = key[:half]
+        self._adkey = key[half:]
+
+    def _data_stream(self, nonce: bytes) -> tuple[CipherContext, bytes]:
+        ctx = Cipher(ChaCha20(self._key, _CTR_0 + nonce), mode=None).encryptor()
+        poly_key = ctx.update(_BLOCK0)[:32]  # block 0; the data continues at block 1
+        return ctx, poly_key
+
+    def encrypt_and_sign(self, header: bytes, data: bytes, nonce: bytes) -> tuple[bytes, bytes]:
+        header = Cipher(ChaCha20(self._adkey, _CTR_0 + nonce), mode=None).encryptor().update(header)
+        ctx, poly_key = self._data_stream(nonce)
+        packet = header + ctx.update(data)
+        return packet, Poly1305.generate_tag(poly_key, packet)
+
+    def decrypt_header(self, header: bytes, nonce: bytes) -> bytes:
+        return Cipher(ChaCha20(self._adkey, _CTR_0 + nonce), mode=None).encryptor().update(header)
+
+    def verify_and_decrypt(self, header: bytes, data: bytes, nonce: bytes, tag: bytes) -> bytes | None:
+        return self.verify_and_decrypt_parts(header, (data,), nonce, tag)
+
+    def verify_and_decrypt_parts(self, header: bytes, parts: tuple[bytes, ...], nonce: bytes,
+                                 tag: bytes) -> bytes | None:
+        """Verify the tag over header + parts without concatenating them, then decrypt the parts."""
+        ctx, poly_key = self._data_stream(nonce)
+        poly = Poly1305(poly_key)
+        poly.update(header)
+        for part in parts:
+            poly.update(part)
+        try:
+            poly.verify(tag)
+        except InvalidSignature:
+            return None
+        if len(parts) == 2:  # the packet path: no generator, it showed up in profiles
+            return ctx.update(parts[0]) + ctx.update(parts[1])
+        return b"".join([ctx.update(part) for part in parts])
+
+
+class FastChachaEncryption(_encryption.ChachaEncryption):
+    """asyncssh's chacha20 packet shim on ``FastChachaCipher``, minus a concatenation of every
+    received packet (item 3d)."""
+
+    _cipher: FastChachaCipher  # type: ignore[assignment]
+
+    @classmethod
+    def new(cls, cipher_name: str, key: bytes, iv: bytes, mac_alg: bytes = b"",
+            mac_key: bytes = b"", etm: bool = False) -> FastChachaEncryption:
+        return cls(FastChachaCipher(key))  # type: ignore[arg-type]
+
+    def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
+                       mac: bytes) -> bytes | None:
+        return self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest),
+                                                     UInt64(seq), mac)
+
+
+# --------------------------------------------------------------------------- 3a: no CBC IGNOREs
+
+_original_send_packet = SSHConnection.send_packet
+
+
+def _send_packet_without_cbc_padding_ignores(self: SSHConnection, pkttype: int, *args: bytes,
+                                             handler: Any = None) -> None:
+    """``SSHConnection.send_packet``, minus the empty IGNORE it inserts before each packet (item 3a).
+
+    The outer call marks the connection while it runs; the IGNORE it sends from inside is dropped.
+    IGNOREs sent on their own (keepalives, user calls) still go out.
+    """
+    conn: Any = self  # carries our own attribute, which SSHConnection does not declare
+    if pkttype == MSG_IGNORE and getattr(conn, "_sshfiles_sending", False):
+        return  # the automatic one, requested from inside the outer send_packet below
+    previous = getattr(conn, "_sshfiles_sending", False)
+    conn._sshfiles_sending = pkttype > MSG_KEX_LAST
+    try:
+        _original_send_packet(self, pkttype, *args, handler=handler)
+    finally:
+        conn._sshfiles_sending = previous
+
+
+# --------------------------------------------------------------------------- 3b: coalesced writes
+
+
+def _send_coalesced(self: SSHConnection, data: bytes) -> None:
+    """``SSHConnection._send``, buffered until the end of this event-loop turn (item 3b)."""
+    conn: Any = self  # carries our own attribute, which SSHConnection does not declare
+    transport = conn._transport
+    if not transport:
+        return
+    pending: list[bytes] | None = getattr(conn, "_sshfiles_pending", None)
+    if pending is None:
+        pending = conn._sshfiles_pending = []
+        conn._loop.call_soon(_flush, conn, transport)
+    pending.append(data)
+
+
+def _flush(conn: Any, transport: asyncio.WriteTransport) -> None:
+    pending: list[bytes] = conn._sshfiles_pending
+    conn._sshfiles_pending = None
+    try:
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+    except ConnectionError:  # the peer is gone; asyncssh notices through connection_lost
+        pass
+
+
+# --------------------------------------------------------------------------- 3c: lazy packet logs
+
+_original_log_packet: Callable[..., None] = SSHPacketLogger._log_packet
+
+
+def _log_packet_if_enabled(self: SSHPacketLogger, msg: str, pkttype: int, pktid: int | None, packet: Any,
+                           note: str) -> None:
+    """``SSHPacketLogger._log_packet``, skipped when ``SSHLogger.packet`` would drop it anyway (3c)."""
+    if self.logger._debug_level >= 3:
+        _original_log_packet(self, msg, pkttype, pktid, packet, note)
+
+
+def install_speedups() -> None:
+    """Apply items 3a-3d to asyncssh in this process (idempotent). Server only: it patches classes."""
+    _encryption._enc_params[_CHACHA] = (FastChachaEncryption, "chacha20-poly1305")
+    SSHConnection.send_packet = _send_packet_without_cbc_padding_ignores  # type: ignore[method-assign]
+    SSHConnection._send = _send_coalesced  # type: ignore[method-assign]
+    SSHPacketLogger._log_packet = _log_packet_if_enabled  # type: ignore[method-assign]

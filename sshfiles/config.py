@@ -1,0 +1,243 @@
+"""The ``sshfiles serve`` settings: one typed model, one place for each default, one precedence rule.
+
+Why: each setting used to be spelled out in several places (the click option, its env var, the TOML
+lookup, the default, the validation), and they drifted: ``--workers 0`` meant "unset" because of an
+``or``, and a TOML ``port = "abc"`` surfaced as a traceback. Here every setting is one field of
+``ServeConfig`` carrying its default, its range and its metadata (help text, environment variable,
+flag, TOML key), and ``resolve`` applies one rule to all of them:
+
+    flag > environment > TOML file > default
+
+A value that is present wins even if it is 0 or empty-looking (``--idle-timeout 0`` means "no idle
+timeout", not "use the default"); only an absent flag (``None``) or environment variable (missing or
+``""``, as click treats it) falls through. Every problem -- an unknown TOML key, a wrong type (``port =
+"abc"``, ``workers = "two"``, ``host = 5``, ``true`` where a number is expected), a value out of range
+-- raises ``ConfigError`` with one line that names the flag, variable or key the user has to fix.
+
+This module does not know click: the CLI passes its parsed flags as a dict keyed by field name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "load_toml", "resolve"]
+
+_ENV_PREFIX = "SSHFILES_"
+
+
+class ConfigError(ValueError):
+    """A configuration value the server cannot use; the message is one line naming its source."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything about one serve setting except its value.
+
+    ``kind`` is the Python type of the value (``str``, ``int``, ``float`` or ``Path``); ``minimum`` and
+    ``maximum`` bound numbers (inclusive), ``positive`` demands > 0 (for durations where 0 makes no sense).
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    positive: bool = False
+
+    @property
+    def env(self) -> str:
+        """Environment variable: ``SSHFILES_<NAME>`` (``SSHFILES_LOGIN_TIMEOUT``)."""
+        return _ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """Command-line flag: ``--login-timeout``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def toml_key(self) -> str:
+        """Key in the TOML file: the field name itself (``login_timeout``)."""
+        return self.name
+
+    def range_text(self) -> str:
+        if self.positive:
+            return "greater than 0"
+        if self.minimum is not None and self.maximum is not None:
+            return f"between {self.minimum:g} and {self.maximum:g}"
+        if self.minimum is not None:
+            return f"at least {self.minimum:g}"
+        return f"at most {self.maximum:g}"  # pragma: no cover - no such setting today
+
+
+def _meta(kind: type, help: str, *, minimum: float | None = None, maximum: float | None = None,
+          positive: bool = False) -> dict[str, Any]:
+    """A dataclass field's metadata describing the setting (its name and default come from the field)."""
+    return {"sshfiles": {"kind": kind, "help": help, "minimum": minimum, "maximum": maximum, "positive": positive}}
+
+
+# Relative to the directory the server starts in, as the README documents.
+_KEYS_DIR, _ACCOUNTS_DIR, _HOMES_DIR = Path("keys"), Path("accounts"), Path("homes")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Every setting of ``sshfiles serve``, with its default. Construct it with ``resolve``.
+
+    Instances are always valid: the constructor checks types and ranges too, so code that builds one
+    directly (tests, embedding) gets the same guarantees as the CLI.
+    """
+
+    host: str = field(default="127.0.0.1", metadata=_meta(str, "Address to listen on."))
+    # 0 lets the kernel pick a free port (the log line "listening on ... port N" says which): the
+    # test suite starts every server that way, so 0 must stay valid.
+    port: int = field(default=2222, metadata=_meta(int, "Port to listen on (0: any free port).",
+                                                   minimum=0, maximum=65535))
+    keys_dir: Path = field(default=_KEYS_DIR,
+                           metadata=_meta(Path, "Host keys directory (keys are generated there on first start)."))
+    accounts_dir: Path = field(default=_ACCOUNTS_DIR, metadata=_meta(Path, "Accounts store directory."))
+    homes_dir: Path = field(default=_HOMES_DIR, metadata=_meta(Path, "Where user homes are created."))
+    login_timeout: float = field(default=60.0, metadata=_meta(float, "Seconds a connection has to authenticate.",
+                                                              positive=True))
+    max_auth_tries: int = field(default=6, metadata=_meta(int, "Failed authentication attempts per connection.",
+                                                          minimum=1))
+    workers: int = field(default=1, metadata=_meta(int, "Server processes sharing the listening socket.", minimum=1))
+    idle_timeout: float = field(default=900.0, metadata=_meta(
+        float, "Seconds a session may be idle before it is closed (0: never).", minimum=0))
+    grace: float = field(default=30.0, metadata=_meta(
+        float, "Seconds sessions get to finish on shutdown before they are closed.", minimum=0))
+
+    def __post_init__(self) -> None:
+        for s in SETTINGS.values():
+            problem = _check(s, getattr(self, s.name))
+            if problem:
+                raise ConfigError(f"ServeConfig.{s.name}: {problem}")
+
+
+def _settings() -> dict[str, Setting]:
+    out: dict[str, Setting] = {}
+    for f in fields(ServeConfig):
+        meta = f.metadata["sshfiles"]
+        assert f.default is not MISSING
+        out[f.name] = Setting(f.name, meta["kind"], f.default, meta["help"], meta["minimum"], meta["maximum"],
+                              meta["positive"])
+    return out
+
+
+#: Field name -> its description, in declaration order (what --help and the README list).
+SETTINGS: dict[str, Setting] = _settings()
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", Path: "a path (string)"}
+
+
+def _check(s: Setting, value: Any) -> str | None:
+    """Why ``value`` (already of the setting's Python type or not) is unusable, or None if it is fine."""
+    if s.kind is Path:
+        ok = isinstance(value, Path)
+    elif s.kind is float:
+        ok = isinstance(value, float)
+    else:
+        ok = isinstance(value, s.kind) and not isinstance(value, bool)
+    if not ok:
+        return f"expected {_TYPE_NAMES[s.kind]}, got {value!r}"
+    if s.kind in (int, float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        if s.positive and not value > 0:
+            return f"must be greater than 0, got {value!r}"
+        if (s.minimum is not None and value < s.minimum) or (s.maximum is not None and value > s.maximum):
+            return f"must be {s.range_text()}, got {value!r}"
+    return None
+
+
+def _from_value(s: Setting, value: Any) -> Any:
+    """A flag or TOML value (already typed by click or tomllib) as the setting's type, or raise
+    ``ValueError`` with the reason. No string parsing here: ``port = "22"`` in TOML is a type error."""
+    if isinstance(value, bool):  # bool is an int subclass: never let true mean 1
+        raise ValueError(f"expected {_TYPE_NAMES[s.kind]}, got {value!r}")
+    if s.kind is float and isinstance(value, int):
+        return float(value)
+    if s.kind is Path and isinstance(value, str | os.PathLike):
+        return Path(value)
+    if s.kind is str and isinstance(value, str):
+        return value
+    if s.kind is int and isinstance(value, int):
+        return value
+    if s.kind is float and isinstance(value, float):
+        return value
+    raise ValueError(f"expected {_TYPE_NAMES[s.kind]}, got {value!r}")
+
+
+def _from_text(s: Setting, text: str) -> Any:
+    """An environment variable's text as the setting's type, or raise ``ValueError`` with the reason."""
+    if s.kind is int:
+        try:
+            return int(text.strip(), 10)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+    if s.kind is float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+    if s.kind is Path:
+        return Path(text)
+    return text
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML config file; ``ConfigError`` (one line) if it is unreadable or not valid TOML."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {os.fspath(path)}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())  # always one line
+        raise ConfigError(f"config file {os.fspath(path)} is not valid TOML: {reason}") from None
+
+
+def resolve(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str, Any],
+            *, toml_name: str = "config file") -> ServeConfig:
+    """Build the effective ``ServeConfig``: flag > environment > TOML > default, per setting.
+
+    ``flags`` maps field names to parsed flag values, ``None`` meaning "not given" (click's default);
+    ``env`` is usually ``os.environ``; ``toml`` is ``load_toml``'s result (``{}`` without a file) and
+    ``toml_name`` how messages call it (e.g. its path). Raises ``ConfigError`` naming the flag, the
+    variable or the key for an unknown TOML key or flag name, a wrong type, or a value out of range.
+    """
+    for key in toml:
+        if key not in SETTINGS:
+            known = ", ".join(SETTINGS)
+            raise ConfigError(f"{toml_name}: unknown key {key!r} (known keys: {known})")
+    for key in flags:
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown serve option {key!r}")
+    values: dict[str, Any] = {}
+    for name, s in SETTINGS.items():
+        flag_value = flags.get(name)
+        env_text = env.get(s.env)
+        try:
+            if flag_value is not None:
+                where, value = s.flag, _from_value(s, flag_value)
+            elif env_text:
+                where, value = s.env, _from_text(s, env_text)
+            elif name in toml:
+                where, value = f"{toml_name} key {s.toml_key}", _from_value(s, toml[name])
+            else:
+                continue
+        except ValueError as exc:
+            source = s.flag if flag_value is not None else s.env if env_text else f"{toml_name} key {s.toml_key}"
+            raise ConfigError(f"{source}: {exc}") from None
+        problem = _check(s, value)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+        values[name] = value
+    return ServeConfig(**values)

@@ -1,0 +1,221 @@
+"""sshfiles.config: defaults, precedence (flag > env > TOML > default), types, ranges, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sshfiles.config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
+
+DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1", "port": 2222, "keys_dir": Path("keys"), "accounts_dir": Path("accounts"),
+    "homes_dir": Path("homes"), "login_timeout": 60.0, "max_auth_tries": 6, "workers": 1,
+    "idle_timeout": 900.0, "grace": 30.0,
+}
+
+# One valid value per setting for each layer, all different from each other and from the default.
+FLAG = {"host": "10.0.0.1", "port": 1, "keys_dir": Path("/f/keys"), "accounts_dir": Path("/f/acc"),
+        "homes_dir": Path("/f/homes"), "login_timeout": 1.5, "max_auth_tries": 1, "workers": 4,
+        "idle_timeout": 5.0, "grace": 2.0}
+ENV = {"host": "10.0.0.2", "port": "2", "keys_dir": "/e/keys", "accounts_dir": "/e/acc", "homes_dir": "/e/homes",
+       "login_timeout": "2.5", "max_auth_tries": "2", "workers": "5", "idle_timeout": "6", "grace": "3"}
+ENV_PARSED = {"host": "10.0.0.2", "port": 2, "keys_dir": Path("/e/keys"), "accounts_dir": Path("/e/acc"),
+              "homes_dir": Path("/e/homes"), "login_timeout": 2.5, "max_auth_tries": 2, "workers": 5,
+              "idle_timeout": 6.0, "grace": 3.0}
+TOML = {"host": "10.0.0.3", "port": 3, "keys_dir": "/t/keys", "accounts_dir": "/t/acc", "homes_dir": "/t/homes",
+        "login_timeout": 3.5, "max_auth_tries": 3, "workers": 6, "idle_timeout": 7, "grace": 4.0}
+TOML_PARSED = {"host": "10.0.0.3", "port": 3, "keys_dir": Path("/t/keys"), "accounts_dir": Path("/t/acc"),
+               "homes_dir": Path("/t/homes"), "login_timeout": 3.5, "max_auth_tries": 3, "workers": 6,
+               "idle_timeout": 7.0, "grace": 4.0}
+
+
+def env_of(name: str, text: str) -> dict[str, str]:
+    return {SETTINGS[name].env: text}
+
+
+def test_every_setting_is_listed_once_with_its_default() -> None:
+    assert list(SETTINGS) == list(DEFAULTS)
+    assert dataclasses.asdict(resolve({}, {}, {})) == DEFAULTS
+    assert dataclasses.asdict(ServeConfig()) == DEFAULTS
+    for name, s in SETTINGS.items():
+        assert s.default == DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_metadata_names(name: str) -> None:
+    s = SETTINGS[name]
+    assert s.env == "SSHFILES_" + name.upper()
+    assert s.flag == "--" + name.replace("_", "-")
+    assert s.toml_key == name
+    assert s.help and "\n" not in s.help
+
+
+def test_metadata_examples() -> None:
+    assert SETTINGS["login_timeout"].flag == "--login-timeout"
+    assert SETTINGS["keys_dir"].env == "SSHFILES_KEYS_DIR"
+
+
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_precedence_flag_env_toml_default(name: str) -> None:
+    env = env_of(name, ENV[name])
+    toml = {name: TOML[name]}
+    flags = {name: FLAG[name]}
+    assert getattr(resolve(flags, env, toml), name) == FLAG[name]
+    assert getattr(resolve({name: None}, env, toml), name) == ENV_PARSED[name]
+    assert getattr(resolve({}, {}, toml), name) == TOML_PARSED[name]
+    assert getattr(resolve({}, {}, {}), name) == DEFAULTS[name]
+
+
+def test_layers_mix_per_setting() -> None:
+    cfg = resolve({"port": 2200}, {"SSHFILES_WORKERS": "3"}, {"host": "0.0.0.0", "port": 1})
+    assert (cfg.port, cfg.workers, cfg.host, cfg.grace) == (2200, 3, "0.0.0.0", 30.0)
+
+
+@pytest.mark.parametrize("name", ["port", "idle_timeout", "grace"])
+def test_zero_is_a_value_not_unset(name: str) -> None:
+    env = env_of(name, "7")
+    toml = {name: 8}
+    assert getattr(resolve({name: 0}, env, toml), name) == 0
+    assert getattr(resolve({}, env_of(name, "0"), toml), name) == 0
+    assert getattr(resolve({}, {}, {name: 0}), name) == 0
+
+
+def test_empty_environment_variable_is_unset() -> None:
+    assert resolve({}, {"SSHFILES_PORT": ""}, {"port": 9}).port == 9
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    assert resolve({}, {"SSHFILES_CONFIG": "x.toml", "PORT": "1", "HOME": "/root"}, {}) == ServeConfig()
+
+
+def test_integers_in_toml_are_accepted_for_float_settings() -> None:
+    cfg = resolve({}, {}, {"login_timeout": 5, "grace": 0})
+    assert cfg.login_timeout == 5.0 and isinstance(cfg.login_timeout, float)
+    assert cfg.grace == 0.0 and isinstance(cfg.grace, float)
+
+
+def assert_one_line_error(exc: pytest.ExceptionInfo[ConfigError], *needles: str) -> None:
+    message = str(exc.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize("toml,needles", [
+    ({"port": "abc"}, ("port", "integer", "'abc'")),
+    ({"port": "22"}, ("port", "integer")),
+    ({"port": 22.0}, ("port", "integer")),
+    ({"workers": "two"}, ("workers", "integer", "'two'")),
+    ({"host": 5}, ("host", "string")),
+    ({"workers": True}, ("workers", "True")),
+    ({"max_auth_tries": False}, ("max_auth_tries",)),
+    ({"login_timeout": True}, ("login_timeout",)),
+    ({"grace": "soon"}, ("grace", "number")),
+    ({"keys_dir": 1}, ("keys_dir", "path")),
+    ({"homes_dir": ["a"]}, ("homes_dir",)),
+])
+def test_wrong_types_in_toml(toml: dict[str, Any], needles: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve({}, {}, toml)
+    assert_one_line_error(exc, "config file key", *needles)
+
+
+@pytest.mark.parametrize("var,text", [("SSHFILES_PORT", "abc"), ("SSHFILES_WORKERS", "two"),
+                                      ("SSHFILES_WORKERS", "2.0"), ("SSHFILES_LOGIN_TIMEOUT", "1m"),
+                                      ("SSHFILES_IDLE_TIMEOUT", "nan"), ("SSHFILES_GRACE", "inf")])
+def test_wrong_environment_text(var: str, text: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve({}, {var: text}, {})
+    assert_one_line_error(exc, var)
+
+
+@pytest.mark.parametrize("flags,needle", [({"port": "2222"}, "--port"), ({"workers": True}, "--workers"),
+                                          ({"host": 1}, "--host"), ({"login_timeout": "5"}, "--login-timeout")])
+def test_wrong_flag_types(flags: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve(flags, {}, {})
+    assert_one_line_error(exc, needle)
+
+
+@pytest.mark.parametrize("name,bad,good", [
+    ("port", -1, 0), ("port", 65536, 65535),
+    ("login_timeout", 0, 0.001), ("login_timeout", -1.0, 1e-9),
+    ("max_auth_tries", 0, 1), ("workers", 0, 1), ("workers", -3, 1),
+    ("idle_timeout", -0.5, 0), ("grace", -1, 0),
+])
+def test_ranges_from_every_layer(name: str, bad: Any, good: Any) -> None:
+    s = SETTINGS[name]
+    for flags, env, toml, where in (({name: bad}, {}, {}, s.flag), ({}, env_of(name, str(bad)), {}, s.env),
+                                    ({}, {}, {name: bad}, f"config file key {name}")):
+        with pytest.raises(ConfigError) as exc:
+            resolve(flags, env, toml)
+        assert_one_line_error(exc, where, "must be")
+    assert getattr(resolve({name: good}, {}, {}), name) == good
+
+
+def test_unknown_toml_key_names_it() -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve({}, {}, {"prot": 22}, toml_name="/etc/sshfiles.toml")
+    assert_one_line_error(exc, "/etc/sshfiles.toml", "'prot'", "unknown key")
+    with pytest.raises(ConfigError):
+        resolve({}, {}, {"server": {"port": 22}})  # tables are not settings
+
+
+def test_unknown_flag_name() -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve({"colour": "blue"}, {}, {})
+    assert_one_line_error(exc, "colour")
+
+
+def test_a_bad_lower_layer_is_reported_even_when_overridden() -> None:
+    """Unknown keys always fail; a mistyped TOML value is only parsed when it is the one used."""
+    assert resolve({"port": 1}, {}, {"port": 1}).port == 1
+    with pytest.raises(ConfigError):
+        resolve({"port": 1}, {}, {"typo": 1})
+
+
+def test_direct_construction_is_validated_and_frozen() -> None:
+    with pytest.raises(ConfigError) as exc:
+        ServeConfig(workers=0)
+    assert_one_line_error(exc, "workers")
+    with pytest.raises(ConfigError):
+        ServeConfig(keys_dir="keys")  # type: ignore[arg-type]
+    cfg = ServeConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.port = 1  # type: ignore[misc]
+
+
+def test_load_toml(tmp_path: Path) -> None:
+    path = tmp_path / "sshfiles.toml"
+    path.write_text('host = "0.0.0.0"\nport = 0\nidle_timeout = 0\nkeys_dir = "/srv/keys"\n')
+    cfg = resolve({}, {}, load_toml(path))
+    assert (cfg.host, cfg.port, cfg.idle_timeout, cfg.keys_dir) == ("0.0.0.0", 0, 0.0, Path("/srv/keys"))
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("port = \n", "not valid TOML"),
+    ("port = 1\nport = 2\n", "not valid TOML"),
+    ("[unclosed\n", "not valid TOML"),
+    (b"host = \"\xff\"\n", "not valid TOML"),
+])
+def test_load_toml_invalid(tmp_path: Path, content: str | bytes, needle: str) -> None:
+    path = tmp_path / "bad.toml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as exc:
+        load_toml(path)
+    assert_one_line_error(exc, str(path), needle)
+
+
+def test_load_toml_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_toml(tmp_path / "missing.toml")
+    assert_one_line_error(exc, "missing.toml", "No such file")
+    with pytest.raises(ConfigError) as exc:
+        load_toml(tmp_path)
+    assert_one_line_error(exc, "cannot read config file")
