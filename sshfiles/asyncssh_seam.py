@@ -57,8 +57,26 @@ Each item says which upstream behaviour it changes and whether the change belong
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
    server calls it, never the client library.
 
-Still outside this module (to be moved here when those files are free): the server-side handler
-adjustments in sftp.py (``SshfilesSFTPHandler``) and the channel session in server.py.
+4. ``SFTPServerHandlerBase`` -- server side, the SFTP protocol handler. asyncssh's
+   ``SFTPServerHandler`` (not exported) keeps its VERSION extensions, its request dispatch and the
+   reply type of each extended request in class-level private tables (``_extensions``,
+   ``_packet_handlers``, ``_return_types``), and a handler's state in private attributes
+   (``_server``, ``_file_handles``, ``_writer``). The base class lets an adapter declare what it
+   adds, drops and replaces (``EXTENSIONS``, ``DROP_EXTENSIONS``, ``REQUESTS``, ``EXTENDED_REPLIES``)
+   and reach its state through ``server``/``file_handle()``, so sftp.py touches no private name. It
+   also sends the channel's exit status before asyncssh's cleanup closes the channel without one
+   (OpenSSH's scp in SFTP mode and ``ssh -s sftp`` report failure otherwise), and calls
+   ``on_cleanup`` first so the adapter can tell a vanished client from a clean end. Results that are
+   none of asyncssh's own types are sent as EXTENDED_REPLY bodies through their ``encode(version)``
+   method (``ExtendedReply``). Belongs upstream: yes: a public way to register extension handlers, and
+   the exit status (asyncssh's own sftp subsystem sends none either).
+
+5. ``ChannelSessionBase`` -- server side, one session channel. asyncssh's ``SSHServerStreamSession``
+   (not exported) is what turns a channel into the reader/writer streams that its SFTP and SCP servers
+   consume; its constructor signature and its ``_chan``/``_conn``/``_encoding`` attributes are
+   private. The base class exposes the channel, the streams and a task starter, and ``run_sftp``/
+   ``run_scp`` start asyncssh's handlers on them. Belongs upstream: a public way to run the SFTP
+   subsystem and SCP on a channel the application dispatches itself.
 """
 
 from __future__ import annotations
@@ -113,7 +131,9 @@ from asyncssh import encryption as _encryption  # noqa: E402
 from asyncssh.connection import SSHConnection  # noqa: E402
 from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
 from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32, UInt64  # noqa: E402
-from asyncssh.sftp import FXP_EXTENDED_REPLY, SFTPClientHandler  # noqa: E402
+from asyncssh.scp import run_scp_server  # noqa: E402
+from asyncssh.sftp import FXP_EXTENDED_REPLY, SFTPClientHandler, SFTPServerHandler  # noqa: E402
+from asyncssh.stream import SSHServerStreamSession  # noqa: E402
 from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20  # noqa: E402
@@ -289,3 +309,110 @@ def install_speedups() -> None:
     SSHConnection.send_packet = _send_packet_without_cbc_padding_ignores  # type: ignore[method-assign]
     SSHConnection._send = _send_coalesced  # type: ignore[method-assign]
     SSHPacketLogger._log_packet = _log_packet_if_enabled  # type: ignore[method-assign]
+
+
+# -- 4. the SFTP server protocol handler ---------------------------------------------------------
+
+#: A request handler: called with the handler and the request's packet (after the request id), it
+#: returns what asyncssh encodes as the reply (None for OK, bytes/records, or an ``encode``-able).
+RequestHandler = Callable[["SFTPServerHandlerBase", SSHPacket], "asyncio.Future[object] | Any"]
+
+
+class ExtendedReply:
+    """An EXTENDED_REPLY body: asyncssh calls ``encode(version)`` on results that are not its own types."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def encode(self, sftp_version: int) -> bytes:
+        return self.body
+
+
+class SFTPServerHandlerBase(SFTPServerHandler):
+    """asyncssh's SFTP server handler with declared changes instead of edited private tables.
+
+    A subclass sets the class attributes; ``__init_subclass__`` builds asyncssh's tables from them.
+    """
+
+    DROP_EXTENSIONS: tuple[bytes, ...] = ()
+    EXTENSIONS: tuple[tuple[bytes, bytes], ...] = ()
+    #: request type (an FXP_* number) or extended request name -> handler
+    REQUESTS: dict[int | bytes, RequestHandler] = {}  # noqa: RUF012 (read once per subclass)
+    #: extended requests whose reply is an EXTENDED_REPLY rather than a STATUS
+    EXTENDED_REPLIES: tuple[bytes, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        base = SFTPServerHandler
+        cls._extensions = [(n, d) for n, d in base._extensions if n not in cls.DROP_EXTENSIONS]
+        cls._extensions += list(cls.EXTENSIONS)
+        cls._return_types = dict(base._return_types)
+        cls._return_types.update({name: FXP_EXTENDED_REPLY for name in cls.EXTENDED_REPLIES})
+        handlers = dict(base._packet_handlers)
+        for name in cls.DROP_EXTENSIONS:
+            handlers.pop(name, None)
+        handlers.update(cast(Any, cls.REQUESTS))
+        cls._packet_handlers = handlers
+
+    @property
+    def server(self) -> asyncssh.SFTPServer:
+        """The `asyncssh.SFTPServer` this handler calls for every verb."""
+        return self._server
+
+    def file_handle(self, handle: bytes) -> object | None:
+        """What the server's ``open`` returned for a handle the client sent, or None."""
+        return self._file_handles.get(handle)
+
+    @property
+    def open_file_count(self) -> int:
+        """Handles the client opened and has not closed."""
+        return len(self._file_handles)
+
+    def on_cleanup(self, exc: Exception | None, handles_left_open: bool) -> None:
+        """Called once when the session ends, before asyncssh closes the handles still open."""
+
+    async def _cleanup(self, exc: Exception | None) -> None:
+        self.on_cleanup(exc, bool(self._file_handles))
+        writer = self._writer
+        if writer is not None and not writer.channel.is_closing():
+            try:
+                cast(Any, writer.channel).exit(0 if exc is None else 1)
+            except OSError:
+                pass
+        await super()._cleanup(exc)
+
+
+# -- 5. one session channel ------------------------------------------------------------------------
+
+
+class ChannelSessionBase(SSHServerStreamSession):
+    """asyncssh's stream session without its own dispatch: the application decides what runs.
+
+    Subclasses answer ``shell_requested``/``exec_requested``/``subsystem_requested`` (public
+    `asyncssh.SSHServerSession` callbacks) and, in ``session_started``, call `streams` and
+    `start_task`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(None, sftp_factory=None, allow_scp=False)
+
+    def streams(self) -> tuple[asyncssh.SSHServerChannel[bytes], asyncssh.SSHReader[bytes],
+                               asyncssh.SSHWriter[bytes], asyncssh.SSHWriter[bytes]]:
+        """The channel in binary mode and its stdin, stdout and stderr streams."""
+        chan = self._chan
+        assert chan is not None
+        stdin = asyncssh.SSHReader[bytes](self, chan)
+        stdout = asyncssh.SSHWriter[bytes](self, chan)
+        stderr = asyncssh.SSHWriter[bytes](self, chan, asyncssh.EXTENDED_DATA_STDERR)
+        chan.set_encoding(None)
+        self._encoding = None
+        return cast(Any, chan), stdin, stdout, stderr
+
+    def start_task(self, coro: Any, logger: Any) -> None:
+        """Run a coroutine as the connection's task (asyncssh logs and reports its errors)."""
+        assert self._conn is not None
+        self._conn.create_task(coro, logger)
+
+
+#: asyncssh's SCP server on a channel's streams (not exported by asyncssh)
+run_scp = run_scp_server

@@ -286,7 +286,7 @@ def user_list(obj: Context) -> None:
                      _format_files(a.entries, entries_limit(a.quota, a.max_entries)), a.home))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
 
 
 @user.command("passwd")

@@ -72,7 +72,7 @@ def _openat2(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
     creates = flags & os.O_CREAT or (flags & os.O_TMPFILE) == os.O_TMPFILE  # O_TMPFILE contains O_DIRECTORY
     how = _OpenHow(flags | os.O_CLOEXEC, mode if creates else 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     while True:
-        fd = _syscall(_SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+        fd = int(_syscall(_SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how)))
         if fd >= 0:
             return fd
         err = ctypes.get_errno()

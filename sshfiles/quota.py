@@ -46,15 +46,28 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .stores import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, AccountStore
 from .units import format_size
 
-__all__ = ["QuotaExceeded", "EntriesExceeded", "QuotaManager", "UserLedger", "scan_usage", "entries_limit",
-           "default_max_entries", "Usage", "hold", "release", "size_lock", "check_size", "MAX_FILE_SIZE"]
+__all__ = [
+    "MAX_FILE_SIZE",
+    "EntriesExceeded",
+    "QuotaExceeded",
+    "QuotaManager",
+    "Usage",
+    "UserLedger",
+    "check_size",
+    "default_max_entries",
+    "entries_limit",
+    "hold",
+    "release",
+    "scan_usage",
+    "size_lock",
+]
 
 log = logging.getLogger("sshfiles.quota")
 

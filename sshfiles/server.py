@@ -26,15 +26,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import asyncssh
-from asyncssh.scp import run_scp_server
-from asyncssh.stream import SSHReader, SSHServerStreamSession, SSHWriter
+from asyncssh import SSHReader, SSHWriter
 
-from . import passwords, speedups
+from . import passwords
+from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
@@ -92,7 +93,8 @@ def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
     for filename, alg, kwargs in HOST_KEY_TYPES:
         path = keys_dir / filename
         if not path.exists():
-            key = asyncssh.generate_private_key(alg, **kwargs)
+            key = asyncssh.generate_private_key(alg, key_size=kwargs["key_size"]) if kwargs \
+                else asyncssh.generate_private_key(alg)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(key.export_private_key())
@@ -205,11 +207,11 @@ class SshfilesService:
                         len(self.connections), len(self.sessions))
 
 
-class _ChannelSession(SSHServerStreamSession):
+class _ChannelSession(ChannelSessionBase):
     """A session channel: SFTP subsystem, SCP, the hash commands, and a polite no to shells."""
 
-    def __init__(self, conn: "_Connection") -> None:
-        super().__init__(None, sftp_factory=None, allow_scp=False)
+    def __init__(self, conn: _Connection) -> None:
+        super().__init__()
         self._auth = conn
 
     def data_received(self, data: Any, datatype: Any) -> None:
@@ -226,20 +228,14 @@ class _ChannelSession(SSHServerStreamSession):
         return subsystem == "sftp"
 
     def session_started(self) -> None:
-        chan = self._chan
-        assert chan is not None and self._conn is not None
+        chan, stdin, stdout, stderr = self.streams()
         command = chan.get_command()
-        stdin = SSHReader[bytes](self, chan)
-        stdout = SSHWriter[bytes](self, chan)
-        stderr = SSHWriter[bytes](self, chan, asyncssh.EXTENDED_DATA_STDERR)
-        chan.set_encoding(None)
-        self._encoding = None
         if chan.get_subsystem() == "sftp":
-            self._conn.create_task(self._run_sftp(chan, stdin, stdout), stdin.logger)
+            self.start_task(self._run_sftp(chan, stdin, stdout), stdin.logger)
         elif command and command.startswith("scp "):
-            self._conn.create_task(self._run_scp(chan, command, stdin, stdout, stderr), stdin.logger)
+            self.start_task(self._run_scp(chan, command, stdin, stdout, stderr), stdin.logger)
         else:
-            self._conn.create_task(self._run_exec(chan, command, stdin, stdout, stderr), stdin.logger)
+            self.start_task(self._run_exec(chan, command, stdin, stdout, stderr), stdin.logger)
 
     async def _run_sftp(self, chan: Any, stdin: SSHReader[bytes], stdout: SSHWriter[bytes]) -> None:
         session = self._auth.new_session()
@@ -265,7 +261,7 @@ class _ChannelSession(SSHServerStreamSession):
         self._auth.running += 1
         log.info("exec user=%s source=%s command=%s", esc(self._auth.username), self._auth.peer, esc(command))
         try:
-            handler = run_scp_server(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
+            handler = run_scp(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
             if handler is not None:
                 await handler
         finally:
@@ -348,7 +344,7 @@ class _Connection(asyncssh.SSHServer):
 
     def busy(self) -> int:
         """Transfers in progress: open SFTP file handles plus running exec/scp commands."""
-        return self.running + sum(len(h._file_handles) for h in self.handlers)
+        return self.running + sum(h.open_file_count for h in self.handlers)
 
     def stale_reason(self, state: tuple[bool, int] | None) -> str | None:
         """Why this login no longer holds, given the account's (disabled, auth_rev) or None if gone."""
@@ -371,8 +367,9 @@ class _Connection(asyncssh.SSHServer):
             log.info("session ended user=%s source=%s reason=%s", esc(self.username), self.peer, esc(reason))
         if self.conn is not None:
             for handler in self.handlers:
-                if handler._file_handles:
-                    handler._server.session.interrupted = True
+                server = handler.server
+                if handler.open_file_count and isinstance(server, JailedSFTPServer):
+                    server.session.interrupted = True
             with contextlib.suppress(Exception):
                 self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"sshfiles: {reason}")
 
@@ -525,7 +522,7 @@ async def start_server(config: ServerConfig, service: SshfilesService | None = N
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
     if not os.environ.get("SSHFILES_NO_SPEEDUPS"):  # a benchmark lever: measure what they buy
-        speedups.install()
+        install_speedups()
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)

@@ -27,10 +27,19 @@ from dataclasses import dataclass, field
 
 from .jail import Jail
 from .logsafe import esc
-from .quota import (MAX_FILE_SIZE, EntriesExceeded, QuotaExceeded, UserLedger, check_size, entries_limit, hold,
-                    release, size_lock)
+from .quota import (
+    MAX_FILE_SIZE,
+    EntriesExceeded,
+    QuotaExceeded,
+    UserLedger,
+    check_size,
+    entries_limit,
+    hold,
+    release,
+    size_lock,
+)
 
-__all__ = ["UserSession", "FileHandle", "SpaceInfo", "MAX_READ"]
+__all__ = ["MAX_READ", "FileHandle", "SpaceInfo", "UserSession"]
 
 log = logging.getLogger("sshfiles.session")
 

@@ -17,19 +17,28 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import asyncssh
-from asyncssh.packet import SSHPacket, String, UInt64
-from asyncssh.sftp import (
-    FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE,
-    FXP_EXTENDED_REPLY, FXP_WRITE, SFTPAttrs, SFTPName, SFTPVFSAttrs, SFTPLimits, SFTPServerHandler,
+from asyncssh import (
+    FXF_APPEND,
+    FXF_CREAT,
+    FXF_EXCL,
+    FXF_READ,
+    FXF_TRUNC,
+    FXF_WRITE,
+    FXP_WRITE,
+    SFTPAttrs,
+    SFTPLimits,
+    SFTPName,
+    SFTPVFSAttrs,
 )
 
-from . import __version__, checkfile, hashing
+from . import __version__, checkfile
+from .asyncssh_seam import ExtendedReply, SFTPServerHandlerBase, SSHPacket, String, UInt64
 from .session import MAX_READ, FileHandle, UserSession
 
-__all__ = ["JailedSFTPServer", "SshfilesSFTPHandler", "ExtendedReply", "MAX_READ", "MAX_WRITE"]
+__all__ = ["MAX_READ", "MAX_WRITE", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
 
 MAX_WRITE = 256 * 1024
 MAX_PACKET = MAX_WRITE + 1024
@@ -232,102 +241,86 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         self.session.close()
 
 
-class ExtendedReply:
-    """An EXTENDED_REPLY body for asyncssh's handler, which calls ``encode(version)`` on
-    results that are not one of its own types (check-file, users-groups-by-id)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def encode(self, sftp_version: int) -> bytes:
-        return self.body
+# -- protocol requests beyond asyncssh's, and its adjustments ---------------------------------
 
 
-class SshfilesSFTPHandler(SFTPServerHandler):
-    """asyncssh's SFTP server protocol handler, adjusted for stock clients.
+def _server_of(handler: SFTPServerHandlerBase) -> JailedSFTPServer:
+    server = handler.server
+    assert isinstance(server, JailedSFTPServer)
+    return server
 
-    * WRITE tolerates bytes after the data (rclone 1.60's pkg/sftp sends a
-      stale buffer tail; OpenSSH ignores it, asyncssh answered BAD_MESSAGE).
-    * limits@openssh.com advertises OpenSSH's 256 KiB read/write sizes.
-    * check-file-name / check-file-handle answer hashes (hashing.py).
-    * ranges@asyncssh.com is not offered: it needs asyncssh's own file objects.
+
+async def _write(handler: SFTPServerHandlerBase, packet: SSHPacket) -> int:
+    """WRITE that ignores bytes after the data, as OpenSSH does (rclone 1.60's pkg/sftp sends a
+    stale buffer tail; asyncssh answers BAD_MESSAGE)."""
+    handle = packet.get_string()
+    offset = packet.get_uint64()
+    data = packet.get_string()
+    file_obj = handler.file_handle(handle)
+    if not file_obj:
+        raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+    return _server_of(handler).write(file_obj, offset, data)
+
+
+async def _limits(handler: SFTPServerHandlerBase, packet: SSHPacket) -> SFTPLimits:
+    """limits@openssh.com with OpenSSH's 256 KiB read/write sizes."""
+    packet.check_end()
+    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, 4096)
+
+
+async def _users_groups_by_id(handler: SFTPServerHandlerBase, packet: SSHPacket) -> ExtendedReply:
+    """OpenSSH's id -> name lookup (sftp's `ls -l FILE`): every id is shown as the account."""
+    uids = packet.get_string()
+    gids = packet.get_string()
+    packet.check_end()
+    if len(uids) % 4 or len(gids) % 4:
+        raise asyncssh.SFTPBadMessage("id lists must be uint32 arrays")
+    name = String(_server_of(handler).user)
+    return ExtendedReply(String(name * (len(uids) // 4)) + String(name * (len(gids) // 4)))
+
+
+async def _check_file_name(handler: SFTPServerHandlerBase, packet: SSHPacket) -> ExtendedReply:
+    req = checkfile.parse_check_file(packet, by_handle=False)
+    session = _server_of(handler).session
+    fd = session.open_for_hash(req.target)
+    try:
+        return ExtendedReply(await checkfile.answer_check_file(fd, req))
+    finally:
+        session.close_fd(fd)
+
+
+async def _check_file_handle(handler: SFTPServerHandlerBase, packet: SSHPacket) -> ExtendedReply:
+    req = checkfile.parse_check_file(packet, by_handle=True)
+    file_obj = handler.file_handle(req.target)
+    if not isinstance(file_obj, FileHandle):
+        raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+    return ExtendedReply(await checkfile.answer_check_file(file_obj.fd, req))
+
+
+class SshfilesSFTPHandler(SFTPServerHandlerBase):
+    """asyncssh's SFTP server protocol handler, adjusted for stock clients (see each request above).
+
+    ranges@asyncssh.com is not offered (it needs asyncssh's own file objects), nor
+    hardlink@openssh.com (hard links are refused).
     """
 
-    _extensions = [(name, data) for name, data in SFTPServerHandler._extensions
-                   if name not in (b"ranges@asyncssh.com", b"hardlink@openssh.com", b"vendor-id")]
-    _extensions += [(b"vendor-id", String("sshfiles") + String("sshfiles") + String(__version__) + UInt64(0))]
-    _extensions += [(b"check-file", ",".join(hashing.ALGORITHMS).encode())]
+    DROP_EXTENSIONS = (b"ranges@asyncssh.com", b"hardlink@openssh.com", b"vendor-id")
+    EXTENSIONS = (
+        (b"vendor-id", String("sshfiles") + String("sshfiles") + String(__version__) + UInt64(0)),
+        checkfile.CHECK_FILE_EXTENSION,
+        (b"users-groups-by-id@openssh.com", b"1"),
+    )
+    EXTENDED_REPLIES = (b"check-file-name", b"check-file-handle", b"users-groups-by-id@openssh.com")
+    REQUESTS = {  # noqa: RUF012 (read once, by SFTPServerHandlerBase.__init_subclass__)
+        FXP_WRITE: _write,
+        b"limits@openssh.com": _limits,
+        b"check-file-name": _check_file_name,
+        b"check-file-handle": _check_file_handle,
+        b"users-groups-by-id@openssh.com": _users_groups_by_id,
+    }
 
-    _extensions += [(b"users-groups-by-id@openssh.com", b"1")]
-
-    _return_types = dict(SFTPServerHandler._return_types)
-    _return_types.update({b"check-file-name": FXP_EXTENDED_REPLY, b"check-file-handle": FXP_EXTENDED_REPLY,
-                          b"users-groups-by-id@openssh.com": FXP_EXTENDED_REPLY})
-
-    _server: JailedSFTPServer
-
-    async def _cleanup(self, exc: Exception | None) -> None:
-        # asyncssh's cleanup closes the channel without an exit status (a later chan.exit() is a
-        # no-op), so `ssh -s sftp` ends with status -1 and OpenSSH's scp (SFTP mode) exits 1.
-        # Report the status first, as OpenSSH's sftp-server process does by exiting.
+    def on_cleanup(self, exc: Exception | None, handles_left_open: bool) -> None:
         # Handles still open here were never CLOSEd (client vanished, or the server cut the
-        # connection): super() closes them, and their transfers are logged as interrupted.
-        if self._file_handles:
-            self._server.session.interrupted = True
-        writer = self._writer
-        if writer is not None and not writer.channel.is_closing():
-            try:
-                writer.channel.exit(0 if exc is None else 1)
-            except OSError:
-                pass
-        await super()._cleanup(exc)
-
-    async def _process_users_groups_by_id(self, packet: SSHPacket) -> ExtendedReply:
-        """OpenSSH's id -> name lookup (sftp's `ls -l FILE`): every id is shown as the account."""
-        uids = packet.get_string()
-        gids = packet.get_string()
-        packet.check_end()
-        if len(uids) % 4 or len(gids) % 4:
-            raise asyncssh.SFTPBadMessage("id lists must be uint32 arrays")
-        name = String(self._server.user)
-        return ExtendedReply(String(name * (len(uids) // 4)) + String(name * (len(gids) // 4)))
-
-    async def _process_write(self, packet: SSHPacket) -> int:
-        handle = packet.get_string()
-        offset = packet.get_uint64()
-        data = packet.get_string()
-        # No check_end(): trailing bytes after the data are ignored, as OpenSSH does.
-        file_obj = self._file_handles.get(handle)
-        if not file_obj:
-            raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return self._server.write(file_obj, offset, data)
-
-    async def _process_limits(self, packet: SSHPacket) -> SFTPLimits:
-        packet.check_end()
-        return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, 4096)
-
-    async def _process_check_file_name(self, packet: SSHPacket) -> ExtendedReply:
-        req = checkfile.parse_check_file(packet, by_handle=False)
-        session = self._server.session
-        fd = session.open_for_hash(req.target)
-        try:
-            return ExtendedReply(await checkfile.answer_check_file(fd, req))
-        finally:
-            session.close_fd(fd)
-
-    async def _process_check_file_handle(self, packet: SSHPacket) -> ExtendedReply:
-        req = checkfile.parse_check_file(packet, by_handle=True)
-        file_obj = self._file_handles.get(req.target)
-        if not isinstance(file_obj, FileHandle):
-            raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-        return ExtendedReply(await checkfile.answer_check_file(file_obj.fd, req))
-
-    _packet_handlers = dict(SFTPServerHandler._packet_handlers)
-    _packet_handlers.pop(b"ranges@asyncssh.com", None)
-    _packet_handlers.update({
-        FXP_WRITE: _process_write,
-        b"limits@openssh.com": _process_limits,
-        b"check-file-name": _process_check_file_name,
-        b"check-file-handle": _process_check_file_handle,
-        b"users-groups-by-id@openssh.com": _process_users_groups_by_id,
-    })
+        # connection): asyncssh closes them now, and their transfers are logged as interrupted.
+        if handles_left_open:
+            _server_of(self).session.interrupted = True

@@ -12,11 +12,28 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .base import (LEDGER_MAX, UNLIMITED_ENTRIES, Account, AccountError, AccountStore, StoreCorrupt, StoredKey,
-                   validate_username)
+from .base import (
+    LEDGER_MAX,
+    UNLIMITED_ENTRIES,
+    Account,
+    AccountError,
+    AccountStore,
+    StoreCorrupt,
+    StoredKey,
+    validate_username,
+)
 
-__all__ = ["open_store", "AccountStore", "Account", "AccountError", "StoreCorrupt", "StoredKey",
-           "validate_username", "LEDGER_MAX", "UNLIMITED_ENTRIES"]
+__all__ = [
+    "LEDGER_MAX",
+    "UNLIMITED_ENTRIES",
+    "Account",
+    "AccountError",
+    "AccountStore",
+    "StoreCorrupt",
+    "StoredKey",
+    "open_store",
+    "validate_username",
+]
 
 
 def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] = "accounts",

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
-    "Account", "AccountStore", "AccountError", "StoreCorrupt", "StoredKey", "validate_username",
-    "LEDGER_MAX", "UNLIMITED_ENTRIES",
+    "LEDGER_MAX",
+    "UNLIMITED_ENTRIES",
+    "Account",
+    "AccountError",
+    "AccountStore",
+    "StoreCorrupt",
+    "StoredKey",
+    "validate_username",
 ]
 
 # Every ledger value is an exact SQLite integer: a user without a byte quota is still bounded
@@ -61,7 +67,7 @@ class Account:
     auth_rev: int = 0
     entries: int = 0          # files, directories and symlinks in the home (the entries ledger)
     max_entries: int | None = None  # None = the default for the byte quota (see quota.py)
-    keys: list["StoredKey"] = field(default_factory=list)
+    keys: list[StoredKey] = field(default_factory=list)
 
     @property
     def auth_methods(self) -> list[str]:

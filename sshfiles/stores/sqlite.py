@@ -26,10 +26,10 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from .base import (LEDGER_MAX, Account, AccountError, StoreCorrupt, StoredKey, validate_username)
+from .base import LEDGER_MAX, Account, AccountError, StoreCorrupt, StoredKey, validate_username
 
 __all__ = ["SQLiteAccountStore"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sshfiles.stores.sqlite import SQLiteAccountStore
 from sshfiles.quota import EntriesExceeded, QuotaExceeded, QuotaManager, scan_usage
 from sshfiles.session import UserSession
+from sshfiles.stores.sqlite import SQLiteAccountStore
 
 KiB = 1024
 
