@@ -7,10 +7,10 @@ click's own usage errors exit 2.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,24 +18,37 @@ import asyncssh
 import click
 
 from . import __version__, passwords
+from .config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
 from .jail import secure_homes
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
 from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
 from .units import format_size, parse_size
 
-DEFAULT_PORT = 2222
 DEFAULT_USER = "sftpuser"
 
 
 class Context:
-    """Where state lives, from flags > environment > config file > defaults."""
+    """The TOML file and the state-directory flags of the `sshfiles` group, for every command.
 
-    def __init__(self, keys_dir: Path, accounts_dir: Path, homes_dir: Path, config: dict[str, Any]) -> None:
-        self.keys_dir = keys_dir
-        self.accounts_dir = accounts_dir
-        self.homes_dir = homes_dir
-        self.config = config
+    Settings come from config.py's one model (flag > environment > TOML > default); a bad value is a
+    usage error naming the flag, variable or key.
+    """
+
+    def __init__(self, toml: dict[str, Any], toml_name: str, group_flags: dict[str, Any]) -> None:
+        self.toml = toml
+        self.toml_name = toml_name
+        self.group_flags = group_flags
+        base = self.settings()
+        self.keys_dir = base.keys_dir
+        self.accounts_dir = base.accounts_dir
+        self.homes_dir = base.homes_dir
         self._store: AccountStore | None = None
+
+    def settings(self, **flags: Any) -> ServeConfig:
+        try:
+            return resolve({**self.group_flags, **flags}, os.environ, self.toml, toml_name=self.toml_name)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
 
     @property
     def store(self) -> AccountStore:
@@ -48,16 +61,11 @@ def fail(message: str) -> NoReturn:
     raise click.ClickException(message)
 
 
-def _load_config(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as exc:
-        fail(f"cannot read config file {path}: {exc.strerror}")
-    except tomllib.TOMLDecodeError as exc:
-        fail(f"config file {path} is not valid TOML: {exc}")
+def _help(name: str) -> str:
+    """A flag's help from the config model, with its default, environment variable and TOML key."""
+    setting = SETTINGS[name]
+    env = f", env {setting.env}" if setting.env else ""
+    return f"{setting.help} [default: {setting.default}{env}; TOML {setting.toml_key}]"
 
 
 def _size(text: str) -> int | None:
@@ -133,34 +141,32 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="sshfiles")
 @click.option("--config", "config_path", envvar="SSHFILES_CONFIG", type=click.Path(dir_okay=False),
               help="TOML file with defaults for any option (flags override it).")
-@click.option("--keys-dir", envvar="SSHFILES_KEYS_DIR", help="Host keys directory [default: keys/].")
-@click.option("--accounts-dir", envvar="SSHFILES_ACCOUNTS_DIR", help="Accounts store directory [default: accounts/].")
-@click.option("--homes-dir", envvar="SSHFILES_HOMES_DIR", help="Where homes are created [default: homes/].")
+@click.option("--keys-dir", help=_help("keys_dir"))
+@click.option("--accounts-dir", help=_help("accounts_dir"))
+@click.option("--homes-dir", help=_help("homes_dir"))
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, accounts_dir: str | None,
          homes_dir: str | None) -> None:
     """sshfiles: a multi-user SFTP server with jails and quotas."""
-    config = _load_config(config_path)
-    ctx.obj = Context(Path(keys_dir or config.get("keys_dir", "keys")),
-                      Path(accounts_dir or config.get("accounts_dir", "accounts")),
-                      Path(homes_dir or config.get("homes_dir", "homes")), config)
+    try:
+        toml = load_toml(config_path) if config_path else {}
+    except ConfigError as exc:
+        fail(str(exc))
+    ctx.obj = Context(toml, config_path or "config file",
+                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir})
 
 
 # -- serve ------------------------------------------------------------------------
 
 
 @main.command()
-@click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
-@click.option("--port", type=int, default=None, help=f"Port to listen on [default: {DEFAULT_PORT}].")
-@click.option("--workers", type=int, default=None,
-              help="Server processes sharing the port [default: 1; see README].")
-@click.option("--login-timeout", type=float, default=None, help="Seconds to authenticate [default: 60].")
-@click.option("--max-auth-tries", type=int, default=None, help="Failed attempts per connection [default: 6].")
-@click.option("--idle-timeout", type=float, default=None,
-              help="Close a connection after this many seconds without channel data or SFTP request; "
-                   "0 = never [default: 900].")
-@click.option("--grace", type=float, default=None,
-              help="Seconds transfers in progress may finish after SIGTERM/SIGINT [default: 30].")
+@click.option("--host", default=None, help=_help("host"))
+@click.option("--port", type=int, default=None, help=_help("port"))
+@click.option("--workers", type=int, default=None, help=_help("workers"))
+@click.option("--login-timeout", type=float, default=None, help=_help("login_timeout"))
+@click.option("--max-auth-tries", type=int, default=None, help=_help("max_auth_tries"))
+@click.option("--idle-timeout", type=float, default=None, help=_help("idle_timeout"))
+@click.option("--grace", type=float, default=None, help=_help("grace"))
 @click.pass_obj
 def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
@@ -170,23 +176,10 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     On the first start with an empty accounts store it creates the account
     'sftpuser' with a random password and prints how to connect.
     """
-    from .server import ServerConfig, configure_logging, run_server
+    from .server import configure_logging, run_server
 
-    cfg = obj.config
-    config = ServerConfig(
-        host=host or cfg.get("host", "127.0.0.1"),
-        port=port if port is not None else int(cfg.get("port", DEFAULT_PORT)),
-        keys_dir=obj.keys_dir, accounts_dir=obj.accounts_dir, homes_dir=obj.homes_dir,
-        login_timeout=login_timeout or float(cfg.get("login_timeout", 60)),
-        max_auth_tries=max_auth_tries or int(cfg.get("max_auth_tries", 6)),
-        workers=workers or int(cfg.get("workers", 1)),
-        idle_timeout=idle_timeout if idle_timeout is not None else float(cfg.get("idle_timeout", 900)),
-        grace=grace if grace is not None else float(cfg.get("grace", 30)),
-    )
-    if config.workers < 1:
-        fail("--workers must be at least 1")
-    if config.idle_timeout < 0 or config.grace < 0:
-        fail("--idle-timeout and --grace must not be negative")
+    config = obj.settings(host=host, port=port, workers=workers, login_timeout=login_timeout,
+                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace)
     configure_logging()  # before the first line we may log (home mode corrections)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():

@@ -51,11 +51,12 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     positive: bool = False
+    has_env: bool = True
 
     @property
-    def env(self) -> str:
-        """Environment variable: ``SSHFILES_<NAME>`` (``SSHFILES_LOGIN_TIMEOUT``)."""
-        return _ENV_PREFIX + self.name.upper()
+    def env(self) -> str | None:
+        """Environment variable: ``SSHFILES_<NAME>`` (``SSHFILES_LOGIN_TIMEOUT``), if the setting has one."""
+        return _ENV_PREFIX + self.name.upper() if self.has_env else None
 
     @property
     def flag(self) -> str:
@@ -78,9 +79,10 @@ class Setting:
 
 
 def _meta(kind: type, help: str, *, minimum: float | None = None, maximum: float | None = None,
-          positive: bool = False) -> dict[str, Any]:
+          positive: bool = False, has_env: bool = True) -> dict[str, Any]:
     """A dataclass field's metadata describing the setting (its name and default come from the field)."""
-    return {"sshfiles": {"kind": kind, "help": help, "minimum": minimum, "maximum": maximum, "positive": positive}}
+    return {"sshfiles": {"kind": kind, "help": help, "minimum": minimum, "maximum": maximum, "positive": positive,
+                         "has_env": has_env}}
 
 
 # Relative to the directory the server starts in, as the README documents.
@@ -95,11 +97,13 @@ class ServeConfig:
     directly (tests, embedding) gets the same guarantees as the CLI.
     """
 
-    host: str = field(default="127.0.0.1", metadata=_meta(str, "Address to listen on."))
+    # host and port have no environment variable: SSHFILES_HOST / SSHFILES_PORT name the server
+    # sshfiles-cli connects to, and one exported for the client must not move the server.
+    host: str = field(default="127.0.0.1", metadata=_meta(str, "Address to listen on.", has_env=False))
     # 0 lets the kernel pick a free port (the log line "listening on ... port N" says which): the
     # test suite starts every server that way, so 0 must stay valid.
     port: int = field(default=2222, metadata=_meta(int, "Port to listen on (0: any free port).",
-                                                   minimum=0, maximum=65535))
+                                                   minimum=0, maximum=65535, has_env=False))
     keys_dir: Path = field(default=_KEYS_DIR,
                            metadata=_meta(Path, "Host keys directory (keys are generated there on first start)."))
     accounts_dir: Path = field(default=_ACCOUNTS_DIR, metadata=_meta(Path, "Accounts store directory."))
@@ -127,7 +131,7 @@ def _settings() -> dict[str, Setting]:
         meta = f.metadata["sshfiles"]
         assert f.default is not MISSING
         out[f.name] = Setting(f.name, meta["kind"], f.default, meta["help"], meta["minimum"], meta["maximum"],
-                              meta["positive"])
+                              meta["positive"], meta["has_env"])
     return out
 
 
@@ -223,18 +227,19 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str,
     values: dict[str, Any] = {}
     for name, s in SETTINGS.items():
         flag_value = flags.get(name)
-        env_text = env.get(s.env)
+        env_name = s.env or ""
+        env_text = env.get(env_name) if env_name else None
         try:
             if flag_value is not None:
                 where, value = s.flag, _from_value(s, flag_value)
             elif env_text:
-                where, value = s.env, _from_text(s, env_text)
+                where, value = env_name, _from_text(s, env_text)
             elif name in toml:
                 where, value = f"{toml_name} key {s.toml_key}", _from_value(s, toml[name])
             else:
                 continue
         except ValueError as exc:
-            source = s.flag if flag_value is not None else s.env if env_text else f"{toml_name} key {s.toml_key}"
+            source = s.flag if flag_value is not None else env_name if env_text else f"{toml_name} key {s.toml_key}"
             raise ConfigError(f"{source}: {exc}") from None
         problem = _check(s, value)
         if problem:

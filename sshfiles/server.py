@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from asyncssh import SSHReader, SSHWriter
 
 from . import passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
+from .config import ServeConfig
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
@@ -44,7 +44,7 @@ from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 from .stores import Account, AccountError, AccountStore, open_store, validate_username
 
-__all__ = ["ServerConfig", "SshfilesService", "ensure_host_keys", "run_server"]
+__all__ = ["SshfilesService", "configure_logging", "ensure_host_keys", "run_server"]
 
 log = logging.getLogger("sshfiles.server")
 
@@ -72,20 +72,6 @@ RESPAWN_MAX_DELAY = 30.0  # backoff cap for a worker that keeps dying right afte
 RESPAWN_STABLE = 10.0     # a worker that lived this long resets the backoff
 
 
-@dataclass
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 2222
-    keys_dir: Path = Path("keys")
-    accounts_dir: Path = Path("accounts")
-    homes_dir: Path = Path("homes")
-    login_timeout: float = 60.0
-    max_auth_tries: int = 6
-    workers: int = 1
-    idle_timeout: float = 900.0  # seconds without channel data or SFTP request; 0 = never
-    grace: float = 30.0          # seconds transfers may finish after SIGTERM/SIGINT
-
-
 def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
     """Load the host keys, generating any that are missing (mode 0600)."""
     keys_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +97,7 @@ def fingerprint(key: asyncssh.SSHKey) -> str:
 class SshfilesService:
     """What all connections of one server process share: store, quotas, config, live connections."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.store = open_store(accounts_dir=config.accounts_dir)
         self.owner = self.store.register_owner()
@@ -500,7 +486,7 @@ class _Connection(asyncssh.SSHServer):
         return session
 
 
-def _server_options(config: ServerConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
+def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
     return dict(
         server_host_keys=host_keys,
         kex_algs=KEX_ALGS, encryption_algs=ENCRYPTION_ALGS, mac_algs=MAC_ALGS,
@@ -516,7 +502,7 @@ def _server_options(config: ServerConfig, host_keys: list[asyncssh.SSHKey]) -> d
     )
 
 
-async def start_server(config: ServerConfig, service: SshfilesService | None = None,
+async def start_server(config: ServeConfig, service: SshfilesService | None = None,
                        sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor, SshfilesService]:
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
     if not openat2_available():
@@ -550,7 +536,7 @@ def configure_logging() -> None:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-def _listening_socket(config: ServerConfig) -> socket.socket:
+def _listening_socket(config: ServeConfig) -> socket.socket:
     """One socket for all workers: the kernel spreads accepted connections between them."""
     infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]
@@ -564,7 +550,7 @@ def _listening_socket(config: ServerConfig) -> socket.socket:
     return sock
 
 
-async def _serve(config: ServerConfig, sock: socket.socket, worker: bool = False) -> None:
+async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
 
     A worker drains on SIGTERM and cuts on FORCE_SIGNAL, which only its parent
@@ -629,7 +615,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _run_worker(config: ServerConfig, sock: socket.socket, parent: int) -> None:
+def _run_worker(config: ServeConfig, sock: socket.socket, parent: int) -> None:
     """The body of a forked worker; never returns.  A crash logs its traceback and exits 1."""
     code = 1
     try:
@@ -660,7 +646,7 @@ def _describe_status(status: int) -> str:
     return f"ended with wait status {status}"
 
 
-def _reconcile(config: ServerConfig) -> list[str]:
+def _reconcile(config: ServeConfig) -> list[str]:
     """Drop dead processes' reservations and rescan their users (quota.reconcile_dead_owners)."""
     store = open_store(accounts_dir=config.accounts_dir)
     try:
@@ -669,7 +655,7 @@ def _reconcile(config: ServerConfig) -> list[str]:
         store.close()
 
 
-def _supervise(config: ServerConfig, sock: socket.socket) -> None:
+def _supervise(config: ServeConfig, sock: socket.socket) -> None:
     """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
 
     It blocks in os.wait for any child and replaces a dead worker after a backoff
@@ -761,7 +747,7 @@ def _supervise(config: ServerConfig, sock: socket.socket) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def run_server(config: ServerConfig, announce: Callable[[str], None] = print) -> None:
+def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
     configure_logging()
     os.umask(0o022)

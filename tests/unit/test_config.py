@@ -32,8 +32,12 @@ TOML_PARSED = {"host": "10.0.0.3", "port": 3, "keys_dir": Path("/t/keys"), "acco
                "idle_timeout": 7.0, "grace": 4.0}
 
 
+NO_ENV = {"host", "port"}  # SSHFILES_HOST/SSHFILES_PORT belong to sshfiles-cli (the server it connects to)
+
+
 def env_of(name: str, text: str) -> dict[str, str]:
-    return {SETTINGS[name].env: text}
+    env = SETTINGS[name].env
+    return {env: text} if env else {}
 
 
 def test_every_setting_is_listed_once_with_its_default() -> None:
@@ -47,7 +51,7 @@ def test_every_setting_is_listed_once_with_its_default() -> None:
 @pytest.mark.parametrize("name", list(DEFAULTS))
 def test_metadata_names(name: str) -> None:
     s = SETTINGS[name]
-    assert s.env == "SSHFILES_" + name.upper()
+    assert s.env == (None if name in NO_ENV else "SSHFILES_" + name.upper())
     assert s.flag == "--" + name.replace("_", "-")
     assert s.toml_key == name
     assert s.help and "\n" not in s.help
@@ -64,7 +68,8 @@ def test_precedence_flag_env_toml_default(name: str) -> None:
     toml = {name: TOML[name]}
     flags = {name: FLAG[name]}
     assert getattr(resolve(flags, env, toml), name) == FLAG[name]
-    assert getattr(resolve({name: None}, env, toml), name) == ENV_PARSED[name]
+    if name not in NO_ENV:
+        assert getattr(resolve({name: None}, env, toml), name) == ENV_PARSED[name]
     assert getattr(resolve({}, {}, toml), name) == TOML_PARSED[name]
     assert getattr(resolve({}, {}, {}), name) == DEFAULTS[name]
 
@@ -79,12 +84,18 @@ def test_zero_is_a_value_not_unset(name: str) -> None:
     env = env_of(name, "7")
     toml = {name: 8}
     assert getattr(resolve({name: 0}, env, toml), name) == 0
-    assert getattr(resolve({}, env_of(name, "0"), toml), name) == 0
+    if name not in NO_ENV:
+        assert getattr(resolve({}, env_of(name, "0"), toml), name) == 0
     assert getattr(resolve({}, {}, {name: 0}), name) == 0
 
 
 def test_empty_environment_variable_is_unset() -> None:
-    assert resolve({}, {"SSHFILES_PORT": ""}, {"port": 9}).port == 9
+    assert resolve({}, {"SSHFILES_WORKERS": ""}, {"workers": 9}).workers == 9
+
+
+def test_client_variables_never_move_the_server() -> None:
+    env = {"SSHFILES_HOST": "files.example.com", "SSHFILES_PORT": "22"}
+    assert (resolve({}, env, {}).host, resolve({}, env, {}).port) == ("127.0.0.1", 2222)
 
 
 def test_unrelated_environment_is_ignored() -> None:
@@ -123,7 +134,7 @@ def test_wrong_types_in_toml(toml: dict[str, Any], needles: tuple[str, ...]) -> 
     assert_one_line_error(exc, "config file key", *needles)
 
 
-@pytest.mark.parametrize("var,text", [("SSHFILES_PORT", "abc"), ("SSHFILES_WORKERS", "two"),
+@pytest.mark.parametrize("var,text", [("SSHFILES_MAX_AUTH_TRIES", "abc"), ("SSHFILES_WORKERS", "two"),
                                       ("SSHFILES_WORKERS", "2.0"), ("SSHFILES_LOGIN_TIMEOUT", "1m"),
                                       ("SSHFILES_IDLE_TIMEOUT", "nan"), ("SSHFILES_GRACE", "inf")])
 def test_wrong_environment_text(var: str, text: str) -> None:
@@ -148,8 +159,10 @@ def test_wrong_flag_types(flags: dict[str, Any], needle: str) -> None:
 ])
 def test_ranges_from_every_layer(name: str, bad: Any, good: Any) -> None:
     s = SETTINGS[name]
-    for flags, env, toml, where in (({name: bad}, {}, {}, s.flag), ({}, env_of(name, str(bad)), {}, s.env),
-                                    ({}, {}, {name: bad}, f"config file key {name}")):
+    layers = [({name: bad}, {}, {}, s.flag), ({}, {}, {name: bad}, f"config file key {name}")]
+    if s.env:
+        layers.append(({}, env_of(name, str(bad)), {}, s.env))
+    for flags, env, toml, where in layers:
         with pytest.raises(ConfigError) as exc:
             resolve(flags, env, toml)
         assert_one_line_error(exc, where, "must be")
