@@ -484,11 +484,16 @@ def test_crashing_worker_logs_its_traceback_exits_nonzero_and_backs_off(workers_
 # -- item 23: shutdown -------------------------------------------------------------------------------
 
 
-async def _slow_upload(sftp: asyncssh.SFTPClient, path: str, pieces: int, delay: float) -> int:
-    """Write `pieces` 4 KiB pieces with a pause between them, then close; returns the bytes written."""
+async def _slow_upload(sftp: asyncssh.SFTPClient, path: str, pieces: int, delay: float,
+                       started: asyncio.Event) -> int:
+    """Write `pieces` 4 KiB pieces with a pause between them, then close; returns the bytes written.
+
+    `started` is set once the file is open and the first piece written: the transfer is in progress.
+    """
     async with sftp.open(path, "wb") as f:
         for i in range(pieces):
             await f.write(b"s" * 4096, i * 4096)
+            started.set()
             await asyncio.sleep(delay)
     return pieces * 4096
 
@@ -510,8 +515,10 @@ def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path,
                 iconn = await server.connect(idle)
                 isftp = await iconn.start_sftp_client()
                 await isftp.stat(".")
-                upload = asyncio.create_task(_slow_upload(usftp, "slow.bin", 20, 0.15))
-                await asyncio.sleep(0.5)
+                started = asyncio.Event()
+                upload = asyncio.create_task(_slow_upload(usftp, "slow.bin", 20, 0.15, started))
+                await asyncio.wait_for(started.wait(), 10)
+                await asyncio.sleep(0.3)
                 if target == "group":
                     os.killpg(server.proc.pid, signal.SIGTERM)
                 else:
