@@ -339,13 +339,13 @@ class SshfilesSFTPHandler(SFTPServerHandler):
     _server: JailedSFTPServer
 
     async def _cleanup(self, exc: Exception | None) -> None:
-        # asyncssh's cleanup closes the channel without an exit status (a later chan.exit() is a
-        # no-op), so `ssh -s sftp` ends with status -1 and OpenSSH's scp (SFTP mode) exits 1.
-        # Report the status first, as OpenSSH's sftp-server process does by exiting.
         # Handles still open here were never CLOSEd (client vanished, or the server cut the
         # connection): super() closes them, and their transfers are logged as interrupted.
         if self._file_handles:
             self._server.session.interrupted = True
+        # asyncssh's cleanup closes the channel without an exit status (a later chan.exit() is a
+        # no-op), so `ssh -s sftp` ends with status -1 and OpenSSH's scp (SFTP mode) exits 1.
+        # Report the status first, as OpenSSH's sftp-server process does by exiting.
         writer = self._writer
         if writer is not None and not writer.channel.is_closing():
             try:
