@@ -207,7 +207,8 @@ class SshfilesService:
 class Session:
     """One authenticated channel: the user's jail and ledger, and its transfer log."""
 
-    def __init__(self, service: SshfilesService, account: Account, peer: str) -> None:
+    def __init__(self, service: SshfilesService, account: Account, peer: str,
+                 group: set[Session] | None = None) -> None:
         self.service = service
         self.username = account.name
         self.peer = peer
@@ -217,7 +218,10 @@ class Session:
         # server cut it): their handles are closed for them and logged as interrupted.
         self.interrupted = False
         self._closed = False
+        self._group = group  # the connection's open sessions
         service.sessions.add(self)
+        if group is not None:
+            group.add(self)
 
     def log_transfer(self, f: OpenFile) -> None:
         if not (f.bytes_read or f.bytes_written or f.writable):
@@ -239,6 +243,8 @@ class Session:
             self._closed = True
             self.jail.close()
             self.service.sessions.discard(self)
+            if self._group is not None:
+                self._group.discard(self)
 
 
 class _ChannelSession(SSHServerStreamSession):
@@ -356,6 +362,7 @@ class _Connection(asyncssh.SSHServer):
         # positive answer per name); only the name that completes is ever bound.
         self._validated: dict[str, tuple[Account, str]] = {}
         self.handlers: set[SshfilesSFTPHandler] = set()
+        self.sessions: set[Session] = set()  # open sessions of this connection's channels
         self.running = 0             # exec and scp channels in progress
         self.last_activity = time.monotonic()
         self.ended: str | None = None  # why the server ended this connection, once it did
@@ -372,6 +379,13 @@ class _Connection(asyncssh.SSHServer):
             self.end("server stopping")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # SCP sessions still open lost their client (or were cut) mid-file: the file the SCP
+        # server closes now is logged as interrupted.  asyncssh calls this after closing the
+        # channels but before their tasks run.  SFTP sessions decide in the handler's _cleanup,
+        # once requests the client sent before it left (a CLOSE) have been served.
+        sftp = {h._server.session for h in self.handlers}
+        for session in self.sessions - sftp:
+            session.interrupted = True
         self.service.connections.discard(self)
         if self.account is not None:
             log.info("logout user=%s source=%s", esc(self.username), self.peer)
@@ -533,7 +547,7 @@ class _Connection(asyncssh.SSHServer):
     def new_session(self) -> Session:
         """A channel's session, on the account as it was re-read when the channel opened."""
         assert self.account is not None and self.account.name == self.username
-        return Session(self.service, self.account, self.peer)
+        return Session(self.service, self.account, self.peer, self.sessions)
 
 
 def _server_options(config: ServerConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
