@@ -301,6 +301,7 @@ class _Connection(asyncssh.SSHServer):
         # positive answer per name); only the name that completes is ever bound.
         self._validated: dict[str, tuple[Account, str]] = {}
         self.handlers: set[SshfilesSFTPHandler] = set()
+        self.sessions: set[UserSession] = set()  # open sessions of this connection's channels
         self.running = 0             # exec and scp channels in progress
         self.last_activity = time.monotonic()
         self.ended: str | None = None  # why the server ended this connection, once it did
@@ -317,6 +318,13 @@ class _Connection(asyncssh.SSHServer):
             self.end("server stopping")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # SCP sessions still open lost their client (or were cut) mid-file: the file the SCP
+        # server closes now is logged as interrupted.  asyncssh calls this after closing the
+        # channels but before their tasks run.  SFTP sessions decide in the handler's _cleanup,
+        # once requests the client sent before it left (a CLOSE) have been served.
+        sftp = {h.server.session for h in self.handlers if isinstance(h.server, JailedSFTPServer)}
+        for session in self.sessions - sftp:
+            session.interrupted = True
         self.service.connections.discard(self)
         if self.account is not None:
             log.info("logout user=%s source=%s", esc(self.username), self.peer)
@@ -481,9 +489,14 @@ class _Connection(asyncssh.SSHServer):
         assert self.account is not None and self.account.name == self.username
         acct = self.account
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
-                              on_close=self.service.sessions.discard)
+                              on_close=self._session_closed)
         self.service.sessions.add(session)
+        self.sessions.add(session)
         return session
+
+    def _session_closed(self, session: UserSession) -> None:
+        self.service.sessions.discard(session)
+        self.sessions.discard(session)
 
 
 def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:

@@ -482,11 +482,16 @@ def test_crashing_worker_logs_its_traceback_exits_nonzero_and_backs_off(workers_
 # -- item 23: shutdown -------------------------------------------------------------------------------
 
 
-async def _slow_upload(sftp: asyncssh.SFTPClient, path: str, pieces: int, delay: float) -> int:
-    """Write `pieces` 4 KiB pieces with a pause between them, then close; returns the bytes written."""
+async def _slow_upload(sftp: asyncssh.SFTPClient, path: str, pieces: int, delay: float,
+                       started: asyncio.Event) -> int:
+    """Write `pieces` 4 KiB pieces with a pause between them, then close; returns the bytes written.
+
+    `started` is set once the file is open and the first piece written: the transfer is in progress.
+    """
     async with sftp.open(path, "wb") as f:
         for i in range(pieces):
             await f.write(b"s" * 4096, i * 4096)
+            started.set()
             await asyncio.sleep(delay)
     return pieces * 4096
 
@@ -508,8 +513,10 @@ def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path,
                 iconn = await server.connect(idle)
                 isftp = await iconn.start_sftp_client()
                 await isftp.stat(".")
-                upload = asyncio.create_task(_slow_upload(usftp, "slow.bin", 20, 0.15))
-                await asyncio.sleep(0.5)
+                started = asyncio.Event()
+                upload = asyncio.create_task(_slow_upload(usftp, "slow.bin", 20, 0.15, started))
+                await asyncio.wait_for(started.wait(), 10)
+                await asyncio.sleep(0.3)
                 if target == "group":
                     os.killpg(server.proc.pid, signal.SIGTERM)
                 else:
@@ -616,3 +623,54 @@ def test_serve_warns_when_running_as_root(server: ServerHandle) -> None:
     if os.geteuid() != 0:
         pytest.skip("not running as root")
     assert len(re.findall(r"WARNING .*running as root: .*dedicated unprivileged service user", server.log())) == 1
+
+
+async def _scp_upload_start(conn: asyncssh.SSHClientConnection, name: str, size: int,
+                            first: bytes) -> asyncssh.SSHClientProcess:
+    """Speak the SCP sink protocol as OpenSSH's `scp -O` does: announce a file of `size`, send `first`."""
+    proc = await conn.create_process("scp -t .", encoding=None)
+    assert await asyncio.wait_for(proc.stdout.readexactly(1), 10) == b"\0"
+    proc.stdin.write(f"C0644 {size} {name}\n".encode())
+    assert await asyncio.wait_for(proc.stdout.readexactly(1), 10) == b"\0"
+    proc.stdin.write(first)
+    await proc.stdin.drain()
+    return proc
+
+
+@pytest.mark.parametrize("how", ["client-vanishes", "grace-expires"])
+def test_cut_scp_upload_is_logged_interrupted(tmp_path: Path, host_keys_dir: Path, how: str) -> None:
+    server = make_server(tmp_path, host_keys_dir, ("--grace", "1"))
+    server.start()
+    assert server.proc is not None
+    try:
+        user = key_user(server, "scpcut", quota="10MiB")
+        bystander = key_user(server, "bystander")
+
+        async def scenario() -> None:
+            async with server.sftp(bystander) as by_sftp:
+                conn = await server.connect(user)
+                proc = await _scp_upload_start(conn, "cut.bin", 1024 * KiB, b"c" * (64 * KiB))
+                await log_line(server, r"exec user=scpcut source=\S+ command=\"scp -t \.\"", 10)
+                if how == "client-vanishes":
+                    await asyncio.sleep(0.3)
+                    conn.abort()
+                    await log_line(server, r"transfer user=scpcut ", 10)
+                    assert (await by_sftp.stat(".")).type is not None
+                    return
+                server.proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ENDED):
+                    for _ in range(150):  # at most 15 s of slow writing
+                        proc.stdin.write(b"c" * 1024)
+                        await asyncio.wait_for(proc.stdin.drain(), 5)
+                        await asyncio.sleep(0.1)
+                        if conn.is_closed():
+                            raise ConnectionResetError("closed by the server")
+
+        run(scenario())
+        if how == "grace-expires":
+            assert server.proc.wait(1 + 10) == 0
+        assert re.search(r"transfer user=scpcut path=/cut\.bin direction=upload bytes=\d+ seconds=[\d.]+ "
+                         r"result=interrupted", server.log()), server.log()
+        assert assert_ledger_matches_disk(server, user) == (user.home / "cut.bin").stat().st_size
+    finally:
+        server.stop()
