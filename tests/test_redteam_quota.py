@@ -1,0 +1,472 @@
+"""Red-team attacks on quota exactness (commit de12c02), each against a real `sshfiles serve`.
+
+A test marked ``xfail(strict=True)`` is a finding: the attack works today and the
+test documents it (numbers in the reason).  The other tests are attacks that held;
+they stay as guards.  Invariant checked throughout: once every handle is closed
+and every session ended, the ledger (bytes and entries) equals a scan of the
+home, and the user never stored more than the quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import asyncssh
+import pytest
+from conftest import have
+from test_quota import (KiB, add_user, assert_ledger_matches_disk, disk_usage, ledger, put, refused, run, seed,
+                        sftp_on_two_workers)
+from test_quota_exact import assert_entries_match_disk, entries_on_disk, stored_entries
+
+from sshfiles.accounts import SQLiteAccountStore
+
+MiB = 1024 * KiB
+
+
+def raw_usage(server, name: str) -> tuple[int, int]:
+    """(used, entries) as stored, without `charged`'s clamp at zero."""
+    store = SQLiteAccountStore(server.accounts_dir)
+    try:
+        return tuple(store._query("SELECT used, entries FROM users WHERE name=?", (name,))[0])
+    finally:
+        store.close()
+
+
+async def tolerate(coro):
+    """Await a request that may legitimately lose a race; returns the error instead of raising."""
+    try:
+        return await coro
+    except (asyncssh.SFTPError, OSError) as exc:
+        return exc
+
+
+def worker_pid(server, user, conn) -> int:
+    port = conn.get_extra_info("sockname")[1]
+    m = re.search(rf"\[(\d+)\]: login user={user.name} source=127\.0\.0\.1:{port} ", server.log())
+    assert m, "no login line"
+    return int(m.group(1))
+
+
+def restart_on_fresh_log(server) -> None:
+    """ServerHandle.start() would find the old 'listening on' line in an appended log."""
+    n = len(list(server.root.glob("server-before-*.log")))
+    server.log_path.rename(server.root / f"server-before-{n}.log")
+    server.start()
+
+
+# == findings ===================================================================================
+
+
+# -- F1: a trailing slash hides the removed file from the held-handle logic -----------------------
+
+
+@pytest.mark.xfail(strict=True, reason="F1: remove('big/') / posix_rename(x, 'big/'): _held() opens 'big/' "
+                   "-> ENOTDIR -> None, but Jail.parent() strips the slash and unlinks 'big'; entry_gone credits "
+                   "st_size at once AND the reader's close credits it again: 100 KiB on disk under a 64 KiB "
+                   "quota, ledger 60 KiB")
+@pytest.mark.parametrize("how", ["remove", "posix_rename"])
+def test_trailing_slash_removal_of_an_open_file_is_credited_twice(server, how):
+    quota = 64 * KiB
+    user = add_user(server, f"slash{how[0]}", quota=str(quota))
+    seed(server, user, {"big": b"b" * (40 * KiB), "tiny": b""})
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            held = await sftp.open("big", "rb")                   # keeps the 40 KiB on disk
+            if how == "remove":
+                await sftp.remove("big/")
+            else:
+                await sftp.posix_rename("tiny", "big/")
+            # the 40 KiB are still on disk: another 40 KiB must not fit under 64 KiB
+            with pytest.raises(asyncssh.SFTPError):
+                await put(sftp, "again", b"a" * (40 * KiB))
+            await held.close()                                     # now they leave the disk (credited here)
+            with pytest.raises(asyncssh.SFTPError):
+                await put(sftp, "more", b"m" * (60 * KiB))
+    try:
+        run(attack())
+    finally:
+        assert disk_usage(user.home) <= quota
+        assert_ledger_matches_disk(server, user, timeout=1)
+        assert_entries_match_disk(server, user, timeout=1)
+
+
+# -- F2: a zero-length WRITE past the end is charged for the gap it never creates ----------------
+
+
+@pytest.mark.xfail(strict=True, reason="F2: write(b'', offset) charges offset-size (end > size) but pwrite "
+                   "never runs, so the charge is settled as usage: 60 KiB charged for an empty file; an "
+                   "unlimited user's ledger jumps to 2**63-1 and every later upload fails 'File too large'")
+@pytest.mark.parametrize("quota", ["64KiB", "unlimited"])
+def test_zero_length_write_past_the_end_charges_nothing(server, quota):
+    user = add_user(server, f"empty{quota[0]}", quota=quota)
+    offset = 60 * KiB if quota != "unlimited" else 2**63 - 1
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            async with sftp.open("f", "wb") as f:
+                await tolerate(f.write(b"", offset))               # asyncssh sends a WRITE with empty data
+                assert (await f.stat()).size == 0
+            await put(sftp, "g", b"g" * (10 * KiB))                 # 10 KiB of 64 KiB (or of unlimited) must fit
+    try:
+        run(attack())
+    finally:
+        assert raw_usage(server, user.name)[0] == disk_usage(user.home)
+    assert_ledger_matches_disk(server, user)
+
+
+# -- F3/F4: removed-but-open bytes die with the process and are never credited -------------------
+
+
+@pytest.mark.xfail(strict=True, reason="F3: a clean SIGTERM stop never closes open SFTP handles through "
+                   "release(); the removed file's 40 KiB leave the disk uncredited, no reservation row is left, "
+                   "so the next start does not rescan: ledger 40 KiB, disk 0, for good")
+def test_graceful_restart_with_a_removed_file_held_open(server):
+    user = add_user(server, "termheld", quota="64KiB")
+    seed(server, user, {"big": b"b" * (40 * KiB)})
+
+    async def attack():
+        conn = await server.connect(user)
+        sftp = await conn.start_sftp_client()
+        await sftp.open("big", "rb")
+        await sftp.remove("big")
+        server.stop()                                              # SIGTERM: a normal restart
+        assert server.proc is not None and server.proc.returncode == 0
+        conn.abort()
+    run(attack())
+    restart_on_fresh_log(server)
+    assert_ledger_matches_disk(server, user, timeout=2)
+
+
+@pytest.mark.xfail(strict=True, reason="F4: SIGKILL while a reader holds a removed file: the bytes leave with "
+                   "the process, and reconcile_dead_owners only rescans users with a reservation row (a reader "
+                   "has none): after the restart, ledger 40 KiB, disk 0, contrary to the README's 'after a "
+                   "crash the server rescans the affected users'")
+def test_sigkill_with_a_removed_file_held_open_is_reconciled(server):
+    user = add_user(server, "killheld", quota="64KiB")
+    seed(server, user, {"big": b"b" * (40 * KiB)})
+
+    async def attack():
+        conn = await server.connect(user)
+        sftp = await conn.start_sftp_client()
+        await sftp.open("big", "rb")
+        await sftp.remove("big")
+        server.kill()
+        conn.abort()
+    run(attack())
+    restart_on_fresh_log(server)
+    assert_ledger_matches_disk(server, user, timeout=2)
+
+
+@pytest.mark.xfail(strict=True, reason="F5: a SIGKILLed worker is neither replaced nor reconciled while the "
+                   "server runs: its reservation (here ~118 KiB beyond the 100 KiB written) stays charged, and "
+                   "the user is refused at ~870 KiB of a 1 MiB quota until the whole server restarts")
+def test_workers_a_killed_workers_reservation_is_released(workers_server):
+    server = workers_server
+    quota = 1024 * KiB
+    user = add_user(server, "wkilled", quota=str(quota))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        f = await sa.open("f", "wb")
+        await f.write(b"x" * (100 * KiB))
+        os.kill(worker_pid(server, user, ca), signal.SIGKILL)
+        ca.abort()
+        await asyncio.sleep(1)
+        async with cb:
+            await put(sb, "g", b"g" * (quota - 100 * KiB))          # exactly the rest of the quota
+    try:
+        run(attack())
+    finally:
+        assert_ledger_matches_disk(server, user, timeout=2)
+
+
+# -- F6: two workers renaming onto one name both think they replaced it -------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="F6: Jail.rename stats the target before rename(2); two workers "
+                   "renaming onto T both report T as replaced: one replaced inode is never credited (ledger "
+                   "+60 KiB after 300 rounds) and, with rename(T, C) racing rename(A, T), an entry is credited "
+                   "that still exists (entries ledger went to -2)")
+def test_workers_concurrent_posix_renames_onto_one_name(workers_server):
+    server = workers_server
+    user = add_user(server, "wrenames", quota=str(4 * MiB))
+
+    def exact() -> bool:
+        return raw_usage(server, user.name) == (disk_usage(user.home), entries_on_disk(user.home))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with ca, cb:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:                     # every reply is settled: check each round
+                names = range(8)
+                await asyncio.gather(*(put(sa, f"T{i}", b"t" * (8 * KiB)) for i in names),
+                                     *(put(sb, f"A{i}", b"a" * KiB) for i in names),
+                                     *(put(sa, f"B{i}", b"b" * (2 * KiB)) for i in names))
+                await asyncio.gather(*(tolerate(sa.posix_rename(f"A{i}", f"T{i}")) for i in names),
+                                     *(tolerate(sb.posix_rename(f"B{i}", f"T{i}")) for i in names))
+                if not exact():
+                    break
+                await asyncio.gather(*(put(sb, f"A{i}", b"a" * KiB) for i in names))
+                await asyncio.gather(*(tolerate(sa.posix_rename(f"A{i}", f"T{i}")) for i in names),
+                                     *(tolerate(sb.posix_rename(f"T{i}", f"C{i}")) for i in names))
+                if not exact():
+                    break
+                await asyncio.gather(*(tolerate(s.remove(f"{n}{i}")) for i in names for n, s in
+                                       (("A", sa), ("B", sb), ("C", sa))))
+    run(attack(), timeout=90)
+    time.sleep(0.3)
+    assert exact(), (raw_usage(server, user.name), disk_usage(user.home), entries_on_disk(user.home))
+
+
+# -- F7: exec hash commands hold files without taking part in the last-closer protocol ----------
+
+
+@pytest.mark.xfail(strict=True, reason="F7: `md5sum FILE` opens with jail.open_regular and no hold(): a remove "
+                   "meanwhile wins LOCK_EX and credits the bytes while md5sum still keeps them on disk; the user "
+                   "then stores 512 MiB (sparse) under a 384 MiB quota")
+def test_exec_hash_keeps_a_removed_file_charged(server):
+    quota = 384 * MiB
+    user = add_user(server, "hasher", quota=str(quota))
+
+    async def attack():
+        async with server.connect(user) as conn:
+            sftp = await conn.start_sftp_client()
+            async with sftp.open("big", "wb") as f:
+                await f.truncate(256 * MiB)                        # sparse: charged in full, costs no disk
+            proc = await conn.create_process("md5sum big")
+            await asyncio.sleep(0.2)                               # md5sum has the file open (about 1 s of hashing)
+            await sftp.remove("big")
+            try:
+                async with sftp.open("again", "wb") as f:
+                    with pytest.raises(asyncssh.SFTPError):        # 256 MiB still on disk: 256 more must not fit
+                        await f.truncate(256 * MiB)
+            finally:
+                assert proc.exit_status is None, "md5sum finished too early: the test proves nothing"
+                await proc.wait()
+    run(attack())
+
+
+# -- F8: `quota scan` cannot see removed-but-open files; their later credit is a second one -------
+
+
+@pytest.mark.xfail(strict=True, reason="F8: quota scan while a reader holds a removed 40 KiB file sets used to "
+                   "the visible 0; the reader's close then credits 40 KiB again: ledger 40 KiB below the disk, "
+                   "104 KiB stored under a 64 KiB quota (no upload was in flight, as the CLI asks)")
+def test_quota_scan_while_a_removed_file_is_held_open(server):
+    quota = 64 * KiB
+    user = add_user(server, "scanheld", quota=str(quota))
+    seed(server, user, {"big": b"b" * (40 * KiB)})
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            held = await sftp.open("big", "rb")
+            await sftp.remove("big")
+            server.cli("quota", "scan", user.name)                 # e.g. a nightly cron job
+            await held.close()
+            await put(sftp, "a", b"a" * quota)
+            await refused(put(sftp, "b", b"b" * (40 * KiB)))
+    try:
+        run(attack())
+    finally:
+        assert disk_usage(user.home) <= quota
+    assert_ledger_matches_disk(server, user)
+
+
+# -- F9: a pre-existing hard link with another link outside the home ---------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="F9: entry_gone credits bytes only when st_nlink <= 1 / the inode dies; a "
+                   "file an admin seeded with `cp -al` (one link kept outside the home) is never credited: after "
+                   "the user removes it, ledger 20 KiB, disk 0")
+def test_admin_hard_link_to_outside_the_home_is_credited_on_remove(server, tmp_path):
+    user = add_user(server, "skel", quota="64KiB")
+    (user.home / "x").write_bytes(b"x" * (20 * KiB))
+    os.link(user.home / "x", tmp_path / "skeleton-x")              # e.g. homes seeded from a skeleton with cp -al
+    server.cli("quota", "scan", user.name)
+    assert ledger(server, user.name) == 20 * KiB
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            await sftp.remove("x")
+    run(attack())
+    assert_ledger_matches_disk(server, user, timeout=1)
+
+
+# -- F10: copy-data runs to completion without yielding: the worker stalls for everyone ---------
+
+
+@pytest.mark.xfail(strict=True, reason="F10: asyncssh's _process_copy_data loops over synchronous read/write "
+                   "without awaiting: copying a file onto its own end until the quota (256 MiB) blocks the event "
+                   "loop ~2 s; a bystander's STAT waited that long (4.5 s at 600 MiB)")
+def test_copy_data_does_not_stall_other_users(server):
+    user = add_user(server, "staller", quota=str(256 * MiB))
+    other = add_user(server, "patient", quota="1MiB")
+
+    async def attack():
+        async with server.sftp(user) as sftp, server.sftp(other) as bystander:
+            await put(sftp, "seed", b"s" * (256 * KiB))
+            await bystander.stat(".")
+            waits: list[float] = []
+
+            async def probe():
+                await asyncio.sleep(0.2)
+                for _ in range(10):
+                    t = time.monotonic()
+                    await bystander.stat(".")
+                    waits.append(time.monotonic() - t)
+                    await asyncio.sleep(0.05)
+
+            async def copy_onto_own_end():
+                async with sftp.open("seed", "r+b") as f:
+                    await tolerate(sftp.remote_copy(f, f, dst_offset=256 * KiB))
+            await asyncio.gather(copy_onto_own_end(), probe())
+            await sftp.remove("seed")
+            assert max(waits) < 0.5, f"bystander waited {max(waits):.1f} s"
+    run(attack(), timeout=120)
+
+
+# == attacks that held (guards) =================================================================
+
+
+def test_held_names_open_handles_and_admin_links(server):
+    """Hard links inside the home, a file open twice in one session, a directory renamed around open
+    files, a symlink removed, setstat size on a directory and through a symlink, rename onto itself."""
+    user = add_user(server, "heldmix", quota="256KiB")
+    bystander = add_user(server, "heldother", quota="256KiB")
+    seed(server, bystander, {"keep": b"k" * 1000})
+    (user.home / "sub").mkdir()
+    (user.home / "sub" / "h1").write_bytes(b"h" * (10 * KiB))
+    os.link(user.home / "sub" / "h1", user.home / "h2")
+    os.symlink("h2", user.home / "sym")
+    server.cli("quota", "scan", user.name)
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            f1, f2 = await sftp.open("h2", "rb"), await sftp.open("h2", "r+b")
+            await sftp.rename("sub", "sub2")
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.setstat("sub2", asyncssh.SFTPAttrs(size=100))
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.setstat("sym", asyncssh.SFTPAttrs(size=100), follow_symlinks=False)
+            await sftp.setstat("sym", asyncssh.SFTPAttrs(size=12 * KiB))   # through the link: the file grows
+            await sftp.remove("sym")
+            await sftp.remove("h2")                                  # one of two links: nothing freed
+            await f2.write(b"z" * KiB, 12 * KiB)
+            await sftp.posix_rename("sub2/h1", "sub2/h1")
+            await sftp.remove("sub2/h1")                             # last link, still open twice
+            assert ledger(server, user.name) >= 13 * KiB
+            await f1.close()
+            await f2.close()
+            await sftp.rmdir("sub2")
+            for bad in (".", "/", "a/.."):
+                with pytest.raises(asyncssh.SFTPError):
+                    await sftp.mkdir(bad)
+            f = await sftp.open("n", "wb")
+            await sftp.posix_rename("n", "m")
+            await f.write(b"q" * 100)
+            await sftp.remove("m")
+            await f.close()
+    run(attack())
+    assert assert_ledger_matches_disk(server, user) == 0
+    assert assert_entries_match_disk(server, user) == 0
+    assert raw_usage(server, bystander.name) == (1000, 1)
+
+
+def test_workers_racing_removes_creates_and_mkdirs_of_one_name(workers_server):
+    server = workers_server
+    user = add_user(server, "wsame", quota=str(4 * MiB))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with ca, cb:
+            deadline = time.monotonic() + 4
+            rounds = 0
+            while time.monotonic() < deadline and rounds < 200:
+                await put(sa, "T", b"t" * (8 * KiB))
+                r = await sb.open("T", "rb")
+                await asyncio.gather(tolerate(sa.remove("T")), tolerate(sb.remove("T")),
+                                     tolerate(sa.mkdir("D")), tolerate(sb.mkdir("D")),
+                                     tolerate(put(sa, "N", b"n")), tolerate(put(sb, "N", b"nn")))
+                await r.close()
+                await asyncio.gather(tolerate(sa.rmdir("D")), tolerate(sb.rmdir("D")),
+                                     tolerate(sa.remove("N")), tolerate(sb.remove("N")))
+                rounds += 1
+    run(attack(), timeout=90)
+    time.sleep(0.3)
+    assert raw_usage(server, user.name) == (0, 0) == (disk_usage(user.home), entries_on_disk(user.home))
+
+
+def test_workers_appends_racing_truncates(workers_server):
+    server = workers_server
+    quota = 256 * KiB
+    user = add_user(server, "wappend", quota=str(quota))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with ca, cb:
+            fa, fb, ft = await sa.open("f", "ab"), await sb.open("f", "ab"), await sa.open("f", "r+b")
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                await asyncio.gather(*[tolerate(fa.write(b"a" * 3000)) for _ in range(5)],
+                                     *[tolerate(fb.write(b"b" * 5000)) for _ in range(5)],
+                                     tolerate(sb.truncate("f", 1000)), tolerate(ft.truncate(7)),
+                                     tolerate(sa.truncate("f", 2)))
+                assert disk_usage(user.home) <= quota
+            for f in (fa, fb, ft):
+                await f.close()
+    run(attack(), timeout=90)
+    assert assert_ledger_matches_disk(server, user) <= quota
+    assert_entries_match_disk(server, user)
+
+
+def test_workers_quota_lowered_live_under_two_pools(workers_server):
+    server = workers_server
+    user = add_user(server, "wlower", quota=str(64 * MiB))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with ca, cb:
+            fa, fb = await sa.open("a", "wb"), await sb.open("b", "wb")
+            await fa.write(b"a" * KiB)
+            await fb.write(b"b" * KiB)                              # both workers hold a big pool now
+            server.cli("user", "quota", user.name, "100KiB")
+            await asyncio.sleep(0.4)                                # RECHECK_SECONDS
+            for f in (fa, fb):
+                off = KiB
+                while off < MiB:
+                    try:
+                        await f.write(b"x" * KiB, off)
+                    except asyncssh.SFTPError:
+                        break
+                    off += KiB
+            assert disk_usage(user.home) <= 100 * KiB
+            await fa.close()
+            await fb.close()
+    run(attack())
+    assert assert_ledger_matches_disk(server, user) == 100 * KiB
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["scp-O", "scp-sftp"])
+def test_scp_recursive_upload_hits_the_entries_limit(server, tmp_path, legacy):
+    if not (have("scp") and have("sshpass")):
+        pytest.skip("OpenSSH scp not installed")
+    user = add_user(server, f"scptree{int(legacy)}", quota="256KiB")
+    server.cli("user", "quota", user.name, "256KiB", "--files", "7")
+    src = tmp_path / "tree"
+    for d in ("a", "a/b", "c"):
+        (src / d).mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        (src / "a" / f"f{i}").write_bytes(b"f" * 3000)
+        (src / "a" / "b" / f"g{i}").write_bytes(b"g" * 5000)
+        (src / "c" / f"h{i}").write_bytes(b"h" * 7000)
+    for _ in range(2):                                               # the second run meets a full quota
+        res = server.openssh("scp", user, (["-O"] if legacy else []) + ["-r", str(src), f"{user.name}@{server.host}:up"])
+        assert res.returncode != 0
+    assert assert_entries_match_disk(server, user) == 7
+    assert_ledger_matches_disk(server, user)
