@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 import time
 
 import asyncssh
@@ -42,6 +43,31 @@ async def tolerate(coro):
         return await coro
     except (asyncssh.SFTPError, OSError) as exc:
         return exc
+
+
+def deep_usage(home) -> tuple[int, int]:
+    """(bytes, entries) like disk_usage/entries_on_disk, but walking by directory fd, so host paths
+    longer than PATH_MAX (which os.walk + lstat cannot stat) are counted too."""
+    total, entries, seen = 0, 0, set()
+    for _, dirs, files, dfd in os.fwalk(home):
+        for name in dirs + files:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            entries += 1
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total, entries
+
+
+async def deep_dir(sftp) -> str:
+    """16 nested directories whose host path is just short of PATH_MAX: a name put inside is past it."""
+    path = ""
+    for i in range(15):
+        path += "/" + chr(ord("a") + i) * 250
+        await sftp.mkdir(path)
+    path += "/" + "p" * 100
+    await sftp.mkdir(path)
+    return path
 
 
 def worker_pid(server, user, conn) -> int:
@@ -329,6 +355,52 @@ def test_copy_data_does_not_stall_other_users(server):
             await sftp.remove("seed")
             assert max(waits) < 0.5, f"bystander waited {max(waits):.1f} s"
     run(attack(), timeout=120)
+
+
+# -- F11/F12: host paths past PATH_MAX ---------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="F11: _open increments write_handles only after virtual_path(), but its "
+                   "error path always decrements: an open whose host path exceeds PATH_MAX (readlink "
+                   "ENAMETOOLONG) leaves write_handles at -1, so no later close releases the pool: ~8 MiB stay "
+                   "charged for a home holding 1000 bytes, after every session ended")
+def test_failed_open_past_path_max_does_not_leak_the_pool(server):
+    user = add_user(server, "deepopen", quota=str(64 * MiB))
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            deep = await deep_dir(sftp)
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.open(deep + "/" + "f" * 200, "wb")      # host path > 4096: File name too long
+            await put(sftp, "small", b"s" * 1000)
+    run(attack())
+    time.sleep(0.3)
+    assert ledger(server, user.name) == deep_usage(user.home)[0] == 1000
+
+
+@pytest.mark.xfail(strict=True, reason="F12: scan_usage walks by path and skips (OSError -> continue) anything "
+                   "past PATH_MAX; a user renames 600 KiB into such a name (rename works on the parent fd), and "
+                   "after a `quota scan` (or the automatic rescan after a crash) the ledger says 0 and another "
+                   "600 KiB fit: 1.2 MiB stored under a 1 MiB quota")
+def test_quota_scan_counts_files_past_path_max(server):
+    quota = 1024 * KiB
+    user = add_user(server, "deephide", quota=str(quota))
+
+    async def attack(phase: int):
+        async with server.sftp(user) as sftp:
+            if phase == 0:
+                deep = await deep_dir(sftp)
+                await put(sftp, "x", b"x" * (600 * KiB))
+                await sftp.posix_rename("x", deep + "/" + "h" * 200)
+            else:
+                await refused(put(sftp, "y", b"y" * (600 * KiB)))
+    run(attack(0))
+    server.cli("quota", "scan", user.name)
+    try:
+        run(attack(1))
+    finally:
+        assert deep_usage(user.home)[0] <= quota
+    assert raw_usage(server, user.name) == deep_usage(user.home)
 
 
 # == attacks that held (guards) =================================================================
