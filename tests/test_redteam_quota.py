@@ -324,6 +324,27 @@ def test_admin_hard_link_to_outside_the_home_is_credited_on_remove(server, tmp_p
     assert_ledger_matches_disk(server, user, timeout=1)
 
 
+@pytest.mark.xfail(strict=True, reason="F9b: the same skeleton linked into two homes (cp -al): one user's write "
+                   "or truncate goes straight into the bystander's file; the bystander's data changes and its "
+                   "ledger (20 KiB) no longer matches its home (60 KiB); nothing refuses writes to nlink > 1")
+def test_admin_hard_link_across_homes_does_not_let_a_user_change_a_bystanders_file(server):
+    user = add_user(server, "skela", quota="64KiB")
+    bystander = add_user(server, "skelb", quota="64KiB")
+    (user.home / "x").write_bytes(b"x" * (20 * KiB))
+    os.link(user.home / "x", bystander.home / "x")
+    server.cli("quota", "scan")
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            async with sftp.open("x", "r+b") as f:
+                await f.write(b"A" * (40 * KiB), 20 * KiB)
+    run(attack())
+    try:
+        assert (bystander.home / "x").read_bytes() == b"x" * (20 * KiB)
+    finally:
+        assert_ledger_matches_disk(server, bystander, timeout=1)
+
+
 # -- F10: copy-data runs to completion without yielding: the worker stalls for everyone ---------
 
 
@@ -541,4 +562,40 @@ def test_scp_recursive_upload_hits_the_entries_limit(server, tmp_path, legacy):
         res = server.openssh("scp", user, (["-O"] if legacy else []) + ["-r", str(src), f"{user.name}@{server.host}:up"])
         assert res.returncode != 0
     assert assert_entries_match_disk(server, user) == 7
+    assert_ledger_matches_disk(server, user)
+
+
+def test_open_flag_combinations_and_existing_names(server):
+    """CREAT/EXCL/TRUNC/APPEND combinations on new, existing, directory and symlink names, mkdir of an
+    existing name, rename onto itself and onto an admin-made hard link of itself: entries exact."""
+    from asyncssh.sftp import FXF_APPEND, FXF_CREAT, FXF_EXCL, FXF_READ, FXF_TRUNC, FXF_WRITE
+    user = add_user(server, "flags", quota="256KiB")
+    server.cli("user", "quota", user.name, "256KiB", "--files", "12")
+    (user.home / "dir").mkdir()
+    (user.home / "file").write_bytes(b"f" * (4 * KiB))
+    os.link(user.home / "file", user.home / "twin")
+    os.symlink("missing", user.home / "dangling")
+    os.symlink("file", user.home / "tofile")
+    server.cli("quota", "scan", user.name)
+    W, C, X, T, A, R = FXF_WRITE, FXF_CREAT, FXF_EXCL, FXF_TRUNC, FXF_APPEND, FXF_READ
+    combos = [C, W | C, W | C | X, W | C | T, W | C | X | T, W | T, W | A | C, R | C | X, W | C | A | T | X, R | T]
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            for name in ("file", "twin", "dir", "dangling", "tofile", "new", "dir/", "file/"):
+                for flags in combos:
+                    f = await tolerate(sftp.open(name, flags, encoding=None))
+                    if isinstance(f, asyncssh.SFTPClientFile):
+                        await f.write(b"w" * 100, 0) if flags & W else None
+                        await f.close()
+                await tolerate(sftp.remove("new"))
+            for name in ("dir", "file", "dangling", "dir/", "dir/.", "new/.."):
+                await tolerate(sftp.mkdir(name))
+            await sftp.posix_rename("file", "twin")                    # hard links of one inode: rename(2) no-op
+            await sftp.posix_rename("twin", "twin")
+            await sftp.rename("tofile", "tofile2")
+            await sftp.remove("tofile2")                               # the symlink, not its target
+    run(attack())
+    assert sorted(os.listdir(user.home)) == ["dangling", "dir", "file", "twin"]
+    assert_entries_match_disk(server, user)
     assert_ledger_matches_disk(server, user)
