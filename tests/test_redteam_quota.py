@@ -625,3 +625,46 @@ def test_open_flag_combinations_and_existing_names(server):
     assert sorted(os.listdir(user.home)) == ["dangling", "dir", "file", "twin"]
     assert_entries_match_disk(server, user)
     assert_ledger_matches_disk(server, user)
+
+
+def test_workers_abort_mid_pipelined_upload_of_a_file_removed_elsewhere(workers_server):
+    """Connection aborted with writes in flight while the other worker removes the file: the bytes are
+    credited exactly once, whichever process closes last."""
+    server = workers_server
+    quota = 4 * MiB
+    user = add_user(server, "wabort", quota=str(quota))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with cb:
+            f = await sa.open("f", "wb")
+            await f.write(b"0" * KiB)
+            reader = await sb.open("f", "rb")
+            writes = [asyncio.ensure_future(f.write(b"x" * (32 * KiB), off)) for off in range(0, 2 * MiB, 32 * KiB)]
+            await asyncio.sleep(0.01)
+            await sb.remove("f")
+            ca.abort()
+            await asyncio.gather(*writes, return_exceptions=True)
+            await asyncio.sleep(0.3)
+            await reader.close()
+            await put(sb, "g", b"g" * (quota - KiB))
+    run(attack())
+    assert assert_ledger_matches_disk(server, user) == quota - KiB
+    assert_entries_match_disk(server, user)
+
+
+def test_copy_data_overlapping_within_one_file(server):
+    """copy-data backwards and forwards inside one file and from a file onto itself: charged as writes."""
+    quota = 256 * KiB
+    user = add_user(server, "overlap", quota=str(quota))
+    seed(server, user, {"f": bytes(range(256)) * 400})                  # 100 KiB
+
+    async def attack():
+        async with server.sftp(user) as sftp:
+            async with sftp.open("f", "r+b") as f:
+                await sftp.remote_copy(f, f, src_offset=50 * KiB, dst_offset=0)          # backwards, inside
+                await sftp.remote_copy(f, f, src_offset=0, src_length=60 * KiB, dst_offset=10 * KiB)
+                await sftp.remote_copy(f, f, src_offset=0, src_length=100 * KiB, dst_offset=100 * KiB)
+                await refused(sftp.remote_copy(f, f, src_offset=0, src_length=100 * KiB, dst_offset=200 * KiB))
+    run(attack())
+    assert assert_ledger_matches_disk(server, user) <= quota
