@@ -189,7 +189,7 @@ def test_sigkill_with_a_removed_file_held_open_is_reconciled(server):
 
 
 @pytest.mark.xfail(strict=True, reason="F5: a SIGKILLed worker is neither replaced nor reconciled while the "
-                   "server runs: its reservation (here ~118 KiB beyond the 100 KiB written) stays charged, and "
+                   "server runs: its reservation (here ~116 KiB beyond the 100 KiB written) stays charged, and "
                    "the user is refused at ~870 KiB of a 1 MiB quota until the whole server restarts")
 def test_workers_a_killed_workers_reservation_is_released(workers_server):
     server = workers_server
@@ -450,6 +450,36 @@ def test_recreated_account_does_not_inherit_the_old_sessions_pool(server):
     run(attack())
 
 
+# -- F14: an fd is not a holder until hold(): a remove in another worker credits, then the newcomer --
+
+
+@pytest.mark.xfail(strict=False, reason="F14 (race, seen in 2 of 3 runs within 20 s, and as a 1-byte drift in an "
+                   "earlier guard): _open_fd opens, then hold()s; a remove in the other worker that unlinks and "
+                   "release()s in between wins LOCK_EX alone and credits the bytes, then the newcomer's own "
+                   "TRUNC/close credits them again: used went to -910 / -980 for a home holding 90 / 20 bytes")
+def test_workers_open_racing_a_remove_is_credited_once(workers_server):
+    server = workers_server
+    user = add_user(server, "wowin", quota=str(4 * MiB))
+
+    def exact() -> bool:
+        return raw_usage(server, user.name) == (disk_usage(user.home), entries_on_disk(user.home))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with ca, cb:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                names = range(16)
+                await asyncio.gather(*(put(sb, f"N{i}", b"n" * 1000) for i in names))
+                await asyncio.gather(*(tolerate(put(sa, f"N{i}", b"m" * 10)) for i in names),
+                                     *(tolerate(sb.remove(f"N{i}")) for i in names))
+                if not exact():
+                    break
+                await asyncio.gather(*(tolerate(sb.remove(f"N{i}")) for i in names))
+    run(attack(), timeout=90)
+    assert exact(), (raw_usage(server, user.name), disk_usage(user.home), entries_on_disk(user.home))
+
+
 # == attacks that held (guards) =================================================================
 
 
@@ -497,27 +527,29 @@ def test_held_names_open_handles_and_admin_links(server):
     assert raw_usage(server, bystander.name) == (1000, 1)
 
 
-def test_workers_racing_removes_creates_and_mkdirs_of_one_name(workers_server):
+def test_workers_racing_creates_and_mkdirs_of_one_name(workers_server):
+    """Both workers create the same file (CREAT, CREAT|EXCL) and mkdir the same name at once: each
+    entry is charged once (O_EXCL decides), the loser's charge is given back."""
     server = workers_server
     user = add_user(server, "wsame", quota=str(4 * MiB))
+    from asyncssh.sftp import FXF_CREAT, FXF_EXCL, FXF_WRITE
 
     async def attack():
         ca, cb, sa, sb = await sftp_on_two_workers(server, user)
         async with ca, cb:
             deadline = time.monotonic() + 4
-            rounds = 0
-            while time.monotonic() < deadline and rounds < 200:
-                await put(sa, "T", b"t" * (8 * KiB))
-                r = await sb.open("T", "rb")
-                await asyncio.gather(tolerate(sa.remove("T")), tolerate(sb.remove("T")),
-                                     tolerate(sa.mkdir("D")), tolerate(sb.mkdir("D")),
-                                     tolerate(put(sa, "N", b"n")), tolerate(put(sb, "N", b"nn")))
-                await r.close()
-                await asyncio.gather(tolerate(sa.rmdir("D")), tolerate(sb.rmdir("D")),
-                                     tolerate(sa.remove("N")), tolerate(sb.remove("N")))
-                rounds += 1
+            while time.monotonic() < deadline:
+                names = range(8)
+                handles = await asyncio.gather(
+                    *(tolerate(s.open(f"N{i}", FXF_WRITE | FXF_CREAT | (FXF_EXCL if s is sa else 0)))
+                      for i in names for s in (sa, sb)),
+                    *(tolerate(s.mkdir(f"D{i}")) for i in names for s in (sa, sb)))
+                for h in handles:
+                    if isinstance(h, asyncssh.SFTPClientFile):
+                        await h.close()
+                assert raw_usage(server, user.name) == (0, entries_on_disk(user.home)) == (0, 16)
+                await asyncio.gather(*(sa.remove(f"N{i}") for i in names), *(sb.rmdir(f"D{i}") for i in names))
     run(attack(), timeout=90)
-    time.sleep(0.3)
     assert raw_usage(server, user.name) == (0, 0) == (disk_usage(user.home), entries_on_disk(user.home))
 
 
