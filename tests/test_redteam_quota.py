@@ -23,7 +23,7 @@ from test_quota import (KiB, add_user, assert_ledger_matches_disk, disk_usage, l
                         sftp_on_two_workers)
 from test_quota_exact import assert_entries_match_disk, entries_on_disk, stored_entries
 
-from sshfiles.accounts import SQLiteAccountStore
+from sshfiles.stores.sqlite import SQLiteAccountStore
 
 MiB = 1024 * KiB
 
