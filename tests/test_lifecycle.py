@@ -289,6 +289,9 @@ def test_disable_refuses_logins_and_new_channels_enable_restores(server: ServerH
     assert not re.search(r"^bystander\s.*disabled", listing, re.MULTILINE), listing
     server.cli("user", "enable", user.name)
     assert "disabled" not in server.cli("user", "list").stdout
+    for verb in ("disable", "enable"):
+        res = server.cli("user", verb, "nobody", check=False)
+        assert res.returncode == 1 and "no such user: nobody" in res.stderr, res
     run(_login(server, user))
 
 
