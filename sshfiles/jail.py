@@ -263,13 +263,20 @@ class Jail:
         return fd
 
     def parent(self, vpath: bytes | str) -> _Parent:
-        """Resolve the directory holding a path's last component, and that bare name."""
-        rel = _relative(vpath).rstrip(b"/") or b"."
+        """Resolve the directory holding a path's last component, and that bare name.
+
+        A trailing slash stays on the name, so the kernel applies POSIX's rule
+        that such a name must be a directory (`unlink("file/")` is ENOTDIR):
+        every call that resolves the path, the quota's and the removal's, then
+        sees the same entry.
+        """
+        raw = _relative(vpath)
+        rel = raw.rstrip(b"/") or b"."
         head, _, name = rel.rpartition(b"/")
         if name in (b"", b".", b".."):
             raise JailError(errno.EINVAL, "Invalid file name")
         fd = _openat2(self.root_fd, head or b".", os.O_PATH | os.O_DIRECTORY)
-        return _Parent(fd, name)
+        return _Parent(fd, name + b"/" if raw.endswith(b"/") else name)
 
     def virtual_path(self, fd: int) -> str:
         """The user-visible path of an fd opened through this jail."""

@@ -188,6 +188,7 @@ class UserLedger:
     pending_bytes: int = 0   # credits the store has not taken yet (retried)
     pending_entries: int = 0
     write_handles: int = 0
+    sessions: int = 0        # this user's open sessions in this process (presence row while > 0)
     checked: float = 0.0     # monotonic time the quota was last read
     entry_limit: int | None = None
     entry_limit_read: float = -1e9
@@ -307,7 +308,7 @@ class UserLedger:
             release = self.pool if release_pool else 0
             if self.unsettled or release:
                 try:
-                    self.store.settle(self.owner, self.name, self.unsettled, release)
+                    self.store.settle(self.owner, self.name, self.unsettled, release, keep_row=self.sessions > 0)
                 except AccountError as exc:  # still counted as reserved in the store: nothing over-admitted
                     self._retry_later(f"settlement of {self.unsettled} bytes", exc)
                     return
@@ -334,26 +335,27 @@ class UserLedger:
         """Nothing of this ledger waits for the store."""
         return not (self.unsettled or self.pending_bytes or self.pending_entries)
 
-    # -- removals -------------------------------------------------------------
+    # -- presence -----------------------------------------------------------
 
-    def entry_gone(self, st: os.stat_result, held: int | None) -> None:
-        """A name is gone (remove, rmdir, replaced by rename): credit it and, once, its bytes.
+    def session_opened(self) -> None:
+        """A session of this user starts in this process: mark the process present for the user,
+        so a crash (which drops its handles without a last-close credit) leads to a rescan."""
+        with self.lock:
+            self.sessions += 1
+            if self.sessions == 1:
+                try:
+                    self.store.mark_present(self.owner, self.name)
+                except AccountError as exc:
+                    log.warning("quota ledger of %s: presence not recorded (%s)", self.name, exc)
 
-        `held` is a handle on the removed file taken (with `hold`) before the
-        removal: releasing it credits the bytes only if no other handle, in
-        any process, still keeps them on disk.  Without one (not a regular
-        file, or it could not be opened) a regular file's bytes leave with its
-        last link.
-        """
-        self.credit_entries(1)
-        if held is not None:
-            same = os.fstat(held)
-            if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
-                self.credit(release(held))
-                return
-            release(held)  # raced by another process's rename: fall through to the name's own stat
-        if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
-            self.credit(st.st_size)
+    def session_closed(self) -> None:
+        with self.lock:
+            self.sessions -= 1
+            if self.sessions == 0 and self.pool == 0 and self.in_sync:
+                try:
+                    self.store.unmark_present(self.owner, self.name)
+                except AccountError:
+                    pass  # a stale presence row only costs a rescan after a crash
 
     def state(self) -> tuple[int | None, int]:
         return self.store.quota_state(self.name)
@@ -392,30 +394,25 @@ class Usage:
 
 def scan_usage(home: str | os.PathLike[str]) -> Usage:
     """Apparent size of every regular file below `home` (each inode once) and the number of
-    entries below it (each name once), never following symlinks."""
+    entries below it (each name once), never following symlinks.
+
+    Walks by directory fd (os.fwalk), so no path length limit applies: a tree deeper than
+    PATH_MAX, which renames through parent fds can build, is counted like any other.
+    """
     usage = Usage()
     seen: set[tuple[int, int]] = set()
-    stack = [os.fspath(home)]
-    while stack:
-        path = stack.pop()
-        try:
-            entries = os.scandir(path)
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                usage.entries += 1
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    if key not in seen:
-                        seen.add(key)
-                        usage.bytes += st.st_size
+    for _root, dirs, files, dir_fd in os.fwalk(home, follow_symlinks=False):
+        usage.entries += len(dirs) + len(files)
+        for name in files:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we scanned
+            if stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key not in seen:
+                    seen.add(key)
+                    usage.bytes += st.st_size
     return usage
 
 

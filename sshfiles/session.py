@@ -18,9 +18,12 @@ that closes it, in whatever session or worker process that is.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -86,7 +89,17 @@ class UserSession:
         self.username = username
         self.peer = peer
         self.jail = Jail(home)
+        # The user's namespace lock, shared with the user's sessions in every worker process: an
+        # flock on the home directory, held while a name and the inode behind it must stay
+        # together (open + hold, remove + release, rename over): two processes can then never
+        # both credit, or both miss, the same removed file.
+        try:
+            self._ns_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            self.jail.close()
+            raise
         self.ledger = ledger
+        ledger.session_opened()
         # Set when the session ends with transfers still open (client vanished, or the
         # server cut it): their handles are closed for them and logged as interrupted.
         self.interrupted = False
@@ -97,8 +110,19 @@ class UserSession:
         if not self._closed:
             self._closed = True
             self.jail.close()
+            os.close(self._ns_fd)
+            self.ledger.session_closed()
             if self._on_close is not None:
                 self._on_close(self)
+
+    @contextlib.contextmanager
+    def _namespace(self) -> Iterator[None]:
+        """Hold the user's namespace lock (never across a store call or an await)."""
+        fcntl.flock(self._ns_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._ns_fd, fcntl.LOCK_UN)
 
     # -- handles --------------------------------------------------------------
 
@@ -109,14 +133,16 @@ class UserSession:
         if (trunc or append) and not writable:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
         fd = self._open_fd(path, flags, perms)
+        counted = False
         try:
             vpath = self.jail.virtual_path(fd)
             if writable:
                 self.ledger.write_handles += 1
+                counted = True
                 if trunc:
                     self._truncate_fd(fd, 0)
         except BaseException:
-            if writable:
+            if counted:
                 self.ledger.write_handles -= 1
             self._close_fd(fd)
             raise
@@ -152,24 +178,40 @@ class UserSession:
         fd = -1
         if flags & os.O_CREAT and not flags & os.O_EXCL:
             try:
-                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)
+                fd = self._open_held(path, flags & ~os.O_CREAT, perms)
             except FileNotFoundError:
                 pass
         if fd < 0 and flags & os.O_CREAT:
             self._charge_entry(path)
             try:
-                fd = self.jail.open_regular(path, flags | os.O_EXCL, perms)
+                fd = self._open_held(path, flags | os.O_EXCL, perms)
             except FileExistsError:
                 self.ledger.credit_entries(1)
                 if flags & os.O_EXCL:
                     raise
-                fd = self.jail.open_regular(path, flags & ~os.O_CREAT, perms)  # created meanwhile
+                fd = self._open_held(path, flags & ~os.O_CREAT, perms)  # created meanwhile
             except BaseException:
                 self.ledger.credit_entries(1)
                 raise
         elif fd < 0:
+            fd = self._open_held(path, flags, perms)
+        return fd
+
+    def _open_held(self, path: bytes | str, flags: int, perms: int) -> int:
+        """open + hold as one step under the namespace lock (a removal elsewhere sees both or neither).
+
+        A file with other hard links (only an admin can make them: SFTP refuses links) is never
+        opened for writing: its other names may be in another user's home.
+        """
+        with self._namespace():
             fd = self.jail.open_regular(path, flags, perms)
-        hold(fd)
+            try:
+                if (flags & os.O_ACCMODE) != os.O_RDONLY and os.fstat(fd).st_nlink > 1:
+                    raise PermissionError(errno.EACCES, "Permission denied (the file has other hard links)")
+            except BaseException:
+                os.close(fd)
+                raise
+            hold(fd)
         return fd
 
     def _charge_entry(self, path: bytes | str) -> None:
@@ -190,13 +232,32 @@ class UserSession:
         self.ledger.credit(release(fd))
 
     def _held(self, path: bytes | str) -> int | None:
-        """A handle on the regular file a removal is about to unlink (see UserLedger.entry_gone)."""
+        """A handle on the regular file a removal is about to unlink (under the namespace lock)."""
         try:
             fd = self.jail.open_regular(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return None
         hold(fd)
         return fd
+
+    @staticmethod
+    def _bytes_gone(st: os.stat_result, held: int | None) -> int:
+        """The bytes that left the disk with a name that is gone (remove, replaced by rename).
+
+        `held` is a handle on the removed file taken before the removal: releasing it yields the
+        bytes only if no other handle, in any process, still keeps them on disk (then its last
+        closer credits them).  Without one (not a regular file, or it could not be opened), a
+        regular file's bytes leave with its last link.
+        """
+        if held is not None:
+            same = os.fstat(held)
+            if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
+                return release(held)
+            release(held)  # cannot happen under the namespace lock; never credit twice if it does
+            return 0
+        if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
+            return st.st_size
+        return 0
 
     # -- data -----------------------------------------------------------------
 
@@ -211,6 +272,8 @@ class UserSession:
         """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all."""
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
+        if not data:
+            return 0  # writes nothing, so it may not charge (or extend) anything
         fd = f.fd
         with size_lock(fd):
             # The kernel's size, not a remembered one: another handle, session or
@@ -327,32 +390,40 @@ class UserSession:
         self.ledger.credit_entries(1)
 
     def remove(self, path: bytes | str) -> None:
-        held = self._held(path)
-        try:
-            gone = self.jail.unlink(path)
-        except BaseException:
-            if held is not None:
-                self._close_fd(held)
-            raise
-        self.ledger.entry_gone(gone, held)
+        with self._namespace():
+            held = self._held(path)
+            try:
+                gone = self.jail.unlink(path)
+            except BaseException:
+                if held is not None:
+                    os.close(held)  # still linked: nothing to credit
+                raise
+            freed = self._bytes_gone(gone, held)
+        self.ledger.credit_entries(1)
+        self.ledger.credit(freed)
 
     def rename(self, old: bytes | str, new: bytes | str) -> None:
         """SFTP's classic rename: fails if `new` exists."""
-        self.jail.rename(old, new, replace=False)
+        with self._namespace():
+            self.jail.rename(old, new, replace=False)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
         """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them)."""
-        held = self._held(new)
-        try:
-            replaced = self.jail.rename(old, new, replace=True)
-        except BaseException:
-            if held is not None:
-                self._close_fd(held)
-            raise
-        if replaced is not None:
-            self.ledger.entry_gone(replaced, held)
-        elif held is not None:
-            self._close_fd(held)
+        with self._namespace():
+            held = self._held(new)
+            try:
+                replaced = self.jail.rename(old, new, replace=True)
+            except BaseException:
+                if held is not None:
+                    os.close(held)  # still linked: nothing to credit
+                raise
+            if replaced is None:
+                if held is not None:
+                    os.close(held)  # renamed onto itself: still linked
+                return
+            freed = self._bytes_gone(replaced, held)
+        self.ledger.credit_entries(1)
+        self.ledger.credit(freed)
 
     # -- log --------------------------------------------------------------------
 

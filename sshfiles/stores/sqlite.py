@@ -266,12 +266,25 @@ class SQLiteAccountStore:
                        (owner, name, amount))
             return True
 
-    def settle(self, owner: str, name: str, consumed: int, release: int) -> None:
-        """Move `consumed` reserved bytes into `used` and give `release` unused bytes back."""
+    def settle(self, owner: str, name: str, consumed: int, release: int, keep_row: bool = False) -> None:
+        """Move `consumed` reserved bytes into `used` and give `release` unused bytes back.
+
+        `keep_row` keeps an emptied row as the owner's presence mark (see `mark_present`)."""
         with self._tx() as db:
             db.execute("UPDATE users SET used = used + ? WHERE name=?", (consumed, name))
             db.execute("UPDATE reservations SET amount = amount - ? WHERE owner=? AND user=?",
                        (consumed + release, owner, name))
+            if not keep_row:
+                db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
+
+    def mark_present(self, owner: str, name: str) -> None:
+        """Record that `owner` has sessions of `name` (a zero reservation row): if the owner dies,
+        `reconcile_dead_owners` rescans the user, whose open handles may have held removed files."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO reservations (owner, user, amount) VALUES (?,?,0)", (owner, name))
+
+    def unmark_present(self, owner: str, name: str) -> None:
+        with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
 
     def adjust_used(self, name: str, delta: int) -> None:
