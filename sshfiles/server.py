@@ -6,7 +6,7 @@ gets a `UserSession` (session.py) holding the user's jail and ledger; the SFTP
 subsystem, SCP and the hash exec commands are adapters over it.
 
 Lifecycle: only a completed authentication binds an account to a connection
-(`_Connection.auth_completed`).  A watcher per process (`SshfilesService.watch`)
+(`_ConnectionHandler.auth_completed`).  A watcher per process (`SshfilesService.watch`)
 ends the connections of users that were removed, disabled or had their
 credentials changed, and connections idle for too long; new channels re-check
 the account synchronously.  SIGTERM/SIGINT drain the server (`SshfilesService.
@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -90,10 +91,6 @@ def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
     return keys
 
 
-def fingerprint(key: asyncssh.SSHKey) -> str:
-    return key.get_fingerprint("sha256")
-
-
 class SshfilesService:
     """What all connections of one server process share: store, quotas, config, live connections."""
 
@@ -102,7 +99,7 @@ class SshfilesService:
         self.store = open_store(accounts_dir=config.accounts_dir)
         self.owner = self.store.register_owner()
         self.quotas = QuotaManager(self.store, self.owner)
-        self.connections: set[_Connection] = set()  # every live connection, authenticated or not
+        self.connections: set[_ConnectionHandler] = set()  # every live connection, authenticated or not
         self.sessions: set[UserSession] = set()     # channels whose cleanup has not finished
         self.stopping = False                       # set by SIGTERM/SIGINT: no new channels
         # The watcher's own store connection, used only from its thread (one query at a time):
@@ -196,7 +193,7 @@ class SshfilesService:
 class _ChannelSession(ChannelSessionBase):
     """A session channel: SFTP subsystem, SCP, the hash commands, and a polite no to shells."""
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _ConnectionHandler) -> None:
         super().__init__()
         self._auth = conn
 
@@ -245,7 +242,8 @@ class _ChannelSession(ChannelSessionBase):
                        stderr: SSHWriter[bytes]) -> None:
         session = self._auth.new_session()
         self._auth.running += 1
-        log.info("exec user=%s source=%s command=%s", esc(self._auth.username), self._auth.peer, esc(command))
+        log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username), self._auth.peer,
+                 esc(command), self._auth.cid)
         try:
             handler = run_scp(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
             if handler is not None:
@@ -262,15 +260,15 @@ class _ChannelSession(ChannelSessionBase):
             if not command:
                 stderr.write(b"This server offers SFTP only: connect with sftp, scp or sshfiles-cli.\r\n")
             else:
-                log.info("exec user=%s source=%s command=%s", esc(self._auth.username), self._auth.peer,
-                         esc(command))
+                log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username),
+                         self._auth.peer, esc(command), self._auth.cid)
                 session = self._auth.new_session()
                 try:
                     status = await run_exec(command, session, stdout, stderr, stdin)
                 finally:
                     session.close()
         except Exception as exc:  # never leave the client hanging without a status
-            log.warning("exec failed for %s: %s", esc(self._auth.username), esc(exc))
+            log.warning("exec failed for %s: %s conn=%s", esc(self._auth.username), esc(exc), self._auth.cid)
             stderr.write(b"sshfiles: command failed\n")
         finally:
             self._auth.running -= 1
@@ -281,8 +279,11 @@ class _ChannelSession(ChannelSessionBase):
                 pass
 
 
-class _Connection(asyncssh.SSHServer):
-    """Authentication and lifecycle of one SSH connection.
+class _ConnectionHandler(asyncssh.SSHServer):
+    """asyncssh's callbacks for one client connection (`conn`): authentication and lifecycle.
+
+    Every log line about the connection ends with ``conn=ID`` (`cid`), so one
+    connection's login, commands, transfers and end can be followed in the log.
 
     An account is bound only by a completed authentication (`auth_completed`),
     for the user name asyncssh authenticated: a public-key *query* (no
@@ -292,6 +293,7 @@ class _Connection(asyncssh.SSHServer):
     def __init__(self, service: SshfilesService) -> None:
         self.service = service
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.cid = secrets.token_hex(4)
         self.username = ""
         self.peer = "?"
         self.account: Account | None = None
@@ -313,7 +315,7 @@ class _Connection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.service.connections.add(self)
-        log.debug("connection from %s", self.peer)
+        log.debug("connection from %s conn=%s", self.peer, self.cid)
         if self.service.stopping:  # accepted just before the listener closed
             self.end("server stopping")
 
@@ -327,7 +329,7 @@ class _Connection(asyncssh.SSHServer):
             session.interrupted = True
         self.service.connections.discard(self)
         if self.account is not None:
-            log.info("logout user=%s source=%s", esc(self.username), self.peer)
+            log.info("logout user=%s source=%s conn=%s", esc(self.username), self.peer, self.cid)
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -358,7 +360,8 @@ class _Connection(asyncssh.SSHServer):
         first = self.ended is None
         self.ended = reason
         if first and self.account is not None:
-            log.info("session ended user=%s source=%s reason=%s", esc(self.username), self.peer, esc(reason))
+            log.info("session ended user=%s source=%s reason=%s conn=%s", esc(self.username), self.peer,
+                     esc(reason), self.cid)
         if self.conn is not None:
             for handler in self.handlers:
                 server = handler.server
@@ -401,12 +404,14 @@ class _Connection(asyncssh.SSHServer):
         if ok and acct is not None:
             self._validated[username] = (acct, method)
             if method == "password":  # a right password completes the authentication
-                log.info("login user=%s source=%s method=%s result=ok", esc(username), self.peer, method)
+                log.info("login user=%s source=%s method=%s result=ok conn=%s", esc(username), self.peer, method,
+                         self.cid)
             return True
         self.failures += 1
-        log.info("login user=%s source=%s method=%s result=failed", esc(username), self.peer, method)
+        log.info("login user=%s source=%s method=%s result=failed conn=%s", esc(username), self.peer, method,
+                 self.cid)
         if self.failures >= self.service.config.max_auth_tries and self.conn is not None:
-            log.info("too many authentication failures from %s; disconnecting", self.peer)
+            log.info("too many authentication failures from %s; disconnecting conn=%s", self.peer, self.cid)
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                                  "Too many authentication failures")
         return False
@@ -458,7 +463,8 @@ class _Connection(asyncssh.SSHServer):
         self.auth_rev = acct.auth_rev
         self.touch()
         if method == "publickey":
-            log.info("login user=%s source=%s method=publickey result=ok", esc(username), self.peer)
+            log.info("login user=%s source=%s method=publickey result=ok conn=%s", esc(username), self.peer,
+                     self.cid)
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -489,7 +495,7 @@ class _Connection(asyncssh.SSHServer):
         assert self.account is not None and self.account.name == self.username
         acct = self.account
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
-                              on_close=self._session_closed)
+                              on_close=self._session_closed, conn_id=self.cid)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session
@@ -526,9 +532,9 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)
     if sock is not None:
-        acceptor = await asyncssh.listen(sock=sock, server_factory=lambda: _Connection(service), **opts)
+        acceptor = await asyncssh.listen(sock=sock, server_factory=lambda: _ConnectionHandler(service), **opts)
     else:
-        acceptor = await asyncssh.listen(config.host, config.port, server_factory=lambda: _Connection(service),
+        acceptor = await asyncssh.listen(config.host, config.port, server_factory=lambda: _ConnectionHandler(service),
                                          reuse_address=True, **opts)
     return acceptor, service
 
@@ -775,7 +781,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")
     store.close()
     for key in ensure_host_keys(config.keys_dir):
-        announce(f"host key {key.get_algorithm()} {fingerprint(key)}")
+        announce(f"host key {key.get_algorithm()} {key.get_fingerprint('sha256')}")
     sock = _listening_socket(config)
     port = sock.getsockname()[1]
     _event_loop_policy()

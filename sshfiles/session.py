@@ -85,9 +85,10 @@ class UserSession:
     """
 
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
-                 on_close: Callable[[UserSession], None] | None = None) -> None:
+                 on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-") -> None:
         self.username = username
         self.peer = peer
+        self.conn_id = conn_id  # the connection's id in the log
         self.jail = Jail(home)
         # The user's namespace lock, shared with the user's sessions in every worker process: an
         # flock on the home directory, held while a name and the inode behind it must stay
@@ -436,8 +437,9 @@ class UserSession:
             result = esc(f"failed: {f.failed}")
         else:
             result = "interrupted" if self.interrupted else "ok"
-        log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s",
-                 esc(self.username), esc(f.vpath), direction, nbytes, time.monotonic() - f.opened, result)
+        log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s conn=%s",
+                 esc(self.username), esc(f.vpath), direction, nbytes, time.monotonic() - f.opened, result,
+                 self.conn_id)
 
 
 __all__ += ["EntriesExceeded", "QuotaExceeded"]

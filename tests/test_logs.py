@@ -98,3 +98,28 @@ def test_logsafe_escapes_every_unsafe_character() -> None:
     assert esc("") == '""'
     assert esc("é ü") == '"é ü"'  # printable non-ASCII stays readable
 
+
+
+def test_every_line_of_a_connection_carries_its_id(server):
+    """Login, transfer and logout of one connection share one conn=ID, another connection has another."""
+    import asyncio as _asyncio
+    import re as _re
+    import time as _time
+
+    alice = server.add_user("connid")
+
+    async def two_sessions() -> None:
+        for _ in range(2):
+            async with server.sftp(alice) as sftp:
+                async with sftp.open("f.txt", "wb") as f:
+                    await f.write(b"data")
+    _asyncio.run(two_sessions())
+    deadline = _time.monotonic() + 5
+    while _time.monotonic() < deadline and server.log().count("logout user=connid") < 2:
+        _time.sleep(0.05)
+    log = server.log()
+    logins = _re.findall(r"login user=connid source=\S+ method=password result=ok conn=(\w+)", log)
+    transfers = _re.findall(r"transfer user=connid path=/f\.txt direction=upload bytes=4 .* conn=(\w+)", log)
+    logouts = _re.findall(r"logout user=connid source=\S+ conn=(\w+)", log)
+    assert len(logins) == 2 and logins[0] != logins[1], log
+    assert transfers == logins and logouts == logins, log

@@ -25,7 +25,7 @@ import click
 from .connect import DEFAULT_KNOWN_HOSTS, PASSWORD_ENV, ConnectOptions
 from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK, EXIT_USAGE, ClientError, from_sftp_error
 from .progress import human, make_progress
-from .session import Session
+from .session import RemoteSession
 from .transfer import TransferOptions, plan_get, plan_put, remote_hash, run_jobs
 
 DEFAULT_PORT = 2222
@@ -42,7 +42,7 @@ class State:
 
     opts: ConnectOptions
     quiet: bool = False
-    session: Session | None = None
+    session: RemoteSession | None = None
     out: Callable[[str], None] = field(default=lambda s: click.echo(s))
 
 
@@ -51,7 +51,7 @@ def _remote(state: State, fn: Callable[[asyncssh.SFTPClient, Resolve], Awaitable
     if state.session is not None:
         s = state.session
         return s.run(lambda sftp: fn(sftp, s.resolve))
-    with Session(state.opts) as s:
+    with RemoteSession(state.opts) as s:
         return s.run(lambda sftp: fn(sftp, s.resolve))
 
 
@@ -288,7 +288,7 @@ def shell(state: State) -> int:
     """Interactive prompt over one connection (help, cd, pwd, ls, put, get, ...)."""
     if state.session is not None:
         raise ClientError("already in the shell")
-    with Session(state.opts) as session:
+    with RemoteSession(state.opts) as session:
         session.cwd = session.run(lambda sftp: sftp.realpath("."))
         shell_state = State(state.opts, quiet=state.quiet, session=session)
         interactive = sys.stdin.isatty()

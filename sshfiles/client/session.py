@@ -1,7 +1,7 @@
 """A connected SFTP session driven from synchronous code (the click commands and the shell).
 
 Why a private event loop instead of ``asyncio.run`` per command: the interactive shell keeps one
-connection open across many commands, and click commands are synchronous. A ``Session`` owns a loop,
+connection open across many commands, and click commands are synchronous. A ``RemoteSession`` owns a loop,
 connects once, and runs each command's coroutine to completion on it; one-shot commands open a session,
 run, and close it. Remote paths are resolved against the shell's working directory here.
 """
@@ -21,7 +21,7 @@ from .errors import EXIT_CONNECT, ClientError
 T = TypeVar("T")
 
 
-class Session:
+class RemoteSession:
     """One SSH connection and SFTP client, with its own event loop."""
 
     def __init__(self, opts: ConnectOptions) -> None:
@@ -31,7 +31,7 @@ class Session:
         self.sftp: asyncssh.SFTPClient | None = None
         self.cwd: str | None = None  # None: the server's start directory (the user's home)
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> RemoteSession:
         try:
             self.conn = self.loop.run_until_complete(connect(self.opts))
             self.sftp = self.loop.run_until_complete(self.conn.start_sftp_client())
