@@ -70,7 +70,7 @@ CATEGORIES = (
 
 
 def categorize(path: Path) -> str:
-    stacks, total_all = _parse(path)
+    stacks, _total_all = _parse(path)
     stacks = [(f, n) for f, n in stacks if f and _name_of(f[-1]) not in IDLE_LEAVES]
     total = sum(n for _, n in stacks) or 1
     counts: collections.Counter = collections.Counter()
@@ -127,7 +127,7 @@ class Recorder:
     def available() -> bool:
         return shutil.which("py-spy") is not None
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         argv = ["py-spy", "record", "--pid", str(self.pid), "--subprocesses", "--format", "raw",
                 "--function", "--rate", str(self.rate), "-o", str(self.raw_out)]
         if self.native:

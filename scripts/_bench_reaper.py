@@ -66,13 +66,11 @@ def main() -> int:
     except (OSError, AttributeError):
         print("reaper: PR_SET_CHILD_SUBREAPER unavailable; orphans go to init", file=sys.stderr)
 
-    stopping = {"main_exited": False}
-
-    def on_signal(signum, frame):  # noqa: ARG001
+    def on_signal(signum, frame):
         signal_tree(signal.SIGTERM)
         signal.alarm(5)
 
-    def on_alarm(signum, frame):  # noqa: ARG001
+    def on_alarm(signum, frame):
         signal_tree(signal.SIGKILL)
         signal.alarm(1)
 

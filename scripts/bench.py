@@ -644,7 +644,7 @@ class Bench:
                             await asyncio.gather(*(x.start() for x in sessions))  # all logged in
                             cpu0 = srv.cpu()
                             t0 = time.perf_counter()
-                            results = await asyncio.gather(*(x.run([c]) for x, c in zip(sessions, cmds)))
+                            results = await asyncio.gather(*(x.run([c]) for x, c in zip(sessions, cmds, strict=False)))
                             dt = time.perf_counter() - t0
                             cpu = srv.cpu() - cpu0
                         finally:
@@ -988,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.servers.split(",")
 
     # SIGTERM/SIGHUP behave like Ctrl-C so the cleanup below always runs
-    def as_interrupt(signum, frame):  # noqa: ARG001
+    def as_interrupt(signum, frame):
         STOP["requested"] = True
         raise KeyboardInterrupt(f"signal {signum}")
 

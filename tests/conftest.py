@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import asyncssh
 import pytest
@@ -94,7 +95,7 @@ class ServerHandle:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # ignore earlier runs' lines
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.base_cmd() + ["serve", "--host", self.host, "--port", str(self.port)] + list(self.extra_args),
+            [*self.base_cmd(), "serve", "--host", self.host, "--port", str(self.port), *list(self.extra_args)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         deadline = time.monotonic() + timeout
@@ -140,9 +141,8 @@ class ServerHandle:
 
     @contextlib.asynccontextmanager
     async def sftp(self, user: User, **kw: Any) -> AsyncIterator[asyncssh.SFTPClient]:
-        async with self.connect(user, **kw) as conn:
-            async with conn.start_sftp_client() as sftp:
-                yield sftp
+        async with self.connect(user, **kw) as conn, conn.start_sftp_client() as sftp:
+            yield sftp
 
     def ssh_opts(self) -> list[str]:
         return ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",

@@ -17,7 +17,6 @@ import asyncssh
 import paramiko
 import pytest
 from argon2 import PasswordHasher
-
 from conftest import make_server
 
 
@@ -337,7 +336,7 @@ def test_toml_config_and_environment_set_state_locations(tmp_path):
     cfg = tmp_path / "sshfiles.toml"
     cfg.write_text(f'accounts_dir = "{tmp_path / "acc"}"\nhomes_dir = "{tmp_path / "h"}"\n')
     base = [sys.executable, "-m", "sshfiles", "--config", str(cfg)]
-    res = subprocess.run(base + ["user", "add", "zed", "--password-stdin"], input="pw-zed-1\n",
+    res = subprocess.run([*base, "user", "add", "zed", "--password-stdin"], input="pw-zed-1\n",
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "acc" / "accounts.db").exists() and (tmp_path / "h" / "zed").is_dir()
@@ -346,7 +345,7 @@ def test_toml_config_and_environment_set_state_locations(tmp_path):
     res = subprocess.run([sys.executable, "-m", "sshfiles", "user", "list"], env=env, capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 0 and "zed" not in res.stdout and (tmp_path / "acc2" / "accounts.db").exists()
-    res = subprocess.run(base + ["--accounts-dir", str(tmp_path / "acc2"), "user", "list"],
+    res = subprocess.run([*base, "--accounts-dir", str(tmp_path / "acc2"), "user", "list"],
                          capture_output=True, text=True, timeout=60)
     assert "zed" not in res.stdout
     bad = tmp_path / "bad.toml"

@@ -119,8 +119,7 @@ class Cli:
         self.env = dict(os.environ, SSHFILES_PASSWORD=user.password or "", PYTHONPATH=str(ROOT))
 
     def argv(self, *args: str, port: int | None = None) -> list[str]:
-        return CLI + ["--host", self.server.host, "--port", str(port or self.server.port),
-                      "-u", self.user.name, "--known-hosts", str(self.known_hosts), *args]
+        return [*CLI, "--host", self.server.host, "--port", str(port or self.server.port), "-u", self.user.name, "--known-hosts", str(self.known_hosts), *args]
 
     def run(self, *args: str, port: int | None = None, timeout: float = 120,
             input: str | None = None) -> subprocess.CompletedProcess:
@@ -300,9 +299,8 @@ def test_download_killed_then_resumed_receives_only_rest(cli):
 
 def _upload_via_sftp(server, user, name: str, data: bytes) -> None:
     async def go():
-        async with server.sftp(user) as sftp:
-            async with sftp.open(name, "wb") as f:
-                await f.write(data)
+        async with server.sftp(user) as sftp, sftp.open(name, "wb") as f:
+            await f.write(data)
     asyncio.run(go())
 
 

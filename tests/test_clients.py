@@ -21,11 +21,10 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import ServerHandle, User
 
 MiB = 1024 * 1024
@@ -212,15 +211,15 @@ def _scp_roundtrip(server: ServerHandle, user: User, tmp_path: Path, mode: list[
     os.chmod(src, 0o600)
     os.utime(src, (1_500_000_000, 1_550_000_000))
     target = f"{user.name}@{server.host}"
-    up = server.openssh("scp", user, mode + ["-p", str(src), f"{target}:/scp.bin"])
+    up = server.openssh("scp", user, [*mode, "-p", str(src), f"{target}:/scp.bin"])
     assert up.returncode == 0, f"scp upload exited {up.returncode}: {up.stderr}"
     assert sha(user.home / "scp.bin") == sha(src)
     st = (user.home / "scp.bin").stat()
     assert int(st.st_mtime) == 1_550_000_000 and stat.S_IMODE(st.st_mode) == 0o600
-    down = server.openssh("scp", user, mode + [f"{target}:/scp.bin", str(local / "back.bin")])
+    down = server.openssh("scp", user, [*mode, f"{target}:/scp.bin", str(local / "back.bin")])
     assert down.returncode == 0, f"scp download exited {down.returncode}: {down.stderr}"
     assert sha(local / "back.bin") == sha(src)
-    missing = server.openssh("scp", user, mode + [f"{target}:/nope.bin", str(local / "nope.bin")])
+    missing = server.openssh("scp", user, [*mode, f"{target}:/nope.bin", str(local / "nope.bin")])
     assert missing.returncode != 0 and not (local / "nope.bin").exists()
 
 
@@ -254,7 +253,7 @@ def test_putty_psftp(server: ServerHandle, tmp_path: Path) -> None:
         "pwd", "mkdir dir", "cd dir", "pwd", "put big.bin", "put head.bin resumed.bin", "reput big.bin resumed.bin",
         "get big.bin back.bin", "reget big.bin part.bin", "ls", "mv big.bin moved.bin", "rm resumed.bin",
         "cd /", "quit", ""]))
-    res = ok(run(["psftp"] + _putty_args(server, user) + ["-b", str(script), f"{user.name}@{server.host}"],
+    res = ok(run(["psftp", *_putty_args(server, user), "-b", str(script), f"{user.name}@{server.host}"],
                  cwd=local))
     assert "Remote directory is /dir" in res.stdout, res.stdout
     assert sha(user.home / "dir" / "moved.bin") == sha(big)
@@ -267,7 +266,7 @@ def test_putty_psftp(server: ServerHandle, tmp_path: Path) -> None:
     assert longs and all(f[2:4] == ["pat", "pat"] for f in longs), res.stdout
 
     script.write_text("rm /dir/moved.bin\nrmdir /dir\n")
-    ok(run(["psftp"] + _putty_args(server, user) + ["-b", str(script), f"{user.name}@{server.host}"], cwd=local))
+    ok(run(["psftp", *_putty_args(server, user), "-b", str(script), f"{user.name}@{server.host}"], cwd=local))
     assert list(user.home.iterdir()) == []
 
 
@@ -278,15 +277,13 @@ def test_putty_pscp(server: ServerHandle, tmp_path: Path) -> None:
     src = make_file(local / "src.bin", 2 * MiB + 3)
     for proto in ("-sftp", "-scp"):
         name = f"p{proto}.bin"
-        ok(run(["pscp", proto, "-q"] + _putty_args(server, user) + [str(src), f"{user.name}@{server.host}:/{name}"]))
+        ok(run(["pscp", proto, "-q", *_putty_args(server, user), str(src), f"{user.name}@{server.host}:/{name}"]))
         assert sha(user.home / name) == sha(src)
-        ok(run(["pscp", proto, "-q"] + _putty_args(server, user)
-               + [f"{user.name}@{server.host}:/{name}", str(local / f"back{proto}.bin")]))
+        ok(run(["pscp", proto, "-q", *_putty_args(server, user), f"{user.name}@{server.host}:/{name}", str(local / f"back{proto}.bin")]))
         assert sha(local / f"back{proto}.bin") == sha(src)
     # A wrong host key is refused before any password is sent.
     bad = ["-hostkey", "SHA256:" + "A" * 43]
-    res = run(["pscp", "-q", "-batch", "-P", str(server.port), "-pw", "x"] + bad
-              + [str(src), f"{user.name}@{server.host}:/nope.bin"])
+    res = run(["pscp", "-q", "-batch", "-P", str(server.port), "-pw", "x", *bad, str(src), f"{user.name}@{server.host}:/nope.bin"])
     assert res.returncode != 0 and not (user.home / "nope.bin").exists()
 
 
@@ -407,9 +404,8 @@ def test_rclone(server: ServerHandle, tmp_path: Path) -> None:
 
     # ... and `check` with auto-detection, which must see a same-size change in one file.
     async def tamper() -> None:
-        async with server.sftp(user) as sftp:
-            async with sftp.open("/data/mid.bin", "r+b") as f:
-                await f.write(b"\0\1\2", 5000)
+        async with server.sftp(user) as sftp, sftp.open("/data/mid.bin", "r+b") as f:
+            await f.write(b"\0\1\2", 5000)
     asyncio.run(tamper())
     res = rclone("check", "-v", str(up), ":sftp:data")
     assert "Using md5 for hash comparisons" in res.stderr, res.stderr
@@ -458,7 +454,7 @@ def test_paramiko(server: ServerHandle, tmp_path: Path) -> None:
         # statvfs@openssh.com (paramiko has no public call for it): the quota as the filesystem
         kind, msg = sftp._request(CMD_EXTENDED, "statvfs@openssh.com", "/")
         assert kind == CMD_EXTENDED_REPLY
-        bsize, frsize, blocks, bfree, bavail = (msg.get_int64() for _ in range(5))
+        _bsize, frsize, blocks, bfree, _bavail = (msg.get_int64() for _ in range(5))
         assert blocks * frsize == 20 * MiB
         assert (blocks - bfree) * frsize == other.stat().st_size
         sftp.remove("/d/a.bin")

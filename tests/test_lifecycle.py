@@ -24,7 +24,6 @@ from typing import Any
 
 import asyncssh
 import pytest
-import test_quota
 from asyncssh.public_key import SSHKeyPair
 from conftest import ServerHandle, User, make_server
 from test_quota import (

@@ -110,9 +110,8 @@ def test_every_line_of_a_connection_carries_its_id(server):
 
     async def two_sessions() -> None:
         for _ in range(2):
-            async with server.sftp(alice) as sftp:
-                async with sftp.open("f.txt", "wb") as f:
-                    await f.write(b"data")
+            async with server.sftp(alice) as sftp, sftp.open("f.txt", "wb") as f:
+                await f.write(b"data")
     _asyncio.run(two_sessions())
     deadline = _time.monotonic() + 5
     while _time.monotonic() < deadline and server.log().count("logout user=connid") < 2:

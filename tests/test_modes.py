@@ -522,8 +522,7 @@ class UnprivilegedServer(ServerHandle):
         return ["unshare", "-m", "sh", "-c", script, "sh", *inner]
 
     def base_cmd(self) -> list[str]:
-        return self.python_cmd() + ["-m", "sshfiles", "--keys-dir", str(self.keys_dir), "--accounts-dir",
-                                    str(self.accounts_dir), "--homes-dir", str(self.homes_dir)]
+        return [*self.python_cmd(), "-m", "sshfiles", "--keys-dir", str(self.keys_dir), "--accounts-dir", str(self.accounts_dir), "--homes-dir", str(self.homes_dir)]
 
 
 @pytest.fixture
@@ -541,7 +540,7 @@ def unprivileged_server(host_keys_dir: Path) -> Iterator[UnprivilegedServer]:
             os.chown(p, NOBODY, NOBODY)
         h = UnprivilegedServer(root=state, keys_dir=state / "keys", accounts_dir=state / "accounts",
                                homes_dir=state / "homes", pybind=base / "py")
-        probe = run(h.python_cmd() + ["-c", "import os, asyncssh; print(os.geteuid())"], timeout=30)
+        probe = run([*h.python_cmd(), "-c", "import os, asyncssh; print(os.geteuid())"], timeout=30)
         if probe.returncode != 0 or probe.stdout.strip() != str(NOBODY):
             pytest.skip(f"cannot run the server as uid {NOBODY} here: {probe.stderr.strip()[-300:]}")
         h.start()

@@ -22,11 +22,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 from asyncssh.packet import String
-
 from click.testing import CliRunner
 
-from sshfiles.stores.sqlite import SQLiteAccountStore
 from sshfiles.cli import main as cli_main
+from sshfiles.stores.sqlite import SQLiteAccountStore
 from sshfiles.units import format_size
 
 KiB = 1024
@@ -69,7 +68,7 @@ def user_row(server, name: str) -> dict[str, str]:
     for line in out[1:]:
         cells = re.split(r"\s{2,}", line.strip())
         if cells[0] == name:
-            return dict(zip(header, cells))
+            return dict(zip(header, cells, strict=False))
     raise AssertionError(f"{name} missing from `sshfiles user list`:\n" + "\n".join(out))
 
 
@@ -173,12 +172,11 @@ def test_exact_boundary_single_write(server, delta):
     data = os.urandom(n)
 
     async def attack():
-        async with server.sftp(user) as sftp:
-            async with sftp.open("f", "wb") as f:
-                if n <= quota:
-                    await f.write(data)
-                else:
-                    await refused(f.write(data))
+        async with server.sftp(user) as sftp, sftp.open("f", "wb") as f:
+            if n <= quota:
+                await f.write(data)
+            else:
+                await refused(f.write(data))
     run(attack())
     got = (user.home / "f").read_bytes()
     assert got == (data if n <= quota else b""), "a refused write must write nothing"
@@ -213,12 +211,11 @@ def test_write_needs_a_write_handle(server):
     seed(server, user, {"f": b"data"})
 
     async def attack():
-        async with server.sftp(user) as sftp:
-            async with sftp.open("f", "rb") as f:
-                with pytest.raises(asyncssh.SFTPError):
-                    await f.write(b"x" * 100_000, 0)
-                with pytest.raises(asyncssh.SFTPError):
-                    await f.truncate(1 << 30)
+        async with server.sftp(user) as sftp, sftp.open("f", "rb") as f:
+            with pytest.raises(asyncssh.SFTPError):
+                await f.write(b"x" * 100_000, 0)
+            with pytest.raises(asyncssh.SFTPError):
+                await f.truncate(1 << 30)
     run(attack())
     assert (user.home / "f").read_bytes() == b"data"
     assert_ledger_matches_disk(server, user)
@@ -238,16 +235,15 @@ def test_concurrent_sessions_race_for_the_last_bytes(server):
         ready = asyncio.Semaphore(0)
 
         async def one(i: int) -> bool:
-            async with server.sftp(user) as sftp:
-                async with sftp.open(f"r{i}", "wb") as f:
-                    ready.release()
-                    await go.wait()
-                    try:
-                        await f.write(bytes([65 + i]) * 1000)
-                        return True
-                    except asyncssh.SFTPError as exc:
-                        assert QUOTA_MSG.search(exc.reason), exc.reason
-                        return False
+            async with server.sftp(user) as sftp, sftp.open(f"r{i}", "wb") as f:
+                ready.release()
+                await go.wait()
+                try:
+                    await f.write(bytes([65 + i]) * 1000)
+                    return True
+                except asyncssh.SFTPError as exc:
+                    assert QUOTA_MSG.search(exc.reason), exc.reason
+                    return False
 
         tasks = [asyncio.create_task(one(i)) for i in range(sessions)]
         for _ in range(sessions):  # every session logged in, with its handle open
@@ -266,16 +262,15 @@ def test_concurrent_uploads_never_exceed_the_quota_together(server):
 
     async def uploader(i: int) -> int:
         written = 0
-        async with server.sftp(user) as sftp:
-            async with sftp.open(f"up{i}", "wb") as f:
-                for off in range(0, 96 * KiB, chunk):
-                    try:
-                        await f.write(os.urandom(chunk), off)
-                    except asyncssh.SFTPError as exc:
-                        assert QUOTA_MSG.search(exc.reason), exc.reason
-                        break
-                    written += chunk
-                    await asyncio.sleep(0)
+        async with server.sftp(user) as sftp, sftp.open(f"up{i}", "wb") as f:
+            for off in range(0, 96 * KiB, chunk):
+                try:
+                    await f.write(os.urandom(chunk), off)
+                except asyncssh.SFTPError as exc:
+                    assert QUOTA_MSG.search(exc.reason), exc.reason
+                    break
+                written += chunk
+                await asyncio.sleep(0)
         return written
 
     async def attack():
@@ -353,14 +348,13 @@ def test_trunc_while_another_session_writes_the_same_file(server):
     user = add_user(server, "trunc2", quota=str(quota))
 
     async def attack():
-        async with server.sftp(user) as s1, server.sftp(user) as s2:
-            async with s1.open("f", "wb") as f1:
-                await f1.write(b"1" * (48 * KiB))
-                async with s2.open("f", "wb") as f2:                 # truncates under f1
-                    await f2.write(b"2" * 100)
-                # f1 writes again at its old offsets: the regrowth must be charged again
-                await f1.write(b"1" * (48 * KiB), 0)
-                await refused(f1.write(b"1" * (16 * KiB + 1), 48 * KiB))
+        async with server.sftp(user) as s1, server.sftp(user) as s2, s1.open("f", "wb") as f1:
+            await f1.write(b"1" * (48 * KiB))
+            async with s2.open("f", "wb") as f2:                 # truncates under f1
+                await f2.write(b"2" * 100)
+            # f1 writes again at its old offsets: the regrowth must be charged again
+            await f1.write(b"1" * (48 * KiB), 0)
+            await refused(f1.write(b"1" * (16 * KiB + 1), 48 * KiB))
     run(attack())
     assert (user.home / "f").stat().st_size == 48 * KiB
     assert assert_ledger_matches_disk(server, user) == 48 * KiB
@@ -516,14 +510,14 @@ def test_scp_upload_over_quota_fails_and_keeps_stored_data(server, mode):
     small = local_file(server, "small.bin", 24 * KiB)
     flags = ["-O"] if mode == "legacy" else []
 
-    res = server.openssh("scp", user, flags + [str(big), f"{user.name}@{server.host}:big.bin"])
+    res = server.openssh("scp", user, [*flags, str(big), f"{user.name}@{server.host}:big.bin"])
     assert res.returncode != 0, res
     assert re.search(r"quota exceeded|Failure", res.stderr), res.stderr   # failed for the quota, not by chance
     assert (user.home / "keep").read_bytes() == keep
     assert disk_usage(user.home) <= quota
     assert_ledger_matches_disk(server, user)
 
-    res = server.openssh("scp", user, flags + [str(small), f"{user.name}@{server.host}:big.bin"])
+    res = server.openssh("scp", user, [*flags, str(small), f"{user.name}@{server.host}:big.bin"])
     assert res.returncode == 0, res.stderr                        # overwriting the partial upload fits
     assert (user.home / "big.bin").read_bytes() == small.read_bytes()
     assert (user.home / "keep").read_bytes() == keep
@@ -675,12 +669,11 @@ def test_quota_lowered_live_during_an_open_upload(server):
     user = add_user(server, "livecut", quota="1MiB")
 
     async def attack():
-        async with server.sftp(user) as sftp:
-            async with sftp.open("f", "wb") as f:
-                await f.write(b"x" * (16 * KiB))
-                server.cli("user", "quota", user.name, "16KiB")
-                # the handle's reserved chunk must not outlive a lower quota
-                await refused(f.write(b"x" * (16 * KiB), 16 * KiB))
+        async with server.sftp(user) as sftp, sftp.open("f", "wb") as f:
+            await f.write(b"x" * (16 * KiB))
+            server.cli("user", "quota", user.name, "16KiB")
+            # the handle's reserved chunk must not outlive a lower quota
+            await refused(f.write(b"x" * (16 * KiB), 16 * KiB))
     run(attack())
     assert assert_ledger_matches_disk(server, user) == 16 * KiB
 
@@ -817,10 +810,9 @@ def test_workers_remove_while_open_in_another_process(workers_server):
 
     async def attack():
         ca, cb, sa, sb = await sftp_on_two_workers(server, user)
-        async with ca, cb:
-            async with sa.open("f", "wb") as f:
-                await f.write(b"f" * (32 * KiB))
-                await sb.remove("f")                                  # the other process unlinks it
+        async with ca, cb, sa.open("f", "wb") as f:
+            await f.write(b"f" * (32 * KiB))
+            await sb.remove("f")                                  # the other process unlinks it
     run(attack())
     assert assert_ledger_matches_disk(server, user) == 20 * KiB
 

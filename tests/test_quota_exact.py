@@ -17,8 +17,19 @@ import time
 import asyncssh
 import pytest
 from conftest import have
-from test_quota import (KiB, add_user, assert_ledger_matches_disk, disk_usage, ledger, put, refused, run, seed,
-                        sftp_on_two_workers, user_row)
+from test_quota import (
+    KiB,
+    add_user,
+    assert_ledger_matches_disk,
+    disk_usage,
+    ledger,
+    put,
+    refused,
+    run,
+    seed,
+    sftp_on_two_workers,
+    user_row,
+)
 
 from sshfiles.stores.sqlite import SQLiteAccountStore
 

@@ -19,9 +19,19 @@ import time
 import asyncssh
 import pytest
 from conftest import have
-from test_quota import (KiB, add_user, assert_ledger_matches_disk, disk_usage, ledger, put, refused, run, seed,
-                        sftp_on_two_workers)
-from test_quota_exact import assert_entries_match_disk, entries_on_disk, stored_entries
+from test_quota import (
+    KiB,
+    add_user,
+    assert_ledger_matches_disk,
+    disk_usage,
+    ledger,
+    put,
+    refused,
+    run,
+    seed,
+    sftp_on_two_workers,
+)
+from test_quota_exact import assert_entries_match_disk, entries_on_disk
 
 from sshfiles.stores.sqlite import SQLiteAccountStore
 
@@ -673,11 +683,10 @@ def test_copy_data_overlapping_within_one_file(server):
     seed(server, user, {"f": bytes(range(256)) * 400})                  # 100 KiB
 
     async def attack():
-        async with server.sftp(user) as sftp:
-            async with sftp.open("f", "r+b") as f:
-                await sftp.remote_copy(f, f, src_offset=50 * KiB, dst_offset=0)          # backwards, inside
-                await sftp.remote_copy(f, f, src_offset=0, src_length=60 * KiB, dst_offset=10 * KiB)
-                await sftp.remote_copy(f, f, src_offset=0, src_length=100 * KiB, dst_offset=100 * KiB)
-                await refused(sftp.remote_copy(f, f, src_offset=0, src_length=100 * KiB, dst_offset=200 * KiB))
+        async with server.sftp(user) as sftp, sftp.open("f", "r+b") as f:
+            await sftp.remote_copy(f, f, src_offset=50 * KiB, dst_offset=0)          # backwards, inside
+            await sftp.remote_copy(f, f, src_offset=0, src_length=60 * KiB, dst_offset=10 * KiB)
+            await sftp.remote_copy(f, f, src_offset=0, src_length=100 * KiB, dst_offset=100 * KiB)
+            await refused(sftp.remote_copy(f, f, src_offset=0, src_length=100 * KiB, dst_offset=200 * KiB))
     run(attack())
     assert assert_ledger_matches_disk(server, user) <= quota

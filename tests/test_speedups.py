@@ -50,12 +50,11 @@ def test_no_ignore_packets_between_data_packets(server):
     (user.home / "f.bin").write_bytes(os.urandom(size))
 
     async def run() -> int:
-        async with server.connect(user) as conn:
-            async with conn.start_sftp_client() as sftp:
-                async with sftp.open("f.bin", "rb") as f:
-                    start = conn._recv_seq
-                    assert len(await f.read()) == size
-                    return conn._recv_seq - start
+        async with server.connect(user) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("f.bin", "rb") as f:
+                start = conn._recv_seq
+                assert len(await f.read()) == size
+                return conn._recv_seq - start
 
     received = asyncio.run(run())
     data_packets = size // 32768  # asyncssh's client accepts packets of at most 32 KiB

@@ -47,10 +47,10 @@ def _imports(path: Path) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
                 if node.module is None:  # `from . import x`: a submodule, or a name of the package
                     for a in node.names:
-                        sub = ".".join(base + [a.name])
+                        sub = ".".join([*base, a.name])
                         is_module = (PACKAGE.joinpath(*sub.split(".")).with_suffix(".py").exists()
                                      or PACKAGE.joinpath(*sub.split(".")).is_dir())
-                        found.add(sub if is_module else ".".join(base + ["__init__"]))
+                        found.add(sub if is_module else ".".join([*base, "__init__"]))
                     continue
             elif node.module and node.module.startswith("sshfiles."):
                 mod = node.module[len("sshfiles."):]
@@ -100,9 +100,9 @@ def test_no_import_cycle() -> None:
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycle.extend(path + [node, nxt])
+                cycle.extend([*path, node, nxt])
                 return True
-            if state.get(nxt) is None and visit(nxt, path + [node]):
+            if state.get(nxt) is None and visit(nxt, [*path, node]):
                 return True
         state[node] = 2
         return False
