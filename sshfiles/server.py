@@ -109,6 +109,11 @@ class SshfilesService:
 
     def close(self) -> None:
         self.quotas.settle_all()
+        if self.quotas.in_sync():
+            # A clean stop leaves no row behind (presence marks included): the next start must not
+            # take this process for a crashed one and rescan its users.
+            with contextlib.suppress(AccountError):
+                self.store.drop_owner(self.owner)
         self.store.release_owner(self.owner)
         self.store.close()
         if self._watch_lock.acquire(timeout=5):

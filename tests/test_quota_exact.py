@@ -395,3 +395,24 @@ def test_sigkill_loses_no_acknowledged_byte(tmp_path, host_keys_dir, workers):
         assert_entries_match_disk(server, user)
     finally:
         server.stop()
+
+
+def test_clean_stop_leaves_no_rows_and_no_rescan(server):
+    """A SIGTERM stop after sessions of a user (presence rows, pools) leaves the store clean."""
+    user = add_user(server, "cleanstop", quota="1MiB")
+    seed(server, user, {"a": b"a" * 1000})
+
+    async def hold_open() -> None:
+        async with server.sftp(user) as sftp:
+            async with sftp.open("a", "rb") as f:
+                await f.read(10)
+    run(hold_open())
+    server.stop()
+    store = SQLiteAccountStore(server.accounts_dir)
+    try:
+        assert store.owners() == []
+    finally:
+        store.close()
+    server.log_path.rename(server.root / "server-before-stop.log")
+    server.start()
+    assert "rescanned" not in server.log()
