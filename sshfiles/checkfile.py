@@ -30,13 +30,23 @@ The functions here handle the part after the extension name (requests) and after
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import asyncssh
 
 from .asyncssh_seam import SSHPacket, String, UInt32, UInt64
-from .hashing import ALGORITHMS, UnsupportedAlgorithm, block_count, digest_size, hash_fd_range_async, select_algorithm
+from .hashing import (
+    ALGORITHMS,
+    HashBusy,
+    HashCancelled,
+    HashTooLarge,
+    UnsupportedAlgorithm,
+    block_count,
+    digest_size,
+    hash_fd_range_async,
+    select_algorithm,
+)
 
 __all__ = [
     "CHECK_FILE_EXTENSION",
@@ -136,13 +146,40 @@ def decode_reply(body: bytes) -> tuple[str, list[bytes]]:
     return alg, [blob[i:i + size] for i in range(0, len(blob), size)]
 
 
-async def answer_check_file(fd: int, req: CheckFileRequest) -> bytes:
+def _calling_sftp_session() -> tuple[str, Awaitable[object] | None]:
+    """(user name, the channel's ``wait_closed()``) of the SFTP session whose task runs this request.
+
+    A stopgap until the adapter passes them (sftp.py: ``answer_check_file(fd, req,
+    owner=session.username, closed=chan.wait_closed())``): asyncssh serves one channel's requests in
+    that channel's task, whose outermost coroutine (server.py ``_run_sftp``) holds ``session`` and
+    ``chan``. We read those two locals only; anything unexpected gives ("", None), i.e. no owner
+    (all such requests share one fairness queue) and no disconnect watch (cancellation still works).
+    """
+    task = asyncio.current_task()
+    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    if frame is None:
+        return "", None
+    session = frame.f_locals.get("session")
+    chan = frame.f_locals.get("chan")
+    owner = getattr(session, "username", "")
+    wait_closed = getattr(chan, "wait_closed", None)
+    return (owner if isinstance(owner, str) else ""), (wait_closed() if callable(wait_closed) else None)
+
+
+async def answer_check_file(fd: int, req: CheckFileRequest, *, owner: str | None = None,
+                            closed: Awaitable[object] | None = None) -> bytes:
     """Hash the requested range of ``fd`` and return the EXTENDED_REPLY body (see ``encode_reply``).
 
     Wrap it in ``sshfiles.sftp.ExtendedReply`` to return it from an asyncssh extended-request handler.
     Errors are SFTP errors so asyncssh turns them into the right status: no common algorithm ->
-    OP_UNSUPPORTED, a block size under 256 -> INVALID_PARAMETER, a reply too big for one packet ->
-    FAILURE (ask for a shorter range).
+    OP_UNSUPPORTED, a block size under 256 -> INVALID_PARAMETER, a reply too big for one packet or a
+    range over ``hashing.MAX_HASH_BYTES`` (holes count) -> FAILURE (ask for a shorter range), too many
+    hash requests of this user waiting -> FAILURE.
+
+    ``owner`` (the user name) picks the fairness queue and ``closed`` (the channel's
+    ``wait_closed()``) stops the hash when the client leaves; when the adapter passes neither they are
+    taken from the calling SFTP session (see ``_calling_sftp_session``). The coroutine returns or
+    raises only once the hashing thread has stopped, so the caller may close ``fd`` afterwards.
     """
     try:
         algorithm = select_algorithm(req.algorithms)
@@ -156,5 +193,19 @@ async def answer_check_file(fd: int, req: CheckFileRequest) -> bytes:
         if blocks * digest_size(algorithm) > MAX_REPLY_DIGEST_BYTES:
             raise asyncssh.SFTPFailure(
                 f"check-file would return {blocks} digests; use a larger block size or a shorter range")
-    digests = await hash_fd_range_async(fd, algorithm, req.offset, req.length, req.block_size)
+    if owner is None and closed is None:
+        owner, closed = _calling_sftp_session()
+    watch = asyncio.ensure_future(closed) if closed is not None else None
+    try:
+        digests = await hash_fd_range_async(fd, algorithm, req.offset, req.length, req.block_size,
+                                            owner=owner or "", closed=watch)
+    except HashTooLarge as exc:
+        raise asyncssh.SFTPFailure(f"check-file: {exc}; ask for a shorter range") from None
+    except HashBusy as exc:
+        raise asyncssh.SFTPFailure(f"check-file: {exc}") from None
+    except HashCancelled:
+        raise asyncssh.SFTPFailure("check-file: cancelled") from None
+    finally:
+        if watch is not None:
+            watch.cancel()
     return encode_reply(algorithm, digests)

@@ -29,7 +29,7 @@ from typing import Protocol
 
 from asyncssh import SSHReader, SSHWriter
 
-from .hashing import hash_fd_range_async
+from .hashing import HashBusy, HashCancelled, HashTooLarge, hash_fd_range_async
 
 __all__ = ["SUM_COMMANDS", "CommandRefused", "parse_command", "run_exec"]
 
@@ -141,12 +141,22 @@ async def _run_sum(prog: str, args: list[str], files_of: FileOpener, stdout: SSH
                 _emit(stderr, f"{prog}: {name}: {_strerror(exc)}\n".encode(errors="surrogateescape"))
                 status = 1
                 continue
+            # hash_fd_range_async returns (or raises, cancelled included) only once its thread has
+            # stopped reading, so the fd is closed after the last pread, never under it: a file
+            # opened later may reuse the number.
             try:
-                digest = (await hash_fd_range_async(fd, algorithm))[0]
+                digest = (await hash_fd_range_async(fd, algorithm, owner=getattr(files_of, "username", ""),
+                                                    closed=stdout.channel.wait_closed()))[0]
             except OSError as exc:  # EISDIR for a directory, EIO, ...
                 _emit(stderr, f"{prog}: {name}: {_strerror(exc)}\n".encode(errors="surrogateescape"))
                 status = 1
                 continue
+            except (HashTooLarge, HashBusy) as exc:
+                _emit(stderr, f"{prog}: {name}: {exc}\n".encode(errors="surrogateescape"))
+                status = 1
+                continue
+            except HashCancelled:
+                return 1  # the client left (or the channel closed): nobody reads the rest
             finally:
                 files_of.close_fd(fd)
         prefix, shown = _coreutils_name(name)

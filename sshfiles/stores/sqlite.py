@@ -124,26 +124,52 @@ class SQLiteAccountStore:
             self.release_owner(owner)
         self._db.close()
 
+    def _failed(self, exc: sqlite3.DatabaseError) -> StoreCorrupt:
+        """The error for a store call that failed: one generic line, never the path or SQLite's text.
+
+        Its message can reach a client (an SFTP status, exec stderr) through any operation that
+        charges the ledger, so it says only what the user can act on. What the administrator needs
+        (the database path and SQLite's own message) is kept in ``detail``. Errors from opening the
+        store (``__init__``) do name the path: only the admin CLI and ``serve`` at startup see those,
+        and it is the admin's own file.
+        """
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            err = StoreCorrupt("the accounts store is busy; try again later")
+        else:
+            err = StoreCorrupt("the accounts store failed; try again later or ask the administrator")
+        err.detail = f"accounts store {self.path}: {exc}"  # type: ignore[attr-defined]
+        return err
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as exc:
-            raise StoreCorrupt(f"accounts store {self.path}: {exc}") from None
+            raise self._failed(exc) from None
         try:
             yield self._db
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(sqlite3.DatabaseError):
+                self._db.execute("ROLLBACK")
+            raise self._failed(exc) from None
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         else:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    self._db.execute("ROLLBACK")
+                raise self._failed(exc) from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:
             return self._db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as exc:
-            raise StoreCorrupt(f"accounts store {self.path}: {exc}") from None
+            raise self._failed(exc) from None
 
     # -- accounts -----------------------------------------------------------
 
