@@ -159,6 +159,24 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 # -- serve ------------------------------------------------------------------------
 
 
+# Settings added with the pre-auth defence get their flag straight from the model (type and help).
+_DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
+                     "ban_threshold", "ban_window", "ban_time", "ban_max", "ban_exempt",
+                     "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms")
+
+
+def _model_options(names: tuple[str, ...]) -> Any:
+    def decorate(f: Any) -> Any:
+        for name in reversed(names):
+            s = SETTINGS[name]
+            if s.kind is bool:
+                f = click.option(s.flag, name, is_flag=True, default=None, help=_help(name))(f)
+            else:
+                f = click.option(s.flag, name, type=s.kind, default=None, help=_help(name))(f)
+        return f
+    return decorate
+
+
 @main.command()
 @click.option("--host", default=None, help=_help("host"))
 @click.option("--port", type=int, default=None, help=_help("port"))
@@ -167,10 +185,11 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 @click.option("--max-auth-tries", type=int, default=None, help=_help("max_auth_tries"))
 @click.option("--idle-timeout", type=float, default=None, help=_help("idle_timeout"))
 @click.option("--grace", type=float, default=None, help=_help("grace"))
+@_model_options(_DEFENCE_SETTINGS)
 @click.pass_obj
 def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
-          grace: float | None) -> None:
+          grace: float | None, **defence: Any) -> None:
     """Run the SFTP server.
 
     On the first start with an empty accounts store it creates the account
@@ -179,7 +198,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     from .server import configure_logging, run_server
 
     config = obj.settings(host=host, port=port, workers=workers, login_timeout=login_timeout,
-                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace)
+                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
     configure_logging()  # before the first line we may log (home mode corrections)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
