@@ -95,10 +95,13 @@ class Admission:
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, last refill time)
         self._rng = rng or random.Random()
 
-    def admit(self, source: str, now: float | None = None) -> str | None:
-        """Count a new connection and return None, or return why it is refused (and count nothing)."""
+    def admit(self, source: str, now: float | None = None, per_source: bool = True) -> str | None:
+        """Count a new connection and return None, or return why it is refused (and count nothing).
+
+        `per_source=False` (an exempt source) skips the per-source rules; the totals still apply.
+        """
         now = time.monotonic() if now is None else now
-        if self.per_source_rate > 0:
+        if per_source and self.per_source_rate > 0:
             tokens, last = self._buckets.get(source, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.per_source_rate)
             if tokens < 1.0:
@@ -108,7 +111,7 @@ class Admission:
             if len(self._buckets) > 4096:  # forget sources whose bucket is full again
                 self._buckets = {s: (t, t0) for s, (t, t0) in self._buckets.items()
                                  if t + (now - t0) * self.per_source_rate < self.burst}
-        if self.per_source and self.by_source.get(source, 0) >= self.per_source:
+        if per_source and self.per_source and self.by_source.get(source, 0) >= self.per_source:
             return "per-source startups"
         if self.full and self.total >= self.full:
             return "startups full"
