@@ -431,5 +431,92 @@ def quota_scan(obj: Context, name: str | None) -> None:
         click.echo(f"{n}: {format_size(after)} used ({change})")
 
 
+# -- ban --------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def ban() -> None:
+    """Per-source bans (shared by every server process using this store; applied within a second)."""
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """"90", "90s", "15m", "2h", "7d", "1w" -> seconds; "forever" -> 100 years."""
+    word = text.strip().lower()
+    if word in ("forever", "permanent"):
+        return 100 * 365 * 86400.0
+    number = word.rstrip("smhdw")
+    try:
+        value = float(number)
+    except ValueError:
+        fail(f"invalid duration {text!r}: use a number with s, m, h, d or w, or 'forever'")
+    if not value > 0 or value != value or value == float("inf"):
+        fail(f"invalid duration {text!r}: must be greater than 0")
+    return value * _DURATION_UNITS[word[len(number):]]
+
+
+def _source(text: str) -> str:
+    import ipaddress
+
+    from .defence import source_key
+    host = text.strip()
+    if host.endswith("/64") or host.endswith("/32"):
+        host = host[:-3]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        fail(f"invalid address {text!r}: give an IPv4 or IPv6 address (IPv6 bans cover its /64)")
+    return source_key(host)
+
+
+def _when(epoch: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@ban.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also list expired bans (kept for their strikes).")
+@click.pass_obj
+def ban_list(obj: Context, show_all: bool) -> None:
+    """List banned sources: address, until, reason, strikes."""
+    import time
+    now = time.time()
+    rows = [b for b in obj.store.bans() if show_all or b.until > now]
+    if not rows:
+        click.echo("no bans")
+        return
+    for b in rows:
+        state = f"until {_when(b.until)}" if b.until > now else f"expired {_when(b.until)}"
+        click.echo(f"{b.source}\t{state}\treason={b.reason}\tstrikes={b.strikes}")
+
+
+@ban.command("add")
+@click.argument("address")
+@click.option("--for", "duration", default="1d", show_default=True,
+              help="How long: seconds, or with s/m/h/d/w, or 'forever'.")
+@click.pass_obj
+def ban_add(obj: Context, address: str, duration: str) -> None:
+    """Ban ADDRESS (an IPv6 address bans its /64)."""
+    import time
+    source = _source(address)
+    seconds = _duration(duration)
+    obj.store.unban(source)  # an admin's ban replaces any automatic one, shorter or longer
+    obj.store.ban(source, time.time() + seconds, "admin")
+    click.echo(f"banned {source} until {_when(time.time() + seconds)}")
+
+
+@ban.command("remove")
+@click.argument("address")
+@click.pass_obj
+def ban_remove(obj: Context, address: str) -> None:
+    """Lift the ban on ADDRESS (and forget its strikes)."""
+    source = _source(address)
+    if not obj.store.unban(source):
+        fail(f"{source} is not banned")
+    click.echo(f"unbanned {source}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
