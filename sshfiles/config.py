@@ -133,7 +133,7 @@ class ServeConfig:
         float, "Penalty score that bans a source (a failed login scores 1, a login timeout 2, a protocol "
         "error 1, a refused connection 0.5; 0: never ban).", minimum=0))
     ban_window: float = field(default=60.0, metadata=_meta(
-        float, "Seconds in which a source's score decays by ban-threshold.", positive=True))
+        float, "Seconds over which a source's penalty points add up (a sliding window).", positive=True))
     ban_time: float = field(default=300.0, metadata=_meta(
         float, "Seconds of a first ban; each repeat doubles it.", positive=True))
     ban_max: float = field(default=86400.0, metadata=_meta(

@@ -18,7 +18,7 @@ refreshes bans from the watcher thread.
   any cryptography.
 * `Defender` is SFTPGo's defender / OpenSSH's PerSourcePenalties: failed
   logins, pre-auth timeouts, protocol errors and refusals score against the
-  source with a score that decays; reaching the threshold bans the source for
+  source within a sliding window; reaching the threshold bans the source for
   `ban_time`, doubled on every repeat (strikes) up to `ban_max`.  Exempt
   networks are never scored nor banned.  The ban list itself lives in the
   store (shared by every worker); `Defender` keeps this process's cached copy
@@ -147,8 +147,8 @@ class NewBan:
 class Defender:
     """Scores per source, and this process's view of the bans (see the module docstring).
 
-    `threshold`: the score that bans; scores decay by `threshold` per `window`
-    seconds (so `threshold` failures within `window` ban, a slow trickle does not).
+    `threshold`: the points that ban when they fall within `window` seconds (a sliding
+    window: `threshold` failed logins within `window` ban, a slow trickle does not).
     """
 
     # What each event costs, OpenSSH PerSourcePenalties-like: a refused or broken
@@ -161,7 +161,7 @@ class Defender:
         self.threshold, self.window = threshold, window
         self.ban_time, self.ban_max = ban_time, ban_max
         self.exempt = list(exempt)
-        self._scores: dict[str, tuple[float, float]] = {}   # source -> (score, monotonic time)
+        self._scores: dict[str, list[tuple[float, float]]] = {}  # source -> [(monotonic time, points)] in window
         self._bans: dict[str, float] = {}                   # source -> until (epoch), the store's view
         self._strikes: dict[str, int] = {}                  # source -> bans so far (the store's view)
         self._new: list[NewBan] = []
@@ -179,13 +179,11 @@ class Defender:
         if self.threshold <= 0 or self.is_exempt(source) or self.banned(source, now):
             return None
         now_mono = time.monotonic() if now_mono is None else now_mono
-        score, last = self._scores.get(source, (0.0, now_mono))
-        if self.window > 0:
-            score = max(0.0, score - (now_mono - last) * self.threshold / self.window)
-        score += self.SCORES.get(event, 1.0)
-        if score < self.threshold:
-            self._scores[source] = (score, now_mono)
-            if len(self._scores) > 65536:
+        events = [(t, p) for t, p in self._scores.get(source, ()) if now_mono - t < self.window]
+        events.append((now_mono, self.SCORES.get(event, 1.0)))
+        if sum(p for _, p in events) < self.threshold:
+            self._scores[source] = events
+            if len(self._scores) > 65536:  # a spoofed-looking spread of sources: forget the oldest
                 self._scores.pop(next(iter(self._scores)))
             return None
         self._scores.pop(source, None)
