@@ -434,8 +434,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
             reason = service.admission.admit(self.source, per_source=not exempt)
         if reason is not None:
             service.refused(self.source, self.peer, reason)
-            if reason != "banned":
-                service.penalise(self.source, "refused")
+            if reason in ("per-source startups", "connection rate"):  # this source's own excess
+                service.penalise(self.source, "refused")  # (a full server is not the refused one's fault)
             self.ended = reason
             conn.abort()
             return
