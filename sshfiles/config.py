@@ -131,7 +131,7 @@ class ServeConfig:
         int, "Connections one source may open at once before per-source-rate applies.", minimum=1))
     ban_threshold: float = field(default=10.0, metadata=_meta(
         float, "Penalty score that bans a source (a failed login scores 1, a login timeout 2, a protocol "
-        "error 1, a refused connection 0.5; 0: never ban).", minimum=0))
+        "error 1, a connection over the per-source limits 0.5; 0: never ban).", minimum=0))
     ban_window: float = field(default=60.0, metadata=_meta(
         float, "Seconds over which a source's penalty points add up (a sliding window).", positive=True))
     ban_time: float = field(default=300.0, metadata=_meta(
