@@ -455,9 +455,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
             if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
                 log.info("login timeout source=%s conn=%s", self.peer, self.cid)
                 self.service.penalise(self.source, "preauth-timeout")
-            elif isinstance(exc, asyncssh.DisconnectError) and not isinstance(exc, asyncssh.ConnectionLost) \
-                    and exc.code in (asyncssh.DISC_PROTOCOL_ERROR, asyncssh.DISC_KEY_EXCHANGE_FAILED,
-                                     asyncssh.DISC_MAC_ERROR, asyncssh.DISC_PROTOCOL_VERSION_NOT_SUPPORTED):
+            elif not isinstance(exc, asyncssh.ConnectionLost) and not (
+                    isinstance(exc, asyncssh.DisconnectError) and exc.code in _POLITE_DISCONNECTS):
+                # asyncssh reports malformed input as DisconnectError (ProtocolError, MACError,
+                # KeyExchangeFailed...) or as the decoding exception itself (PacketDecodeError).
                 log.info("protocol error source=%s error=%s conn=%s", self.peer, esc(exc), self.cid)
                 self.service.penalise(self.source, "protocol-error")
         # SCP sessions still open lost their client (or were cut) mid-file: the file the SCP
@@ -699,6 +700,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.service.sessions.discard(session)
         self.sessions.discard(session)
 
+
+# A client that hangs up saying so (a user cancelling a prompt, a client out of methods) is not an error.
+_POLITE_DISCONNECTS = {asyncssh.DISC_BY_APPLICATION, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                       asyncssh.DISC_AUTH_CANCELLED_BY_USER, asyncssh.DISC_CONNECTION_LOST}
 
 _DUMMY_BLOB = asyncssh.generate_private_key("ssh-ed25519").public_data
 

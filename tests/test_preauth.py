@@ -281,6 +281,21 @@ def test_preauth_timeouts_score_and_ban(start):
     assert login_seconds(server, user) < 3
 
 
+def test_protocol_errors_score_and_ban(start):
+    server = start("--ban-threshold", "3")
+    user = server.add_user("alice")
+    for _ in range(3):  # a version line, then a packet too short to be one
+        with raw_sockets(server, [ATTACKER]) as (sock,):
+            sock.sendall(b"SSH-2.0-evil\r\n" + b"\x00\x00\x00\x0c\x0a\x14" + b"\xff" * 64)
+            with contextlib.suppress(OSError):
+                while sock.recv(4096):
+                    pass
+    assert _wait_for(lambda: "banned source=127.0.0.2" in server.log(), 5)
+    assert "protocol error source=127.0.0.2" in server.log()
+    assert refused(server, user, ATTACKER)
+    assert login_seconds(server, user) < 3
+
+
 def test_bans_are_shared_by_workers(start):
     server = start("--workers", "2", "--ban-threshold", "3", "--max-auth-tries", "1")
     user = server.add_user("alice")
