@@ -61,7 +61,6 @@ log = logging.getLogger("sshfiles.server")
 # - finite-field DH: group16/18 cost the server a 4096/8192-bit modexp per handshake
 #   (~15 ms of the only event loop for group18) while the client may do no work at all,
 #   which is the DHEat attack; X25519 and ML-KEM cost well under a millisecond;
-# - encrypt-and-MAC modes (hmac-sha2-* without -etm).
 # Post-quantum hybrid key exchange comes first (OpenSSH 10 warns without one).
 # Every one of those comes back with --legacy-algorithms, for old devices, appended
 # after the modern choices so a modern client still negotiates these.
@@ -71,8 +70,11 @@ LEGACY_KEX_ALGS = ["ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp5
                    "diffie-hellman-group14-sha256", "diffie-hellman-group14-sha1"]
 ENCRYPTION_ALGS = ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                    "aes128-ctr", "aes192-ctr", "aes256-ctr"]
-MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"]
-LEGACY_MAC_ALGS = ["hmac-sha2-256", "hmac-sha2-512"]
+# SHA-2 encrypt-and-MAC stays (after EtM): libssh2 < 1.11 (curl, Debian 12) has no EtM MAC and
+# negotiates aes-ctr + hmac-sha2-256; with CTR and strict kex E&M is not Terrapin-affected, and
+# ssh-audit only warns about it.
+MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512"]
+LEGACY_MAC_ALGS: list[str] = []
 HOST_KEY_TYPES = [("ssh_host_ed25519_key", "ssh-ed25519", {}),
                   ("ssh_host_ecdsa_key", "ecdsa-sha2-nistp256", {}),
                   ("ssh_host_rsa_key", "ssh-rsa", {"key_size": 3072})]
