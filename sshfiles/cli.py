@@ -159,6 +159,24 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 # -- serve ------------------------------------------------------------------------
 
 
+# Settings added with the pre-auth defence get their flag straight from the model (type and help).
+_DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
+                     "ban_threshold", "ban_window", "ban_time", "ban_max", "ban_exempt",
+                     "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms")
+
+
+def _model_options(names: tuple[str, ...]) -> Any:
+    def decorate(f: Any) -> Any:
+        for name in reversed(names):
+            s = SETTINGS[name]
+            if s.kind is bool:
+                f = click.option(s.flag, name, is_flag=True, default=None, help=_help(name))(f)
+            else:
+                f = click.option(s.flag, name, type=s.kind, default=None, help=_help(name))(f)
+        return f
+    return decorate
+
+
 @main.command()
 @click.option("--host", default=None, help=_help("host"))
 @click.option("--port", type=int, default=None, help=_help("port"))
@@ -167,10 +185,11 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 @click.option("--max-auth-tries", type=int, default=None, help=_help("max_auth_tries"))
 @click.option("--idle-timeout", type=float, default=None, help=_help("idle_timeout"))
 @click.option("--grace", type=float, default=None, help=_help("grace"))
+@_model_options(_DEFENCE_SETTINGS)
 @click.pass_obj
 def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
-          grace: float | None) -> None:
+          grace: float | None, **defence: Any) -> None:
     """Run the SFTP server.
 
     On the first start with an empty accounts store it creates the account
@@ -179,7 +198,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     from .server import configure_logging, run_server
 
     config = obj.settings(host=host, port=port, workers=workers, login_timeout=login_timeout,
-                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace)
+                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
     configure_logging()  # before the first line we may log (home mode corrections)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
@@ -410,6 +429,93 @@ def quota_scan(obj: Context, name: str | None) -> None:
         before, after = rescan_user(obj.store, n)
         change = "unchanged" if before == after else f"was {format_size(before)}"
         click.echo(f"{n}: {format_size(after)} used ({change})")
+
+
+# -- ban --------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def ban() -> None:
+    """Per-source bans (shared by every server process using this store; applied within a second)."""
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """"90", "90s", "15m", "2h", "7d", "1w" -> seconds; "forever" -> 100 years."""
+    word = text.strip().lower()
+    if word in ("forever", "permanent"):
+        return 100 * 365 * 86400.0
+    number = word.rstrip("smhdw")
+    try:
+        value = float(number)
+    except ValueError:
+        fail(f"invalid duration {text!r}: use a number with s, m, h, d or w, or 'forever'")
+    if not value > 0 or value != value or value == float("inf"):
+        fail(f"invalid duration {text!r}: must be greater than 0")
+    return value * _DURATION_UNITS[word[len(number):]]
+
+
+def _source(text: str) -> str:
+    import ipaddress
+
+    from .defence import source_key
+    host = text.strip()
+    if host.endswith("/64") or host.endswith("/32"):
+        host = host[:-3]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        fail(f"invalid address {text!r}: give an IPv4 or IPv6 address (IPv6 bans cover its /64)")
+    return source_key(host)
+
+
+def _when(epoch: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@ban.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also list expired bans (kept for their strikes).")
+@click.pass_obj
+def ban_list(obj: Context, show_all: bool) -> None:
+    """List banned sources: address, until, reason, strikes."""
+    import time
+    now = time.time()
+    rows = [b for b in obj.store.bans() if show_all or b.until > now]
+    if not rows:
+        click.echo("no bans")
+        return
+    for b in rows:
+        state = f"until {_when(b.until)}" if b.until > now else f"expired {_when(b.until)}"
+        click.echo(f"{b.source}\t{state}\treason={b.reason}\tstrikes={b.strikes}")
+
+
+@ban.command("add")
+@click.argument("address")
+@click.option("--for", "duration", default="1d", show_default=True,
+              help="How long: seconds, or with s/m/h/d/w, or 'forever'.")
+@click.pass_obj
+def ban_add(obj: Context, address: str, duration: str) -> None:
+    """Ban ADDRESS (an IPv6 address bans its /64)."""
+    import time
+    source = _source(address)
+    seconds = _duration(duration)
+    obj.store.unban(source)  # an admin's ban replaces any automatic one, shorter or longer
+    obj.store.ban(source, time.time() + seconds, "admin")
+    click.echo(f"banned {source} until {_when(time.time() + seconds)}")
+
+
+@ban.command("remove")
+@click.argument("address")
+@click.pass_obj
+def ban_remove(obj: Context, address: str) -> None:
+    """Lift the ban on ADDRESS (and forget its strikes)."""
+    source = _source(address)
+    if not obj.store.unban(source):
+        fail(f"{source} is not banned")
+    click.echo(f"unbanned {source}")
 
 
 if __name__ == "__main__":  # pragma: no cover

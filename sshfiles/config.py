@@ -27,7 +27,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "load_toml", "resolve"]
+__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "load_toml", "parse_startups", "resolve"]
 
 _ENV_PREFIX = "SSHFILES_"
 
@@ -117,12 +117,74 @@ class ServeConfig:
         float, "Seconds a session may be idle before it is closed (0: never).", minimum=0))
     grace: float = field(default=30.0, metadata=_meta(
         float, "Seconds sessions get to finish on shutdown before they are closed.", minimum=0))
+    # -- pre-authentication limits and per-source defence (defence.py, README "Defence") --
+    max_startups: str = field(default="10:30:100", metadata=_meta(
+        str, "Unauthenticated connections, OpenSSH-style start:rate:full: from `start` on, new ones are "
+        "dropped with a probability growing from rate % to 100 % at `full`."))
+    per_source_max_startups: int = field(default=10, metadata=_meta(
+        int, "Unauthenticated connections one source (IPv4 address, IPv6 /64) may hold (0: no limit).",
+        minimum=0))
+    per_source_rate: float = field(default=5.0, metadata=_meta(
+        float, "New connections per second one source may open, after a burst of per-source-burst (0: no "
+        "limit).", minimum=0))
+    per_source_burst: int = field(default=10, metadata=_meta(
+        int, "Connections one source may open at once before per-source-rate applies.", minimum=1))
+    ban_threshold: float = field(default=10.0, metadata=_meta(
+        float, "Penalty score that bans a source (a failed login scores 1, a login timeout 2, a protocol "
+        "error 1, a connection over the per-source limits 0.5; 0: never ban).", minimum=0))
+    ban_window: float = field(default=60.0, metadata=_meta(
+        float, "Seconds over which a source's penalty points add up (a sliding window).", positive=True))
+    ban_time: float = field(default=300.0, metadata=_meta(
+        float, "Seconds of a first ban; each repeat doubles it.", positive=True))
+    ban_max: float = field(default=86400.0, metadata=_meta(
+        float, "Longest automatic ban, in seconds.", positive=True))
+    ban_exempt: str = field(default="", metadata=_meta(
+        str, "Sources never scored nor banned: addresses or CIDR networks, comma-separated."))
+    max_sessions_per_user: int = field(default=64, metadata=_meta(
+        int, "Open session channels one user may have in this server process, over all connections.",
+        minimum=1))
+    max_channels_per_connection: int = field(default=10, metadata=_meta(
+        int, "Open session channels per connection.", minimum=1))
+    legacy_algorithms: bool = field(default=False, metadata=_meta(
+        bool, "Also offer SHA-1 ssh-rsa, the NIST ECDH curves, ECDSA host keys and finite-field DH, for old "
+        "clients that need them (weaker; off by default)."))
 
     def __post_init__(self) -> None:
         for s in SETTINGS.values():
             problem = _check(s, getattr(self, s.name))
             if problem:
                 raise ConfigError(f"ServeConfig.{s.name}: {problem}")
+        for name, parse in _PARSED.items():
+            try:
+                parse(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(f"ServeConfig.{name}: {exc}") from None
+
+
+def parse_startups(text: str) -> tuple[int, int, int]:
+    """OpenSSH MaxStartups syntax: "full" or "start:rate:full" -> (start, rate %, full); 0 full: no limit."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) == 1:
+            full = int(parts[0])
+            start, rate = full, 100
+        elif len(parts) == 3:
+            start, rate, full = (int(p) for p in parts)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"expected N or START:RATE:FULL, got {text!r}") from None
+    if not (0 <= start <= full and 0 <= rate <= 100):
+        raise ValueError(f"need 0 <= start <= full and rate between 0 and 100, got {text!r}")
+    return start, rate, full
+
+
+def _parse_exempt(text: str) -> object:
+    from .defence import parse_cidrs
+    return parse_cidrs(text)
+
+
+_PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt}  # str settings with a syntax
 
 
 def _settings() -> dict[str, Setting]:
@@ -138,13 +200,15 @@ def _settings() -> dict[str, Setting]:
 #: Field name -> its description, in declaration order (what --help and the README list).
 SETTINGS: dict[str, Setting] = _settings()
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", Path: "a path (string)"}
+_TYPE_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number", Path: "a path (string)"}
 
 
 def _check(s: Setting, value: Any) -> str | None:
     """Why ``value`` (already of the setting's Python type or not) is unusable, or None if it is fine."""
     if s.kind is Path:
         ok = isinstance(value, Path)
+    elif s.kind is bool:
+        ok = isinstance(value, bool)
     elif s.kind is float:
         ok = isinstance(value, float)
     else:
@@ -164,6 +228,10 @@ def _check(s: Setting, value: Any) -> str | None:
 def _from_value(s: Setting, value: Any) -> Any:
     """A flag or TOML value (already typed by click or tomllib) as the setting's type, or raise
     ``ValueError`` with the reason. No string parsing here: ``port = "22"`` in TOML is a type error."""
+    if s.kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected {_TYPE_NAMES[s.kind]}, got {value!r}")
     if isinstance(value, bool):  # bool is an int subclass: never let true mean 1
         raise ValueError(f"expected {_TYPE_NAMES[s.kind]}, got {value!r}")
     if s.kind is float and isinstance(value, int):
@@ -181,6 +249,13 @@ def _from_value(s: Setting, value: Any) -> Any:
 
 def _from_text(s: Setting, text: str) -> Any:
     """An environment variable's text as the setting's type, or raise ``ValueError`` with the reason."""
+    if s.kind is bool:
+        word = text.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
     if s.kind is int:
         try:
             return int(text.strip(), 10)
@@ -242,6 +317,11 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str,
             source = s.flag if flag_value is not None else env_name if env_text else f"{toml_name} key {s.toml_key}"
             raise ConfigError(f"{source}: {exc}") from None
         problem = _check(s, value)
+        if problem is None and name in _PARSED:
+            try:
+                _PARSED[name](value)
+            except ValueError as exc:
+                problem = str(exc)
         if problem:
             raise ConfigError(f"{where}: {problem}")
         values[name] = value

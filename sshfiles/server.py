@@ -17,6 +17,7 @@ workers (`run_server`).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import ctypes
 import logging
@@ -36,34 +37,56 @@ from asyncssh import SSHReader, SSHWriter
 
 from . import passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
-from .config import ServeConfig
+from .config import ServeConfig, parse_startups
+from .defence import Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
-from .stores import Account, AccountError, AccountStore, open_store, validate_username
+from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
 
 __all__ = ["SshfilesService", "configure_logging", "ensure_host_keys", "run_server"]
 
 log = logging.getLogger("sshfiles.server")
 
-# Only Terrapin-safe, modern algorithms.  asyncssh implements strict key
-# exchange (kex-strict-s-v00@openssh.com), which neutralises Terrapin for the
-# chacha20 and EtM modes with every client that supports it (OpenSSH >= 9.6
-# and Debian's 9.2 backport, PuTTY >= 0.80 and Debian's 0.78 backport); no CBC,
-# no SHA-1, no small DH groups are offered at all.
-KEX_ALGS = ["curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256",
-            "ecdh-sha2-nistp384", "ecdh-sha2-nistp521", "diffie-hellman-group16-sha512",
-            "diffie-hellman-group18-sha512", "diffie-hellman-group14-sha256"]
+# Only Terrapin-safe, modern algorithms, and only ones that stay cheap for the
+# server.  asyncssh implements strict key exchange (kex-strict-s-v00@openssh.com),
+# which neutralises Terrapin for the chacha20 and EtM modes with every client that
+# supports it (OpenSSH >= 9.6 and Debian's 9.2 backport, PuTTY >= 0.80 and
+# Debian's 0.78 backport).  Not offered by default:
+# - SHA-1 anywhere: no ssh-rsa host-key signatures, no ssh-rsa/ssh-dss user signatures;
+# - the NIST curves for key exchange and the ECDSA host key (ssh-audit fails them);
+# - finite-field DH: group16/18 cost the server a 4096/8192-bit modexp per handshake
+#   (~15 ms of the only event loop for group18) while the client may do no work at all,
+#   which is the DHEat attack; X25519 and ML-KEM cost well under a millisecond;
+# Post-quantum hybrid key exchange comes first (OpenSSH 10 warns without one).
+# Every one of those comes back with --legacy-algorithms, for old devices, appended
+# after the modern choices so a modern client still negotiates these.
+KEX_ALGS = ["mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org"]
+LEGACY_KEX_ALGS = ["ecdh-sha2-nistp256", "ecdh-sha2-nistp384", "ecdh-sha2-nistp521",
+                   "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
+                   "diffie-hellman-group14-sha256", "diffie-hellman-group14-sha1"]
 ENCRYPTION_ALGS = ["chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                    "aes128-ctr", "aes192-ctr", "aes256-ctr"]
-MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
-            "hmac-sha2-256", "hmac-sha2-512"]
+# SHA-2 encrypt-and-MAC stays (after EtM): libssh2 < 1.11 (curl, Debian 12) has no EtM MAC and
+# negotiates aes-ctr + hmac-sha2-256; with CTR and strict kex E&M is not Terrapin-affected, and
+# ssh-audit only warns about it.
+MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512"]
+LEGACY_MAC_ALGS: list[str] = []
 HOST_KEY_TYPES = [("ssh_host_ed25519_key", "ssh-ed25519", {}),
                   ("ssh_host_ecdsa_key", "ecdsa-sha2-nistp256", {}),
                   ("ssh_host_rsa_key", "ssh-rsa", {"key_size": 3072})]
+# Host-key signature algorithms offered: the RSA key signs with SHA-2 only.
+HOST_KEY_ALGS = ["ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"]
+LEGACY_HOST_KEY_ALGS = ["ecdsa-sha2-nistp256", "ssh-rsa"]
+# User signatures accepted (also what the server-sig-algs extension advertises).  User
+# ECDSA keys stay: the issue with NIST curves is the server's choice, and users' existing
+# keys must keep working; what goes is SHA-1 (ssh-rsa, ssh-dss).
+USER_SIG_ALGS = ["ssh-ed25519", "sk-ssh-ed25519@openssh.com", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                 "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com", "rsa-sha2-512", "rsa-sha2-256"]
+LEGACY_USER_SIG_ALGS = ["ssh-rsa", "ssh-dss"]
 
 
 WATCH_INTERVAL = 1.0      # seconds between two looks at the live users' accounts
@@ -106,6 +129,68 @@ class SshfilesService:
         # the loop's connection may be inside a write transaction at that moment.
         self._watch_store: AccountStore | None = None
         self._watch_lock = threading.Lock()  # close() must not close it under a running query
+        start, rate, full = parse_startups(config.max_startups)
+        self.admission = Admission(start, rate, full, config.per_source_max_startups, config.per_source_rate,
+                                   config.per_source_burst)
+        self.defender = Defender(config.ban_threshold, config.ban_window, config.ban_time, config.ban_max,
+                                 parse_cidrs(config.ban_exempt))
+        self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
+        self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
+        self._load_bans()  # before the first connection: a banned source is refused from the start
+
+    def _load_bans(self) -> None:
+        try:
+            self.defender.replace_bans((b.source, b.until, b.strikes) for b in self.store.bans())
+        except AccountError as exc:
+            log.error("accounts store error reading bans: %s", exc)
+
+    # -- per-source defence --------------------------------------------------------------------
+
+    def refused(self, source: str, peer: str, reason: str) -> None:
+        """Log a refused connection; a flood logs one line per source per 10 s, with a count."""
+        now = time.monotonic()
+        last, count = self._refusals.get(source, (0.0, 0))
+        if now - last >= 10.0:
+            more = f" (and {count} more since the last report)" if count else ""
+            log.info("connection refused source=%s reason=%s%s", peer, reason, more)
+            self._refusals[source] = (now, 0)
+            if len(self._refusals) > 4096:
+                self._refusals = {s: v for s, v in self._refusals.items() if now - v[0] < 10.0}
+        else:
+            self._refusals[source] = (last, count + 1)
+
+    def penalise(self, source: str, event: str) -> None:
+        """Score an event against a source; a ban ends its unauthenticated connections at once."""
+        ban = self.defender.record(source, event)
+        if ban is None:
+            return
+        log.warning("banned source=%s for %d s (strike %d, last event %s)", source, round(ban.until - time.time()),
+                    ban.strikes, event)
+        for c in list(self.connections):
+            if c.source == source and c.account is None and c.ended is None:
+                c.end("source banned")
+
+    def _sync_bans(self, new: list[Ban]) -> list[Ban]:
+        """Runs in the watcher's thread: write this process's new bans, read everyone's."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+            for b in new:
+                self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
+            return self._watch_store.bans()
+
+    async def sync_bans(self) -> None:
+        new = [Ban(b.source, b.until, b.reason, b.strikes) for b in self.defender.take_new_bans()]
+        try:
+            bans = await asyncio.to_thread(self._sync_bans, new)
+        except AccountError as exc:
+            log.error("accounts store error syncing bans: %s", exc)
+            return
+        self.defender.replace_bans((b.source, b.until, b.strikes) for b in bans)
+        now = time.time()
+        for c in list(self.connections):  # a ban added elsewhere (CLI, another worker) ends pre-auth ones
+            if c.account is None and c.ended is None and self.defender.banned(c.source, now):
+                c.end("source banned")
 
     def close(self) -> None:
         self.quotas.settle_all()
@@ -134,13 +219,17 @@ class SshfilesService:
             return self._watch_store.auth_states(names)
 
     async def watch(self) -> None:
-        """Every WATCH_INTERVAL: end stale and idle connections (until cancelled)."""
+        """Every WATCH_INTERVAL: end stale and idle connections, share bans (until cancelled)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
                 await self.check_connections()
             except Exception:  # the watcher must outlive any one bad round
                 log.exception("session watcher round failed")
+            try:
+                await self.sync_bans()
+            except Exception:
+                log.exception("ban sync round failed")
 
     async def check_connections(self) -> None:
         """End the connections whose account vanished, is disabled, changed credentials, or idled out."""
@@ -201,6 +290,13 @@ class _ChannelSession(ChannelSessionBase):
     def __init__(self, conn: _ConnectionHandler) -> None:
         super().__init__()
         self._auth = conn
+        self._counted = True  # session_requested counted this channel (per connection and per user)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._auth.channel_closed()
+        super().connection_lost(exc)
 
     def data_received(self, data: Any, datatype: Any) -> None:
         self._auth.touch()  # every SFTP request arrives here too: this is the idle clock
@@ -301,6 +397,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.cid = secrets.token_hex(4)
         self.username = ""
         self.peer = "?"
+        self.source = "?"            # defence.source_key of the peer: what per-source rules count
+        self.admitted = False        # counted by the service's Admission until it authenticates or ends
+        self.attempts = 0            # password checks started (pipelined ones included)
+        self.channels = 0            # open session channels
         self.account: Account | None = None
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
@@ -316,15 +416,58 @@ class _ConnectionHandler(asyncssh.SSHServer):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Admission, before the version exchange and any cryptography (asyncssh calls this first).
+
+        A banned source, or one over its share of unauthenticated connections or its
+        connection rate, or any source while the unauthenticated total is past MaxStartups'
+        start (randomly) or full, is dropped here: the refusal costs a few dict operations,
+        no key exchange and no store access (bans are cached, refreshed by the watcher).
+        """
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
+        self.source = source_key(str(peer[0]))
         self.service.connections.add(self)
         log.debug("connection from %s conn=%s", self.peer, self.cid)
         if self.service.stopping:  # accepted just before the listener closed
             self.end("server stopping")
+            return
+        service = self.service
+        exempt = service.defender.is_exempt(self.source)
+        reason = None
+        if not exempt and service.defender.banned(self.source):
+            reason = "banned"
+        else:
+            reason = service.admission.admit(self.source, per_source=not exempt)
+        if reason is not None:
+            service.refused(self.source, self.peer, reason)
+            if reason in ("per-source startups", "connection rate"):  # this source's own excess
+                service.penalise(self.source, "refused")  # (a full server is not the refused one's fault)
+            self.ended = reason
+            conn.abort()
+            return
+        self.admitted = True
+
+    def _leave_admission(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.service.admission.release(self.source)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_admission()
+        if self.account is None and self.ended is None and exc is not None:
+            # Pre-auth endings that score: the login grace running out, and protocol errors
+            # (a failed key exchange, garbage instead of packets).  A client that just hangs up
+            # before authenticating (ssh-keyscan, a cancelled prompt) scores nothing.
+            if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc):
+                log.info("login timeout source=%s conn=%s", self.peer, self.cid)
+                self.service.penalise(self.source, "preauth-timeout")
+            elif not isinstance(exc, asyncssh.ConnectionLost) and not (
+                    isinstance(exc, asyncssh.DisconnectError) and exc.code in _POLITE_DISCONNECTS):
+                # asyncssh reports malformed input as DisconnectError (ProtocolError, MACError,
+                # KeyExchangeFailed...) or as the decoding exception itself (PacketDecodeError).
+                log.info("protocol error source=%s error=%s conn=%s", self.peer, esc(exc), self.cid)
+                self.service.penalise(self.source, "protocol-error")
         # SCP sessions still open lost their client (or were cut) mid-file: the file the SCP
         # server closes now is logged as interrupted.  asyncssh calls this after closing the
         # channels but before their tasks run.  SFTP sessions decide in the handler's _cleanup,
@@ -398,14 +541,18 @@ class _ConnectionHandler(asyncssh.SSHServer):
         except AccountError as exc:  # a corrupt or locked store: refuse, keep serving
             log.error("accounts store error: %s", exc)
             return None
-        if acct is not None and acct.disabled:
+        if acct is None:
+            Path(self.service.config.homes_dir).is_dir()  # the same stat a known user costs
+            return None
+        if acct.disabled:
             return None
         if acct is not None and not Path(acct.home).is_dir():
             log.error("home of %s is missing; refusing login", username)
             return None
         return acct
 
-    def _result(self, username: str, method: str, acct: Account | None, ok: bool) -> bool:
+    def _result(self, username: str, method: str, acct: Account | None, ok: bool, result: str = "failed",
+                query: bool = False) -> bool:
         if ok and acct is not None:
             self._validated[username] = (acct, method)
             if method == "password":  # a right password completes the authentication
@@ -413,18 +560,40 @@ class _ConnectionHandler(asyncssh.SSHServer):
                          self.cid)
             return True
         self.failures += 1
-        log.info("login user=%s source=%s method=%s result=failed conn=%s", esc(username), self.peer, method,
-                 self.cid)
-        if self.failures >= self.service.config.max_auth_tries and self.conn is not None:
+        log.info("login user=%s source=%s method=%s result=%s conn=%s", esc(username), self.peer, method,
+                 result, self.cid)
+        if not query:
+            # A key the client merely offers (a query: OpenSSH tries each key in its agent) is not a
+            # guess; a wrong password, a refused or an abandoned check is.
+            self.service.penalise(self.source, "auth-failed")
+        if self.failures >= self.service.config.max_auth_tries and self.conn is not None and self.ended is None:
             log.info("too many authentication failures from %s; disconnecting conn=%s", self.peer, self.cid)
+            self.ended = "too many authentication failures"
             self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                                  "Too many authentication failures")
         return False
 
     async def validate_password(self, username: str, password: str) -> bool:
+        """One password check; each one counts, including those a pipelining client abandons.
+
+        asyncssh cancels the check in progress when the client sends its next request
+        before the answer: that check is logged (result=abandoned) and counted as a failure
+        here, so pipelining can neither dodge --max-auth-tries nor the log.  Checks beyond
+        this source's share of the argon2 queue are not run and fail at once (result=busy).
+        """
+        self.attempts += 1
+        if self.ended is not None or self.attempts > self.service.config.max_auth_tries:
+            return self._result(username, "password", None, False, "refused")
         acct = self._lookup(username)
         stored = acct.password_hash if acct else None
-        ok = await passwords.verify_password_async(stored, password)
+        try:
+            verdict = await passwords.verify_password_fair(stored, password, self.source)
+        except asyncio.CancelledError:
+            self._result(username, "password", None, False, "abandoned")
+            raise
+        if verdict is passwords.BUSY:
+            return self._result(username, "password", None, False, "busy")
+        ok = bool(verdict)
         if ok and acct is not None and stored and passwords.needs_rehash(stored):
             try:
                 # Not set_password_hash: the same password must not end this user's sessions.
@@ -438,18 +607,27 @@ class _ConnectionHandler(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # asyncssh asks this for a query without signature (answered PK_OK) and again for
         # the signed request: a True here binds nothing (see auth_completed).
+        #
+        # Same work for every user name: the offered key's blob is compared with the stored
+        # keys' blobs (base64-decoded, no key parsing), and an unknown or disabled user is
+        # compared against one dummy blob, so the answer's timing does not tell whether a
+        # user exists (it used to parse every stored key only for existing users).
         acct = self._lookup(username)
+        offered = key.public_data
+        blobs = [_key_blob(k.key) for k in acct.keys] if acct is not None else [_DUMMY_BLOB]
         ok = False
-        if acct is not None:
-            offered = key.public_data
-            for stored in acct.keys:
-                try:
-                    if asyncssh.import_public_key(stored.key).public_data == offered:
-                        ok = True
-                        break
-                except (asyncssh.KeyImportError, ValueError):
-                    continue
-        return self._result(username, "publickey", acct, ok)
+        for blob in blobs:
+            ok |= secrets.compare_digest(blob, offered)
+        ok = ok and acct is not None
+        if ok and not self.service.config.legacy_algorithms:
+            # No SHA-1 user signatures: asyncssh verifies the signed request with this same key
+            # object (SSHKey.verify checks the signature's algorithm against all_sig_algorithms),
+            # so narrowing that set on the instance refuses ssh-rsa (SHA-1) signatures.
+            allowed = {alg.encode() for alg in USER_SIG_ALGS}
+            key.all_sig_algorithms = {alg for alg in key.all_sig_algorithms if alg in allowed}
+            if not key.all_sig_algorithms:  # ssh-dss: SHA-1 only
+                ok = False
+        return self._result(username, "publickey", acct, ok, query=True)
 
     def auth_completed(self) -> None:
         """Bind the account of the user name asyncssh authenticated, and nothing else."""
@@ -463,6 +641,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "authentication error")
             return
         acct, method = validated
+        self._leave_admission()  # authenticated: no longer counts against MaxStartups
         self.username = username
         self.account = acct
         self.auth_rev = acct.auth_rev
@@ -481,6 +660,15 @@ class _ConnectionHandler(asyncssh.SSHServer):
         """
         if self.service.stopping or self.ended is not None or self.account is None:
             return False
+        limits = self.service.config
+        if self.channels >= limits.max_channels_per_connection:
+            log.info("channel refused user=%s reason=max-channels-per-connection (%d) conn=%s",
+                     esc(self.username), limits.max_channels_per_connection, self.cid)
+            return False
+        if self.service.user_channels.get(self.username, 0) >= limits.max_sessions_per_user:
+            log.info("channel refused user=%s reason=max-sessions-per-user (%d) conn=%s",
+                     esc(self.username), limits.max_sessions_per_user, self.cid)
+            return False
         try:
             acct = self.service.store.get_user(self.username)
         except AccountError as exc:
@@ -493,7 +681,17 @@ class _ConnectionHandler(asyncssh.SSHServer):
         assert acct is not None
         self.account = acct  # a home or quota change applies to each new channel
         self.touch()
+        self.channels += 1
+        self.service.user_channels[self.username] = self.service.user_channels.get(self.username, 0) + 1
         return _ChannelSession(self)
+
+    def channel_closed(self) -> None:
+        self.channels -= 1
+        n = self.service.user_channels.get(self.username, 0) - 1
+        if n > 0:
+            self.service.user_channels[self.username] = n
+        else:
+            self.service.user_channels.pop(self.username, None)
 
     def new_session(self) -> UserSession:
         """A channel's session, on the account as it was re-read when the channel opened."""
@@ -510,10 +708,46 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.sessions.discard(session)
 
 
+# A client that hangs up saying so (a user cancelling a prompt, a client out of methods) is not an error.
+_POLITE_DISCONNECTS = {asyncssh.DISC_BY_APPLICATION, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                       asyncssh.DISC_AUTH_CANCELLED_BY_USER, asyncssh.DISC_CONNECTION_LOST}
+
+_DUMMY_BLOB = asyncssh.generate_private_key("ssh-ed25519").public_data
+
+
+def _key_blob(line: str) -> bytes:
+    """The key blob of one OpenSSH public key line ("type base64 [comment]"), b"" if unreadable."""
+    try:
+        return binascii.a2b_base64(line.split()[1])
+    except (IndexError, binascii.Error):
+        return b""
+
+
+def _offered_host_keys(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
+    """The host keys with the signature algorithms the policy allows (no SHA-1 ssh-rsa, no ECDSA).
+
+    asyncssh derives the host-key algorithms it offers from each key pair's
+    ``host_key_algorithms`` (an RSA key: rsa-sha2-*, ssh-rsa and ssh.com's SHA-2 names); there
+    is no listen option for it, so the public key-pair objects are narrowed here.
+    """
+    allowed = HOST_KEY_ALGS + (LEGACY_HOST_KEY_ALGS if config.legacy_algorithms else [])
+    pairs = []
+    for pair in asyncssh.load_keypairs(host_keys):
+        algs = [a for a in allowed if a.encode() in pair.host_key_algorithms]
+        if algs:
+            pair.host_key_algorithms = [a.encode() for a in algs]
+            pairs.append(pair)
+    return pairs
+
+
 def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
+    legacy = config.legacy_algorithms
     return dict(
-        server_host_keys=host_keys,
-        kex_algs=KEX_ALGS, encryption_algs=ENCRYPTION_ALGS, mac_algs=MAC_ALGS,
+        server_host_keys=_offered_host_keys(config, host_keys),
+        kex_algs=KEX_ALGS + (LEGACY_KEX_ALGS if legacy else []),
+        encryption_algs=ENCRYPTION_ALGS,
+        mac_algs=MAC_ALGS + (LEGACY_MAC_ALGS if legacy else []),
+        signature_algs=USER_SIG_ALGS + (LEGACY_USER_SIG_ALGS if legacy else []),
         compression_algs=["none"],
         # Clients that accept big channel packets (asyncssh, sshfiles-cli) then send a 256 KiB
         # SFTP write as one SSH packet instead of eight; OpenSSH's client stays at 32 KiB.
@@ -785,8 +1019,10 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
     if repaired:
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")
     store.close()
+    offered = {p.public_data for p in _offered_host_keys(config, ensure_host_keys(config.keys_dir))}
     for key in ensure_host_keys(config.keys_dir):
-        announce(f"host key {key.get_algorithm()} {key.get_fingerprint('sha256')}")
+        note = "" if key.public_data in offered else " (not offered; see --legacy-algorithms)"
+        announce(f"host key {key.get_algorithm()} {key.get_fingerprint('sha256')}{note}")
     sock = _listening_socket(config)
     port = sock.getsockname()[1]
     _event_loop_policy()

@@ -19,6 +19,7 @@ __all__ = [
     "Account",
     "AccountError",
     "AccountStore",
+    "Ban",
     "StoreCorrupt",
     "StoredKey",
     "validate_username",
@@ -86,6 +87,15 @@ class StoredKey:
     comment: str = ""
 
 
+@dataclass
+class Ban:
+    """A per-source ban (defence.py): `source` is an IPv4 address or an IPv6 /64 ("2001:db8:1:2::/64")."""
+    source: str
+    until: float   # epoch seconds; an expired row is kept for its strikes (repeat bans grow)
+    reason: str
+    strikes: int = 1
+
+
 class AccountStore(Protocol):
     """What sshfiles needs from an accounts backend."""
 
@@ -121,4 +131,9 @@ class AccountStore(Protocol):
     def register_owner(self) -> str: ...
     def release_owner(self, owner: str) -> None: ...
     def owner_alive(self, owner: str) -> bool: ...
+    # per-source bans, shared by every process and node using the store
+    def ban(self, source: str, until: float, reason: str, strikes: int = 1) -> None: ...
+    def unban(self, source: str) -> bool: ...
+    def bans(self) -> list[Ban]: ...
+    def is_banned(self, source: str, now: float | None = None) -> bool: ...
     def close(self) -> None: ...

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import LEDGER_MAX, Account, AccountError, StoreCorrupt, StoredKey, validate_username
+from .base import LEDGER_MAX, Account, AccountError, Ban, StoreCorrupt, StoredKey, validate_username
 
 __all__ = ["SQLiteAccountStore"]
 
@@ -61,16 +61,25 @@ CREATE TABLE IF NOT EXISTS reservations (
     amount INTEGER NOT NULL,
     PRIMARY KEY (owner, user)
 );
+CREATE TABLE IF NOT EXISTS bans (
+    source TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    strikes INTEGER NOT NULL DEFAULT 1
+);
 """
-_SCHEMA_VERSION = "2"
+_SCHEMA_VERSION = "3"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
           "ALTER TABLE users ADD COLUMN auth_rev INTEGER NOT NULL DEFAULT 0",
           "ALTER TABLE users ADD COLUMN entries INTEGER NOT NULL DEFAULT 0",
           "ALTER TABLE users ADD COLUMN max_entries INTEGER"],
+    # v3: per-source bans (defence.py), shared by every process using this store.
+    "2": ["CREATE TABLE IF NOT EXISTS bans (source TEXT PRIMARY KEY, until REAL NOT NULL, "
+          "reason TEXT NOT NULL DEFAULT '', strikes INTEGER NOT NULL DEFAULT 1)"],
 }
-_NEXT_VERSION = {"1": "2"}
+_NEXT_VERSION = {"1": "2", "2": "3"}
 
 
 class SQLiteAccountStore:
@@ -118,6 +127,28 @@ class SQLiteAccountStore:
             raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
         if not row or row[0] != _SCHEMA_VERSION:
             raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
+
+    # -- bans (per-source defence) ----------------------------------------------------------
+
+    def ban(self, source: str, until: float, reason: str, strikes: int = 1) -> None:
+        """Ban `source` (a defence.source_key) until the epoch time `until`; a later ban never shortens one."""
+        with self._tx() as db:
+            db.execute("INSERT INTO bans (source, until, reason, strikes) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT(source) DO UPDATE SET until=max(until, excluded.until), "
+                       "reason=excluded.reason, strikes=max(strikes, excluded.strikes)",
+                       (source, until, reason, strikes))
+
+    def unban(self, source: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM bans WHERE source=?", (source,)).rowcount > 0
+
+    def bans(self) -> list[Ban]:
+        """Every stored ban, expired ones included (their strikes make the next ban longer)."""
+        return [Ban(*row) for row in self._query("SELECT source, until, reason, strikes FROM bans ORDER BY source")]
+
+    def is_banned(self, source: str, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return bool(self._query("SELECT 1 FROM bans WHERE source=? AND until>?", (source, now)))
 
     def close(self) -> None:
         for owner in list(self._owner_fds):

@@ -14,6 +14,9 @@ DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "port": 2222, "keys_dir": Path("keys"), "accounts_dir": Path("accounts"),
     "homes_dir": Path("homes"), "login_timeout": 60.0, "max_auth_tries": 6, "workers": 1,
     "idle_timeout": 900.0, "grace": 30.0,
+    "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
+    "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
+    "max_sessions_per_user": 64, "max_channels_per_connection": 10, "legacy_algorithms": False,
 }
 
 # One valid value per setting for each layer, all different from each other and from the default.
@@ -31,6 +34,35 @@ TOML_PARSED = {"host": "10.0.0.3", "port": 3, "keys_dir": Path("/t/keys"), "acco
                "homes_dir": Path("/t/homes"), "login_timeout": 3.5, "max_auth_tries": 3, "workers": 6,
                "idle_timeout": 7.0, "grace": 4.0}
 
+
+# The pre-auth defence settings (one value per layer, as above).
+FLAG.update(max_startups="1:2:3", per_source_max_startups=1, per_source_rate=1.5, per_source_burst=1,
+            ban_threshold=1.0, ban_window=1.0, ban_time=1.0, ban_max=1.0, ban_exempt="10.1.0.0/16",
+            max_sessions_per_user=1, max_channels_per_connection=1, legacy_algorithms=True)
+ENV.update(max_startups="4:5:6", per_source_max_startups="2", per_source_rate="2.5", per_source_burst="2",
+           ban_threshold="2", ban_window="2", ban_time="2", ban_max="2", ban_exempt="10.2.0.0/16",
+           max_sessions_per_user="2", max_channels_per_connection="2", legacy_algorithms="yes")
+ENV_PARSED.update(max_startups="4:5:6", per_source_max_startups=2, per_source_rate=2.5, per_source_burst=2,
+                  ban_threshold=2.0, ban_window=2.0, ban_time=2.0, ban_max=2.0, ban_exempt="10.2.0.0/16",
+                  max_sessions_per_user=2, max_channels_per_connection=2, legacy_algorithms=True)
+TOML.update(max_startups="7:8:9", per_source_max_startups=3, per_source_rate=3, per_source_burst=3,
+            ban_threshold=3, ban_window=3, ban_time=3, ban_max=3, ban_exempt="10.3.0.0/16, 2001:db8::/32",
+            max_sessions_per_user=3, max_channels_per_connection=3, legacy_algorithms=True)
+TOML_PARSED.update(max_startups="7:8:9", per_source_max_startups=3, per_source_rate=3.0, per_source_burst=3,
+                   ban_threshold=3.0, ban_window=3.0, ban_time=3.0, ban_max=3.0,
+                   ban_exempt="10.3.0.0/16, 2001:db8::/32", max_sessions_per_user=3,
+                   max_channels_per_connection=3, legacy_algorithms=True)
+
+
+def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:
+    with pytest.raises(ConfigError, match="--max-startups"):
+        resolve({"max_startups": "10:30"}, {}, {})
+    with pytest.raises(ConfigError, match="key ban_exempt"):
+        resolve({}, {}, {"ban_exempt": "10.0.0.0/33"})
+    with pytest.raises(ConfigError, match="SSHFILES_LEGACY_ALGORITHMS"):
+        resolve({}, {"SSHFILES_LEGACY_ALGORITHMS": "maybe"}, {})
+    with pytest.raises(ConfigError, match="key legacy_algorithms"):
+        resolve({}, {}, {"legacy_algorithms": 1})
 
 NO_ENV = {"host", "port"}  # SSHFILES_HOST/SSHFILES_PORT belong to sshfiles-cli (the server it connects to)
 
