@@ -82,7 +82,9 @@ Each item says which upstream behaviour it changes and whether the change belong
       each request, ``_process_packet`` now waits while the replies not yet sent exceed
       ``REPLY_BUFFER_LIMIT``: channel buffer through the public ``SSHWriter.drain()`` (with the
       channel's high-water mark set to the limit), transport buffer (private ``_transport`` of the
-      connection) by polling every 10 ms. While it waits it reads no request, so the channel's
+      connection) by polling every 10 ms; after more than the limit of replies in one loop turn it
+      first lets the loop turn, since item 3b only hands a turn's packets to the transport at its
+      end (requests already received are processed without one). While it waits it reads no request, so the channel's
       receive window (2 MiB) closes and the client must stop sending: one session's unsent replies
       are bounded by ``REPLY_BUFFER_LIMIT`` plus one reply plus the client's window. Belongs
       upstream: yes, asyncssh's own SFTP server has the same unbounded buffering.
@@ -408,6 +410,12 @@ class SFTPServerHandlerBase(SFTPServerHandler):
         handlers.update(cast(Any, cls.REQUESTS))
         cls._packet_handlers = handlers
 
+    _sshfiles_unyielded = 0  # reply bytes sent since item 4a last let the loop turn
+
+    def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
+        self._sshfiles_unyielded += sum(len(arg) for arg in args)
+        super().send_packet(pkttype, pktid, *args)
+
     async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
         await self._wait_for_reply_room()
         await super()._process_packet(pkttype, pktid, packet)
@@ -419,6 +427,11 @@ class SFTPServerHandlerBase(SFTPServerHandler):
             return
         chan: Any = writer.channel
         limit = self.reply_buffer_limit
+        if self._sshfiles_unyielded > limit:
+            # Requests already buffered are processed without a loop turn, and item 3b hands a
+            # turn's packets to the transport only at its end: let it, so the buffers below are real.
+            await asyncio.sleep(0)
+            self._sshfiles_unyielded = 0
         if not getattr(self, "_sshfiles_limits_set", False):
             self._sshfiles_limits_set = True
             chan.set_write_buffer_limits(high=limit, low=limit // 2)
@@ -429,6 +442,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
                 await asyncio.sleep(_DRAIN_POLL_SECONDS)
             else:
                 return
+            self._sshfiles_unyielded = 0
 
     @property
     def server(self) -> asyncssh.SFTPServer:

@@ -189,8 +189,8 @@ def status_text(body: bytes) -> str:
     return f"{code}: {body[8:8 + n].decode(errors='replace')}"
 
 
-async def raw_sftp(conn) -> RawSFTP:
-    chan, session = await conn.create_session(RawSFTP, subsystem="sftp", encoding=None)
+async def raw_sftp(conn, window: int = 2 * MiB) -> RawSFTP:
+    chan, session = await conn.create_session(RawSFTP, subsystem="sftp", encoding=None, window=window)
     chan.write(struct.pack(">IBI", 5, FXP_INIT, 3))
     await session.wait(lambda: session.version is not None)
     return session
@@ -215,7 +215,13 @@ def fill_dir(path: Path, count: int) -> None:
 # -- 10. READ replies: back-pressure ----------------------------------------------------------
 
 
-def test_pipelined_reads_of_a_client_that_stops_reading_are_bounded(server):
+@pytest.mark.parametrize("how", ["window", "socket"])
+def test_pipelined_reads_of_a_client_that_stops_reading_are_bounded(server, how):
+    """``window``: the client stops consuming the channel (asyncssh's public ``pause_reading``): it
+    sends no window adjust, the server's replies pile up in its channel buffer. ``socket``: the
+    client opened a 1 GiB window and stops reading its TCP socket: the replies pile up in the
+    server's transport buffer instead. This one reaches asyncssh's private ``_transport`` of the
+    client's connection (the only way to stop an asyncssh client from reading its socket)."""
     attacker = add_user(server, "hoarder", quota="unlimited")
     bystander = add_user(server, "reader10", quota="1MiB")
     (attacker.home / "big").write_bytes(os.urandom(256 * KiB))
@@ -224,12 +230,15 @@ def test_pipelined_reads_of_a_client_that_stops_reading_are_bounded(server):
 
     async def attack() -> None:
         async with server.connect(attacker) as conn:
-            sftp = await raw_sftp(conn)
+            sftp = await raw_sftp(conn, window=(1 << 30) if how == "socket" else 2 * MiB)
             handle = await sftp.handle(FXP_OPEN, String(b"big") + struct.pack(">II", FXF_READ, 0))
             base = reset_peak(pid)
             with Bystander(server, bystander) as watch:
                 assert sftp.chan is not None
-                sftp.chan.pause_reading()       # the client stops reading: no window adjust any more
+                if how == "window":
+                    sftp.chan.pause_reading()   # the client stops reading: no window adjust any more
+                else:
+                    conn._transport.pause_reading()  # the client's socket is no longer read
                 read = String(handle) + struct.pack(">QI", 0, 256 * KiB)
                 for _ in range(reads):          # 2000 x 29 bytes sent, 500 MiB of replies asked for
                     sftp.send(FXP_READ, read)
@@ -237,12 +246,15 @@ def test_pipelined_reads_of_a_client_that_stops_reading_are_bounded(server):
                 peak = rss(pid, "VmHWM")
                 worst = watch.check()
             grew = peak - base
-            print(f"\nitem 10: {reads} READs of 256 KiB unread: server RSS peak +{grew / MiB:.1f} MiB "
+            print(f"\nitem 10 ({how}): {reads} READs of 256 KiB unread: server RSS peak +{grew / MiB:.1f} MiB "
                   f"(bound {RSS_GROWTH // MiB} MiB, reply buffer limit {REPLY_BUFFER_LIMIT // MiB} MiB), "
                   f"bystander worst stat {worst * 1000:.0f} ms")
             assert grew < RSS_GROWTH, f"server grew by {grew / MiB:.0f} MiB holding unread replies"
             # Back-pressure delays, never drops: once the client reads again, replies flow.
-            sftp.chan.resume_reading()
+            if how == "window":
+                sftp.chan.resume_reading()
+            else:
+                conn._transport.resume_reading()
             await sftp.wait(lambda: sftp.data_replies >= 100, timeout=30)
     run(attack(), timeout=90)
 
