@@ -386,7 +386,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
     A subclass sets the class attributes; ``__init_subclass__`` builds asyncssh's tables from them.
     """
 
-    #: per instance: item 4a's bound (tests may lower it on a subclass)
+    #: item 4a's bound, per class
     reply_buffer_limit: int = REPLY_BUFFER_LIMIT
 
     DROP_EXTENSIONS: tuple[bytes, ...] = ()
@@ -411,6 +411,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
         cls._packet_handlers = handlers
 
     _sshfiles_unyielded = 0  # reply bytes sent since item 4a last let the loop turn
+    _sshfiles_limits_set = False  # the channel's high-water mark is item 4a's bound
 
     def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
         self._sshfiles_unyielded += sum(len(arg) for arg in args)
@@ -432,7 +433,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
             # turn's packets to the transport only at its end: let it, so the buffers below are real.
             await asyncio.sleep(0)
             self._sshfiles_unyielded = 0
-        if not getattr(self, "_sshfiles_limits_set", False):
+        if not self._sshfiles_limits_set:
             self._sshfiles_limits_set = True
             chan.set_write_buffer_limits(high=limit, low=limit // 2)
         while not chan.is_closing():
