@@ -362,16 +362,9 @@ REPLY_BUFFER_LIMIT = 4 * 1024 * 1024
 _DRAIN_POLL_SECONDS = 0.01
 
 
-def _transport_buffer(chan: Any) -> int:
-    """Bytes the connection's asyncio transport holds unsent (private ``SSHConnection._transport``)."""
-    conn = chan.get_extra_info("connection")
-    transport = getattr(conn, "_transport", None)
-    if transport is None:
-        return 0
-    try:
-        return int(transport.get_write_buffer_size())
-    except (AttributeError, RuntimeError):
-        return 0
+def _transport_of(chan: Any) -> Any:
+    """The connection's asyncio transport (private ``SSHConnection._transport``), or None."""
+    return getattr(chan.get_extra_info("connection"), "_transport", None)
 
 
 async def _close_dir_iterator(names: object) -> None:
@@ -411,7 +404,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
         cls._packet_handlers = handlers
 
     _sshfiles_unyielded = 0  # reply bytes sent since item 4a last let the loop turn
-    _sshfiles_limits_set = False  # the channel's high-water mark is item 4a's bound
+    _sshfiles_transport: Any = None  # the connection's transport, once item 4a has set the channel up
 
     def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
         self._sshfiles_unyielded += sum(len(arg) for arg in args)
@@ -433,13 +426,16 @@ class SFTPServerHandlerBase(SFTPServerHandler):
             # turn's packets to the transport only at its end: let it, so the buffers below are real.
             await asyncio.sleep(0)
             self._sshfiles_unyielded = 0
-        if not self._sshfiles_limits_set:
-            self._sshfiles_limits_set = True
+        transport = self._sshfiles_transport
+        if transport is None:
             chan.set_write_buffer_limits(high=limit, low=limit // 2)
+            transport = self._sshfiles_transport = _transport_of(chan)
+            if transport is None:
+                return
         while not chan.is_closing():
             if chan.get_write_buffer_size() > limit:
                 await writer.drain()  # until the channel buffer is back under low water
-            elif _transport_buffer(chan) > limit:
+            elif transport.get_write_buffer_size() > limit:
                 await asyncio.sleep(_DRAIN_POLL_SECONDS)
             else:
                 return
