@@ -99,14 +99,14 @@ class Bystander:
         self._stop.set()
         self._thread.join(40)
 
-    def check(self) -> float:
-        """The worst wait; fails if the bystander broke or waited longer than WORST_WAIT."""
+    def check(self, bound: float = WORST_WAIT) -> float:
+        """The worst wait; fails if the bystander broke or waited `bound` seconds or longer."""
         self.__exit__()
         if self._error:
             raise AssertionError(f"bystander failed: {self._error!r}")
         assert len(self.waits) >= 3, f"bystander made only {len(self.waits)} requests"
         worst = max(self.waits)
-        assert worst < WORST_WAIT, f"bystander's stat waited {worst:.2f} s (of {len(self.waits)} requests)"
+        assert worst < bound, f"bystander's stat waited {worst:.2f} s (of {len(self.waits)} requests)"
         return worst
 
 
@@ -386,11 +386,13 @@ def test_copy_data_of_a_big_file_does_not_stall_other_users(server):
         async with server.sftp(attacker) as sftp:
             with Bystander(server, bystander) as watch:
                 t = time.monotonic()
-                async with sftp.open("src", "rb") as src, sftp.open("dst", "wb") as dst:
+                # "x" (a new file), not "w": closing a file that was truncated and rewritten makes ext4
+                # write it back at close (auto_da_alloc, ~0.3 s per GiB): a stall of CLOSE, not of the copy
+                async with sftp.open("src", "rb") as src, sftp.open("dst", "xb") as dst:
                     await sftp.remote_copy(src, dst)
                 took = time.monotonic() - t
                 await asyncio.sleep(0.2)
-                worst = watch.check()
+                worst = watch.check(bound=0.25)   # 1 MiB steps: a step is milliseconds
             print(f"\nitem 13: copy-data of {size // MiB} MiB took {took:.2f} s, "
                   f"bystander worst stat {worst * 1000:.0f} ms over {len(watch.waits)} requests")
             assert (await sftp.stat("dst")).size == size
