@@ -71,6 +71,30 @@ Each item says which upstream behaviour it changes and whether the change belong
    method (``ExtendedReply``). Belongs upstream: yes: a public way to register extension handlers, and
    the exit status (asyncssh's own sftp subsystem sends none either).
 
+   Resource bounds ("Hardening II"), also here because they change the handler's request loop:
+
+   a. Back-pressure on replies. asyncssh's ``recv_packets`` reads a request, awaits
+      ``_process_packet`` (which writes the reply into the channel) and reads the next one; it never
+      waits for replies to leave. A client that pipelines READs and stops reading makes the server
+      buffer every reply (2000 READs of 256 KiB: 500 MiB): first in the channel's send buffer once
+      the client's window is used up, and with a client that advertises a huge window, in the
+      connection's transport buffer (asyncssh ignores the transport's ``pause_writing``). Before
+      each request, ``_process_packet`` now waits while the replies not yet sent exceed
+      ``REPLY_BUFFER_LIMIT``: channel buffer through the public ``SSHWriter.drain()`` (with the
+      channel's high-water mark set to the limit), transport buffer (private ``_transport`` of the
+      connection) by polling every 10 ms; after more than the limit of replies in one loop turn it
+      first lets the loop turn, since item 3b only hands a turn's packets to the transport at its
+      end (requests already received are processed without one). While it waits it reads no request, so the channel's
+      receive window (2 MiB) closes and the client must stop sending: one session's unsent replies
+      are bounded by ``REPLY_BUFFER_LIMIT`` plus one reply plus the client's window. Belongs
+      upstream: yes, asyncssh's own SFTP server has the same unbounded buffering.
+   b. Directory handles are closed. asyncssh drops a directory handle's iterator from its table at
+      CLOSE (and at the end of the session) without closing it, leaving the open directory to the
+      garbage collector. An iterator with an ``aclose()`` (async generators, sftp.py's listing) is
+      now closed at CLOSE and at cleanup, so a directory handle's fd and its place in the session's
+      handle count are given back at once. Belongs upstream: yes.
+   c. ``open_handle_count`` counts directory handles too (``_dir_handles``).
+
 5. ``ChannelSessionBase`` -- server side, one session channel. asyncssh's ``SSHServerStreamSession``
    (not exported) is what turns a channel into the reader/writer streams that its SFTP and SCP servers
    consume; its constructor signature and its ``_chan``/``_conn``/``_encoding`` attributes are
@@ -82,6 +106,7 @@ Each item says which upstream behaviour it changes and whether the change belong
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -132,7 +157,7 @@ from asyncssh.connection import SSHConnection  # noqa: E402
 from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
 from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32, UInt64  # noqa: E402
 from asyncssh.scp import run_scp_server  # noqa: E402
-from asyncssh.sftp import FXP_EXTENDED_REPLY, SFTPClientHandler, SFTPServerHandler  # noqa: E402
+from asyncssh.sftp import FXP_CLOSE, FXP_EXTENDED_REPLY, SFTPClientHandler, SFTPServerHandler  # noqa: E402
 from asyncssh.stream import SSHServerStreamSession  # noqa: E402
 from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext  # noqa: E402
@@ -328,11 +353,34 @@ class ExtendedReply:
         return self.body
 
 
+#: Item 4a: unsent reply bytes (channel send buffer + the connection's transport buffer) above which
+#: a session reads no further request until they drain. 4 MiB keeps 16 READ replies of 256 KiB in
+#: flight (a pipelined download is never throttled by it: OpenSSH's and asyncssh's clients keep at
+#: most 2 MiB of window open) while bounding what a client that stops reading can park in memory.
+#: Becomes config field ``reply_buffer_limit`` if it ever needs tuning.
+REPLY_BUFFER_LIMIT = 4 * 1024 * 1024
+_DRAIN_POLL_SECONDS = 0.01
+
+
+def _transport_of(chan: Any) -> Any:
+    """The connection's asyncio transport (private ``SSHConnection._transport``), or None."""
+    return getattr(chan.get_extra_info("connection"), "_transport", None)
+
+
+async def _close_dir_iterator(names: object) -> None:
+    aclose = getattr(names, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class SFTPServerHandlerBase(SFTPServerHandler):
     """asyncssh's SFTP server handler with declared changes instead of edited private tables.
 
     A subclass sets the class attributes; ``__init_subclass__`` builds asyncssh's tables from them.
     """
+
+    #: item 4a's bound, per class
+    reply_buffer_limit: int = REPLY_BUFFER_LIMIT
 
     DROP_EXTENSIONS: tuple[bytes, ...] = ()
     EXTENSIONS: tuple[tuple[bytes, bytes], ...] = ()
@@ -351,8 +399,47 @@ class SFTPServerHandlerBase(SFTPServerHandler):
         handlers = dict(base._packet_handlers)
         for name in cls.DROP_EXTENSIONS:
             handlers.pop(name, None)
+        handlers[FXP_CLOSE] = cast(Any, _process_close)
         handlers.update(cast(Any, cls.REQUESTS))
         cls._packet_handlers = handlers
+
+    _sshfiles_unyielded = 0  # reply bytes sent since item 4a last let the loop turn
+    _sshfiles_transport: Any = None  # the connection's transport, once item 4a has set the channel up
+
+    def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
+        self._sshfiles_unyielded += sum(len(arg) for arg in args)
+        super().send_packet(pkttype, pktid, *args)
+
+    async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        await self._wait_for_reply_room()
+        await super()._process_packet(pkttype, pktid, packet)
+
+    async def _wait_for_reply_room(self) -> None:
+        """Item 4a: read no request while more than ``reply_buffer_limit`` reply bytes are unsent."""
+        writer = self._writer
+        if writer is None:
+            return
+        chan: Any = writer.channel
+        limit = self.reply_buffer_limit
+        if self._sshfiles_unyielded > limit:
+            # Requests already buffered are processed without a loop turn, and item 3b hands a
+            # turn's packets to the transport only at its end: let it, so the buffers below are real.
+            await asyncio.sleep(0)
+            self._sshfiles_unyielded = 0
+        transport = self._sshfiles_transport
+        if transport is None:
+            chan.set_write_buffer_limits(high=limit, low=limit // 2)
+            transport = self._sshfiles_transport = _transport_of(chan)
+            if transport is None:
+                return
+        while not chan.is_closing():
+            if chan.get_write_buffer_size() > limit:
+                await writer.drain()  # until the channel buffer is back under low water
+            elif transport.get_write_buffer_size() > limit:
+                await asyncio.sleep(_DRAIN_POLL_SECONDS)
+            else:
+                return
+            self._sshfiles_unyielded = 0
 
     @property
     def server(self) -> asyncssh.SFTPServer:
@@ -365,14 +452,25 @@ class SFTPServerHandlerBase(SFTPServerHandler):
 
     @property
     def open_file_count(self) -> int:
-        """Handles the client opened and has not closed."""
+        """File handles the client opened and has not closed."""
         return len(self._file_handles)
+
+    @property
+    def open_handle_count(self) -> int:
+        """File and directory handles the client opened and has not closed (item 4c)."""
+        return len(self._file_handles) + len(self._dir_handles)
 
     def on_cleanup(self, exc: Exception | None, handles_left_open: bool) -> None:
         """Called once when the session ends, before asyncssh closes the handles still open."""
 
     async def _cleanup(self, exc: Exception | None) -> None:
         self.on_cleanup(exc, bool(self._file_handles))
+        dirs, self._dir_handles = list(self._dir_handles.values()), {}
+        for names in dirs:  # item 4b
+            try:
+                await _close_dir_iterator(names)
+            except Exception:  # the session is ending: one bad listing must not keep the rest open
+                pass
         writer = self._writer
         if writer is not None and not writer.channel.is_closing():
             try:
@@ -380,6 +478,24 @@ class SFTPServerHandlerBase(SFTPServerHandler):
             except OSError:
                 pass
         await super()._cleanup(exc)
+
+
+async def _process_close(self: SFTPServerHandlerBase, packet: SSHPacket) -> None:
+    """asyncssh's CLOSE (``SFTPServerHandler._process_close``), closing a directory's iterator (4b)."""
+    handle = packet.get_string()
+    if self._version < 6:
+        packet.check_end()
+    file_obj = self._file_handles.pop(handle, None)
+    if file_obj:
+        result = self._server.close(file_obj)
+        if inspect.isawaitable(result):
+            await result
+        return
+    names = self._dir_handles.pop(handle, None)
+    if names is not None:
+        await _close_dir_iterator(names)
+        return
+    raise asyncssh.SFTPInvalidHandle("Invalid file handle")
 
 
 # -- 5. one session channel ------------------------------------------------------------------------

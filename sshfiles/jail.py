@@ -40,6 +40,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Jail", "JailError", "normalize", "openat2_available", "sanitize_mode", "secure_homes"]
 
@@ -366,26 +367,21 @@ class Jail:
 
     # -- directory entries --------------------------------------------------
 
-    def listdir(self, vpath: bytes | str) -> Iterator[tuple[bytes, os.stat_result]]:
-        """Entries with their lstat, read through a directory fd (no path re-resolution)."""
+    def listdir(self, vpath: bytes | str) -> DirEntries:
+        """A directory's entries with their lstat, read lazily through a directory fd.
+
+        The directory is opened now (a missing one fails here, at opendir); its entries are read
+        as they are consumed, from the kernel's getdents buffer through ``os.scandir`` on the fd,
+        and each is lstat'ed relative to the fd (no path re-resolution). Nothing is read ahead:
+        a directory of any size costs one fd pair and one ``DIR`` buffer, and consuming N entries
+        costs N lstats. Close the result (or exhaust it) to give the fds back.
+        """
         fd = self.open(vpath, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            yield b".", os.fstat(fd)
-            # '..' of the home is the home itself: its real parent is none of the user's business
-            here = self.virtual_path(fd)
-            parent_fd = self.open(posixpath.dirname(here), os.O_PATH | os.O_DIRECTORY)
-            try:
-                yield b"..", os.fstat(parent_fd)
-            finally:
-                os.close(parent_fd)
-            for name in os.listdir(fd):
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # removed while we listed
-                yield os.fsencode(name), st
-        finally:
+            return DirEntries(self, fd)
+        except BaseException:
             os.close(fd)
+            raise
 
     def mkdir(self, vpath: bytes | str, mode: int = 0o777) -> None:
         """mkdir with a sanitized mode; a setgid parent (restored by an admin) is not inherited."""
@@ -538,3 +534,54 @@ def secure_homes(homes_dir: Path | None, homes: Iterable[Path]) -> list[str]:
             log.warning("%s", line)
             lines.append(line)
     return lines
+
+
+class DirEntries(Iterator[tuple[bytes, os.stat_result]]):
+    """`Jail.listdir`'s result: ``.``, ``..``, then every entry, each with its lstat, read lazily."""
+
+    def __init__(self, jail: Jail, fd: int) -> None:
+        self._jail = jail
+        self._fd = fd
+        self._scan: Any = None  # os.scandir's iterator (it has a close())
+        self._dots: list[tuple[bytes, os.stat_result]] | None = None
+
+    def __iter__(self) -> DirEntries:
+        return self
+
+    def __next__(self) -> tuple[bytes, os.stat_result]:
+        if self._fd < 0:
+            raise StopIteration
+        if self._dots is None:
+            st = os.fstat(self._fd)
+            # '..' of the home is the home itself: its real parent is none of the user's business
+            parent_fd = self._jail.open(posixpath.dirname(self._jail.virtual_path(self._fd)),
+                                        os.O_PATH | os.O_DIRECTORY)
+            try:
+                self._dots = [(b"..", os.fstat(parent_fd)), (b".", st)]
+            finally:
+                os.close(parent_fd)
+        if self._dots:
+            return self._dots.pop()
+        if self._scan is None:
+            self._scan = os.scandir(self._fd)  # dups the fd; entries are lstat'ed relative to ours
+        for entry in self._scan:
+            try:
+                return os.fsencode(entry.name), entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed while we listed
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        """Give the directory's fds back (idempotent)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            scan, self._scan = self._scan, None
+            try:
+                if scan is not None:
+                    scan.close()
+            finally:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()

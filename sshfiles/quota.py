@@ -188,6 +188,7 @@ class UserLedger:
     pending_bytes: int = 0   # credits the store has not taken yet (retried)
     pending_entries: int = 0
     write_handles: int = 0
+    open_handles: int = 0    # file + directory handles of all this user's sessions here (session.py)
     sessions: int = 0        # this user's open sessions in this process (presence row while > 0)
     checked: float = 0.0     # monotonic time the quota was last read
     entry_limit: int | None = None

@@ -18,17 +18,19 @@ that closes it, in whatever session or worker process that is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import logging
 import os
+import resource
 import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .jail import Jail
+from .jail import DirEntries, Jail
 from .logsafe import esc
 from .quota import (
     MAX_FILE_SIZE,
@@ -42,13 +44,43 @@ from .quota import (
     size_lock,
 )
 
-__all__ = ["MAX_READ", "FileHandle", "SpaceInfo", "UserSession"]
+__all__ = ["COPY_CHUNK", "DIR_BATCH", "MAX_HANDLES_PER_SESSION", "MAX_HANDLES_PER_USER", "MAX_READ", "DirHandle",
+           "FileHandle", "SpaceInfo", "UserSession"]
 
 log = logging.getLogger("sshfiles.session")
 
 # OpenSSH's sftp-server limits: big enough to keep a pipelined client busy,
 # small enough that one request never holds megabytes in memory.
 MAX_READ = 256 * 1024
+
+
+def _fd_limit() -> int:
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return 1024
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+#: Open handles (files and directories, SFTP and SCP) one user may hold across all their sessions in
+#: one server process, and one session (channel) may hold. Every handle is an fd (a directory
+#: handle two: its fd and the stream ``os.scandir`` reads), so the per-user bound is also kept to an
+#: eighth of the process's fd limit (RLIMIT_NOFILE): one user can take at most a quarter of the
+#: process's fds, and logins, other users and the store keep the rest. With the usual 1024..20000
+#: limits that is 128..2048 per user and per session 128..512. Clients need a few: OpenSSH's sftp
+#: and scp one or two, rclone and lftp one per parallel transfer plus a listing. Refusals are
+#: ``EMFILE``: SFTP FAILURE "Too many open files (N per session)". limits@openssh.com advertises the
+#: per-session bound. Config fields they should become: ``max_handles_per_user`` and
+#: ``max_handles_per_session``.
+MAX_HANDLES_PER_USER = min(2048, max(16, _fd_limit() // 8))
+MAX_HANDLES_PER_SESSION = min(512, MAX_HANDLES_PER_USER)
+
+#: copy-data is done in chunks of this size: each chunk's read runs in a thread, its write (charge +
+#: pwrite under the file's size lock) on the loop, between chunks other sessions' requests run.
+COPY_CHUNK = 1024 * 1024
+
+#: Entries of a directory read per READDIR reply (asyncssh sends at most 128 names per reply).
+DIR_BATCH = 128
 
 
 @dataclass
@@ -63,6 +95,33 @@ class FileHandle:
     bytes_read: int = 0
     bytes_written: int = 0
     failed: str | None = None
+
+
+class DirHandle:
+    """A directory one session has open (an SFTP directory handle): entries are read on demand.
+
+    It holds one of the session's handles until `close` (which is idempotent)."""
+
+    def __init__(self, entries: DirEntries, on_close: Callable[[], None]) -> None:
+        self._entries = entries
+        self._on_close: Callable[[], None] | None = on_close
+
+    def read(self, count: int = DIR_BATCH) -> list[tuple[bytes, os.stat_result]]:
+        """Up to `count` more entries with their lstat; an empty list at the end."""
+        out: list[tuple[bytes, os.stat_result]] = []
+        for item in self._entries:
+            out.append(item)
+            if len(out) >= count:
+                break
+        if not out:
+            self.close()  # read to the end: the handle's place is given back even if never CLOSEd
+        return out
+
+    def close(self) -> None:
+        self._entries.close()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
 
 
 @dataclass
@@ -106,10 +165,14 @@ class UserSession:
         self.interrupted = False
         self._on_close = on_close
         self._closed = False
+        self.handles = 0  # open FileHandles and DirHandles of this session (MAX_HANDLES_PER_SESSION)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            # Handles the adapter did not close (it should have): give their places back anyway.
+            self.ledger.open_handles -= self.handles
+            self.handles = 0
             self.jail.close()
             os.close(self._ns_fd)
             self.ledger.session_closed()
@@ -127,13 +190,32 @@ class UserSession:
 
     # -- handles --------------------------------------------------------------
 
+    def _take_handle(self) -> None:
+        """Count one more open handle, or refuse with EMFILE past the session's or the user's bound."""
+        if self.handles >= MAX_HANDLES_PER_SESSION:
+            raise OSError(errno.EMFILE, f"Too many open files ({MAX_HANDLES_PER_SESSION} per session)")
+        if self.ledger.open_handles >= MAX_HANDLES_PER_USER:
+            raise OSError(errno.EMFILE, f"Too many open files ({MAX_HANDLES_PER_USER} per user)")
+        self.handles += 1
+        self.ledger.open_handles += 1
+
+    def _give_handle(self) -> None:
+        if self.handles > 0:
+            self.handles -= 1
+            self.ledger.open_handles -= 1
+
     def open(self, path: bytes | str, flags: int, trunc: bool = False, append: bool = False,
              perms: int = 0o666) -> FileHandle:
         """Open a regular file; `flags` are os.O_* (access mode, O_CREAT, O_EXCL)."""
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if (trunc or append) and not writable:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
-        fd = self._open_fd(path, flags, perms)
+        self._take_handle()
+        try:
+            fd = self._open_fd(path, flags, perms)
+        except BaseException:
+            self._give_handle()
+            raise
         counted = False
         try:
             vpath = self.jail.virtual_path(fd)
@@ -146,6 +228,7 @@ class UserSession:
             if counted:
                 self.ledger.write_handles -= 1
             self._close_fd(fd)
+            self._give_handle()
             raise
         return FileHandle(fd, vpath, writable, append)
 
@@ -159,6 +242,7 @@ class UserSession:
                 self.ledger.write_handles -= 1
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
+            self._give_handle()
             self._close_fd(fd)
             self.log_transfer(f)
 
@@ -309,6 +393,44 @@ class UserSession:
         f.bytes_written += len(data)
         return len(data)
 
+    async def copy_data(self, src: FileHandle, src_offset: int, length: int, dst: FileHandle, dst_offset: int,
+                        stop: Callable[[], bool] = lambda: False) -> int:
+        """Copy `length` bytes (0: up to the source's end as it is now) from `src` to `dst`; returns the count.
+
+        In `COPY_CHUNK` steps so no copy holds the event loop: each chunk is read in a thread
+        (a pread needs no lock and touches no ledger) and written with `write` on the loop, so the
+        charge and the pwrite of a chunk stay one step under the file's size lock, exactly as for
+        an SFTP WRITE, and the ledger and the store are only ever used from the loop (the store's
+        connection is not safe to share with a thread mid-transaction). A pwrite of 1 MiB into the
+        page cache is well under a millisecond; between chunks every other session's requests run.
+        "To the end" is the source's size when the copy starts: a copy of a file onto its own end
+        would otherwise chase its own writes until the quota (or the disk) is full. A copy that
+        `stop` says is no longer wanted (the channel closed) ends after its current chunk.
+        The bytes copied before a refusal (quota, disk full) stay written, as with WRITEs.
+        """
+        if not dst.writable:
+            raise PermissionError(errno.EACCES, "File not open for writing")
+        if length == 0:
+            end = os.fstat(src.fd).st_size
+        else:
+            end = src_offset + length
+        check_size(end)
+        check_size(dst_offset + max(0, end - src_offset))
+        copied = 0
+        while src_offset + copied < end and not stop():
+            want = min(COPY_CHUNK, end - src_offset - copied)
+            data = await asyncio.to_thread(os.pread, src.fd, want, src_offset + copied)
+            if src.fd < 0 or dst.fd < 0:
+                raise OSError(errno.EBADF, "file closed during the copy")
+            if not data:
+                break
+            src.bytes_read += len(data)
+            self.write(dst, dst_offset + copied, data)
+            copied += len(data)
+            if len(data) < want:
+                break
+        return copied
+
     def truncate(self, f: FileHandle, size: int) -> None:
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
@@ -372,8 +494,24 @@ class UserSession:
 
     # -- names ----------------------------------------------------------------
 
+    def opendir(self, path: bytes | str) -> DirHandle:
+        """Open a directory for listing (it counts as an open handle until closed)."""
+        self._take_handle()
+        try:
+            entries = self.jail.listdir(path)
+        except BaseException:
+            self._give_handle()
+            raise
+        return DirHandle(entries, self._give_handle)
+
     def listdir(self, path: bytes | str) -> Iterator[tuple[bytes, os.stat_result]]:
-        return self.jail.listdir(path)
+        """Every entry at once (for callers that want a whole, small listing)."""
+        d = self.opendir(path)
+        try:
+            while batch := d.read():
+                yield from batch
+        finally:
+            d.close()
 
     def readlink(self, path: bytes | str) -> bytes:
         return self.jail.readlink(path)

@@ -36,9 +36,9 @@ from asyncssh import (
 
 from . import __version__, checkfile
 from .asyncssh_seam import ExtendedReply, SFTPServerHandlerBase, SSHPacket, String, UInt64
-from .session import MAX_READ, FileHandle, UserSession
+from .session import DIR_BATCH, MAX_HANDLES_PER_SESSION, MAX_READ, DirHandle, FileHandle, UserSession
 
-__all__ = ["MAX_READ", "MAX_WRITE", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
+__all__ = ["MAX_READ", "MAX_WRITE", "DirListing", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
 
 MAX_WRITE = 256 * 1024
 MAX_PACKET = MAX_WRITE + 1024
@@ -53,6 +53,33 @@ def _handle(file_obj: object) -> FileHandle:
     if not isinstance(file_obj, FileHandle):
         raise asyncssh.SFTPInvalidHandle("Invalid file handle")
     return file_obj
+
+
+class DirListing(AsyncIterator[SFTPName]):
+    """An SFTP directory handle: asyncssh pulls names for each READDIR (up to 128 per reply), we
+    read them from the directory `DIR_BATCH` at a time, so no listing is ever held whole: a
+    directory of 100,000 entries costs one batch of memory per handle and one batch of lstats per
+    READDIR on the loop, never one long stall at opendir."""
+
+    def __init__(self, d: DirHandle) -> None:
+        self._dir = d
+        self._batch: list[SFTPName] = []
+
+    def __aiter__(self) -> DirListing:
+        return self
+
+    async def __anext__(self) -> SFTPName:
+        if not self._batch:
+            self._batch = [SFTPName(name, attrs=_attrs(st)) for name, st in self._dir.read(DIR_BATCH)]
+            self._batch.reverse()
+            if not self._batch:
+                raise StopAsyncIteration
+        return self._batch.pop()
+
+    async def aclose(self) -> None:
+        """CLOSE of the handle, or the end of the session (asyncssh_seam item 4b)."""
+        self._batch = []
+        self._dir.close()
 
 
 class JailedSFTPServer(asyncssh.SFTPServer):
@@ -199,15 +226,9 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     # -- directories and names ------------------------------------------------
 
-    def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
-        # Read eagerly so that opendir of a missing directory fails at opendir.
-        entries = [SFTPName(name, attrs=_attrs(st)) for name, st in self.session.listdir(path)]
-
-        async def _iter() -> AsyncIterator[SFTPName]:
-            for entry in entries:
-                yield entry
-
-        return _iter()
+    def scandir(self, path: bytes) -> DirListing:
+        # The directory is opened now (a missing one fails at opendir); entries are read per READDIR.
+        return DirListing(self.session.opendir(path))
 
     def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         try:
@@ -263,19 +284,52 @@ async def _write(handler: SFTPServerHandlerBase, packet: SSHPacket) -> int:
 
 
 async def _limits(handler: SFTPServerHandlerBase, packet: SSHPacket) -> SFTPLimits:
-    """limits@openssh.com with OpenSSH's 256 KiB read/write sizes."""
+    """limits@openssh.com with OpenSSH's 256 KiB read/write sizes and the handles a session may open."""
     packet.check_end()
-    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, 4096)
+    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, MAX_HANDLES_PER_SESSION)
+
+
+async def _copy_data(handler: SFTPServerHandlerBase, packet: SSHPacket) -> None:
+    """copy-data (draft-ietf-secsh-filexfer-extensions), chunked off the loop by the session
+    (`UserSession.copy_data`) instead of asyncssh's copy, which ran to completion on the loop."""
+    src_handle = packet.get_string()
+    src_offset = packet.get_uint64()
+    length = packet.get_uint64()
+    dst_handle = packet.get_string()
+    dst_offset = packet.get_uint64()
+    packet.check_end()
+    src = handler.file_handle(src_handle)
+    dst = handler.file_handle(dst_handle)
+    if not isinstance(src, FileHandle) or not isinstance(dst, FileHandle):
+        raise asyncssh.SFTPInvalidHandle("Invalid file handle")
+    server = _server_of(handler)
+    chan = server.channel
+    try:
+        await server.session.copy_data(src, src_offset, length, dst, dst_offset, stop=chan.is_closing)
+    except OSError as exc:
+        server._notify(exc)
+        raise
+
+
+#: A users-groups-by-id reply must fit the max packet we advertise (limits@openssh.com).
+_REPLY_ROOM = MAX_PACKET - 64
 
 
 async def _users_groups_by_id(handler: SFTPServerHandlerBase, packet: SSHPacket) -> ExtendedReply:
-    """OpenSSH's id -> name lookup (sftp's `ls -l FILE`): every id is shown as the account."""
+    """OpenSSH's id -> name lookup (sftp's `ls -l FILE`): every id is shown as the account.
+
+    A request whose reply would not fit in the max packet we advertise is refused (FAILURE) before
+    anything is built: OpenSSH's sftp asks for the ids of one listing, a few at a time.
+    """
     uids = packet.get_string()
     gids = packet.get_string()
     packet.check_end()
     if len(uids) % 4 or len(gids) % 4:
         raise asyncssh.SFTPBadMessage("id lists must be uint32 arrays")
     name = String(_server_of(handler).user)
+    count = len(uids) // 4 + len(gids) // 4
+    if 8 + count * len(name) > _REPLY_ROOM:
+        raise asyncssh.SFTPFailure(f"too many ids: the reply would exceed the maximum packet size ({MAX_PACKET})")
     return ExtendedReply(String(name * (len(uids) // 4)) + String(name * (len(gids) // 4)))
 
 
@@ -317,6 +371,7 @@ class SshfilesSFTPHandler(SFTPServerHandlerBase):
         b"check-file-name": _check_file_name,
         b"check-file-handle": _check_file_handle,
         b"users-groups-by-id@openssh.com": _users_groups_by_id,
+        b"copy-data": _copy_data,
     }
 
     def on_cleanup(self, exc: Exception | None, handles_left_open: bool) -> None:

@@ -347,20 +347,19 @@ def test_admin_hard_link_across_homes_does_not_let_a_user_change_a_bystanders_fi
         assert_ledger_matches_disk(server, bystander, timeout=1)
 
 
-# -- F10: copy-data runs to completion without yielding: the worker stalls for everyone ---------
+# -- F10: copy-data ran to completion without yielding: the worker stalled for everyone -----------
+# Fixed ("Hardening II" item 13): copy-data goes in 1 MiB chunks, each read in a thread, and "to the
+# end" means the source's end when the copy starts, so a copy onto its own end no longer chases its
+# own writes up to the quota (tests/test_resources.py copies 1 GiB with a bystander watching).
 
 
-@pytest.mark.xfail(strict=True, reason="F10: asyncssh's _process_copy_data loops over synchronous read/write "
-                   "without awaiting: copying a file onto its own end until the quota (1 GiB) blocks the event "
-                   "loop for the whole copy; a bystander's STAT sent 50 ms in waits until the copy ends "
-                   "(0.5-4.5 s here, scaling with the quota)")
 def test_copy_data_does_not_stall_other_users(server):
     user = add_user(server, "staller", quota=str(1024 * MiB))
     other = add_user(server, "patient", quota="1MiB")
 
     async def attack():
         async with server.sftp(user) as sftp, server.sftp(other) as bystander:
-            await put(sftp, "seed", b"s" * (256 * KiB))
+            await put(sftp, "seed", b"s" * MiB)   # one copy chunk: each read finds the last write
             await bystander.stat(".")
             waits: list[float] = []
             took: list[float] = []
@@ -376,10 +375,13 @@ def test_copy_data_does_not_stall_other_users(server):
             async def copy_onto_own_end():
                 async with sftp.open("seed", "r+b") as f:
                     t = time.monotonic()
-                    await tolerate(sftp.remote_copy(f, f, dst_offset=256 * KiB))   # ends at the quota
+                    # "to the end" is the end at the start now: ask for 1 GiB explicitly, so the copy
+                    # reads its own writes and still runs until the quota refuses it
+                    await tolerate(sftp.remote_copy(f, f, src_length=1024 * MiB, dst_offset=MiB))
                     took.append(time.monotonic() - t)
             await asyncio.gather(copy_onto_own_end(), probe())
             await sftp.remove("seed")
+            assert took[0] > 0.3, f"the copy took {took[0]:.2f} s: it did not run to the quota"
             assert max(waits) < 0.1, f"bystander waited {max(waits):.2f} s of a {took[0]:.2f} s copy"
     run(attack(), timeout=120)
 
