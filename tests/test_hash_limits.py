@@ -118,8 +118,8 @@ def test_exec_hash_stops_when_the_client_disconnects(server):
         procs = [await conn.create_process("sha256sum long.img", stdin=asyncssh.DEVNULL) for _ in range(3)]
         await asyncio.sleep(1.5)
         busy = cpu_seconds(pid)
-        await asyncio.sleep(1.0)
-        assert cpu_seconds(pid) - busy > 0.5, "the hashes should be running"
+        await asyncio.sleep(2.0)
+        assert cpu_seconds(pid) - busy > 0.3, "the hashes should be running"
         conn.abort()  # the client vanishes mid-hash
         del procs
     run(go())
@@ -140,8 +140,8 @@ def test_check_file_stops_when_the_client_disconnects(server):
         tasks = [asyncio.ensure_future(check_file(s, "long.img")) for s in sftps]
         await asyncio.sleep(1.5)
         busy = cpu_seconds(pid)
-        await asyncio.sleep(1.0)
-        assert cpu_seconds(pid) - busy > 0.5, "the hashes should be running"
+        await asyncio.sleep(2.0)
+        assert cpu_seconds(pid) - busy > 0.3, "the hashes should be running"
         conn.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
     run(go())
