@@ -209,3 +209,32 @@ def test_one_user_waiting_hashes_are_bounded(server):
             conn.abort()
             await asyncio.gather(*procs, return_exceptions=True)
     run(go())
+
+
+# -- the fd is the caller's again only once the thread has stopped ---------------------------------
+
+
+def test_a_cancelled_hash_returns_only_after_its_thread_stopped(tmp_path):
+    """exec_commands' and sftp's `finally: close_fd(fd)` run after the last pread, never under it."""
+    from sshfiles import hashing
+
+    path = tmp_path / "long.img"
+    sparse(path, LONG)
+
+    async def go() -> float:
+        fd = os.open(path, os.O_RDONLY)
+        task = asyncio.ensure_future(hashing.hash_fd_range_async(fd, "sha256", owner="u"))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        os.close(fd)  # what the callers' finally does
+        assert hashing.scheduler.stats() == {"free_workers": hashing.HASH_WORKERS, "owners_active": 0,
+                                             "jobs_active": 0, "jobs_waiting": 0}
+        before = time.process_time()
+        await asyncio.sleep(1.0)
+        return time.process_time() - before
+
+    assert run(go()) < 0.1  # nothing hashes any more
