@@ -146,27 +146,7 @@ def decode_reply(body: bytes) -> tuple[str, list[bytes]]:
     return alg, [blob[i:i + size] for i in range(0, len(blob), size)]
 
 
-def _calling_sftp_session() -> tuple[str, Awaitable[object] | None]:
-    """(user name, the channel's ``wait_closed()``) of the SFTP session whose task runs this request.
-
-    A stopgap until the adapter passes them (sftp.py: ``answer_check_file(fd, req,
-    owner=session.username, closed=chan.wait_closed())``): asyncssh serves one channel's requests in
-    that channel's task, whose outermost coroutine (server.py ``_run_sftp``) holds ``session`` and
-    ``chan``. We read those two locals only; anything unexpected gives ("", None), i.e. no owner
-    (all such requests share one fairness queue) and no disconnect watch (cancellation still works).
-    """
-    task = asyncio.current_task()
-    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
-    if frame is None:
-        return "", None
-    session = frame.f_locals.get("session")
-    chan = frame.f_locals.get("chan")
-    owner = getattr(session, "username", "")
-    wait_closed = getattr(chan, "wait_closed", None)
-    return (owner if isinstance(owner, str) else ""), (wait_closed() if callable(wait_closed) else None)
-
-
-async def answer_check_file(fd: int, req: CheckFileRequest, *, owner: str | None = None,
+async def answer_check_file(fd: int, req: CheckFileRequest, *, owner: str = "",
                             closed: Awaitable[object] | None = None) -> bytes:
     """Hash the requested range of ``fd`` and return the EXTENDED_REPLY body (see ``encode_reply``).
 
@@ -177,8 +157,9 @@ async def answer_check_file(fd: int, req: CheckFileRequest, *, owner: str | None
     hash requests of this user waiting -> FAILURE.
 
     ``owner`` (the user name) picks the fairness queue and ``closed`` (the channel's
-    ``wait_closed()``) stops the hash when the client leaves; when the adapter passes neither they are
-    taken from the calling SFTP session (see ``_calling_sftp_session``). The coroutine returns or
+    ``wait_closed()``) stops the hash when the client leaves (the SFTP adapter passes both; without
+    them a request shares the anonymous fairness queue and is stopped only by cancellation). The
+    coroutine returns or
     raises only once the hashing thread has stopped, so the caller may close ``fd`` afterwards.
     """
     try:
@@ -193,8 +174,6 @@ async def answer_check_file(fd: int, req: CheckFileRequest, *, owner: str | None
         if blocks * digest_size(algorithm) > MAX_REPLY_DIGEST_BYTES:
             raise asyncssh.SFTPFailure(
                 f"check-file would return {blocks} digests; use a larger block size or a shorter range")
-    if owner is None and closed is None:
-        owner, closed = _calling_sftp_session()
     watch = asyncio.ensure_future(closed) if closed is not None else None
     try:
         digests = await hash_fd_range_async(fd, algorithm, req.offset, req.length, req.block_size,

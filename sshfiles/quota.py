@@ -92,6 +92,13 @@ class QuotaExceeded(OSError):
         self.quota = quota
 
 
+def _store_unavailable(exc: AccountError) -> OSError:
+    """A store failure on a charge, as the one-line OSError a protocol adapter can send: asyncssh
+    would answer any other exception with an "Uncaught exception" prefix.  The store's message is
+    already generic (no host path)."""
+    return OSError(errno.EAGAIN, str(exc))
+
+
 class EntriesExceeded(OSError):
     """Refused new file or directory: the user's entry quota is full."""
 
@@ -205,10 +212,13 @@ class UserLedger:
         with self.lock:
             if self.pending_bytes or self.pending_entries:
                 self.flush()  # what was freed counts before anything is refused
-            if self.pool and time.monotonic() - self.checked > RECHECK_SECONDS:
-                self._recheck()
-            if self.pool < n:
-                self._refill(n - self.pool)
+            try:
+                if self.pool and time.monotonic() - self.checked > RECHECK_SECONDS:
+                    self._recheck()
+                if self.pool < n:
+                    self._refill(n - self.pool)
+            except AccountError as exc:  # the store is busy or down: refuse this growth, say so plainly
+                raise _store_unavailable(exc) from None
             self.pool -= n
             self.unsettled += n
 
@@ -271,13 +281,17 @@ class UserLedger:
             if self.pending_bytes or self.pending_entries:
                 self.flush()
             now = time.monotonic()
-            if now - self.entry_limit_read > RECHECK_SECONDS:
-                quota, max_entries, _ = self.store.entries_state(self.name)
-                self.entry_limit = entries_limit(quota, max_entries)
-                self.entry_limit_read = now
-            if not self.store.charge_entries(self.name, 1, self.entry_limit):
-                _, _, entries = self.store.entries_state(self.name)
-                raise EntriesExceeded(entries, self.entry_limit if self.entry_limit is not None else LEDGER_MAX)
+            try:
+                if now - self.entry_limit_read > RECHECK_SECONDS:
+                    quota, max_entries, _ = self.store.entries_state(self.name)
+                    self.entry_limit = entries_limit(quota, max_entries)
+                    self.entry_limit_read = now
+                if not self.store.charge_entries(self.name, 1, self.entry_limit):
+                    _, _, entries = self.store.entries_state(self.name)
+                    raise EntriesExceeded(entries,
+                                          self.entry_limit if self.entry_limit is not None else LEDGER_MAX)
+            except AccountError as exc:
+                raise _store_unavailable(exc) from None
 
     def credit_entries(self, n: int) -> None:
         """Entries that are gone (remove, rmdir, replaced by rename), or a charge given back."""

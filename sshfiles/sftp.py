@@ -338,7 +338,8 @@ async def _check_file_name(handler: SFTPServerHandlerBase, packet: SSHPacket) ->
     session = _server_of(handler).session
     fd = session.open_for_hash(req.target)
     try:
-        return ExtendedReply(await checkfile.answer_check_file(fd, req))
+        return ExtendedReply(await checkfile.answer_check_file(fd, req, owner=session.username,
+                                                               closed=handler.server.channel.wait_closed()))
     finally:
         session.close_fd(fd)
 
@@ -348,7 +349,9 @@ async def _check_file_handle(handler: SFTPServerHandlerBase, packet: SSHPacket) 
     file_obj = handler.file_handle(req.target)
     if not isinstance(file_obj, FileHandle):
         raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-    return ExtendedReply(await checkfile.answer_check_file(file_obj.fd, req))
+    server = _server_of(handler)
+    return ExtendedReply(await checkfile.answer_check_file(file_obj.fd, req, owner=server.user,
+                                                           closed=server.channel.wait_closed()))
 
 
 class SshfilesSFTPHandler(SFTPServerHandlerBase):

@@ -196,17 +196,20 @@ def test_one_user_waiting_hashes_are_bounded(server):
     sparse(user.home / "long.img", LONG)
 
     async def go():
-        conn = await server.connect(user)
+        n = PER_OWNER_ACTIVE + PER_OWNER_WAITING + 3
+        # spread over connections: each allows only --max-channels-per-connection (10) channels
+        conns = [await server.connect(user) for _ in range((n + 7) // 8)]
+        procs: list[asyncio.Future[asyncssh.SSHCompletedProcess]] = []
         try:
-            n = PER_OWNER_ACTIVE + PER_OWNER_WAITING + 3
-            procs = [asyncio.ensure_future(conn.run("md5sum long.img", stdin=asyncssh.DEVNULL, check=False))
-                     for _ in range(n)]
+            procs = [asyncio.ensure_future(conns[i // 8].run("md5sum long.img", stdin=asyncssh.DEVNULL,
+                                                             check=False)) for i in range(n)]
             done, _ = await asyncio.wait(procs, timeout=10, return_when=asyncio.FIRST_COMPLETED)
             refused = [t.result() for t in done]
             assert refused and all(r.exit_status == 1 for r in refused)
             assert "too many hash requests in progress" in refused[0].stderr
         finally:
-            conn.abort()
+            for conn in conns:
+                conn.abort()
             await asyncio.gather(*procs, return_exceptions=True)
     run(go())
 
