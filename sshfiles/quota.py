@@ -226,6 +226,11 @@ class UserLedger:
         """An admin may have lowered the quota since the pool was reserved: if it no longer
         fits, give the pool back so this charge asks the store (one read per RECHECK_SECONDS)."""
         self.checked = time.monotonic()
+        if self.store.reservation(self.owner, self.name) < self.pool + self.unsettled:
+            # Our reservation row is gone: the account was removed (and maybe re-created under the
+            # same name). Nothing backs the pool any more; the new account starts from its own.
+            self.pool = 0
+            return
         quota, charged = self.store.quota_state(self.name)
         if quota is not None and charged > quota:
             self.store.settle(self.owner, self.name, 0, self.pool)
@@ -357,6 +362,7 @@ class UserLedger:
         so a crash (which drops its handles without a last-close credit) leads to a rescan."""
         with self.lock:
             self.sessions += 1
+            self.checked = 0.0  # a new session re-checks the pool against the store at its first charge
             if self.sessions == 1:
                 try:
                     self.store.mark_present(self.owner, self.name)

@@ -759,12 +759,15 @@ async def sftp_on_two_workers(server, user):
     """Two SFTP clients whose connections were accepted by different worker processes."""
     by_pid: dict[str, asyncssh.SSHClientConnection] = {}
     spare = []
-    for _ in range(30):
-        conn = await server.connect(user)
+    for i in range(30):
+        # each attempt from its own loopback address: the server's per-source connection rate limit
+        # would (rightly) refuse 30 quick connections from one source
+        source = f"127.0.0.{10 + i}"
+        conn = await server.connect(user, local_addr=(source, 0))
         port = conn.get_extra_info("sockname")[1]
         pid = None
         for _ in range(100):
-            m = re.search(rf"\[(\d+)\]: login user={user.name} source=127\.0\.0\.1:{port} ", server.log())
+            m = re.search(rf"\[(\d+)\]: login user={user.name} source={re.escape(source)}:{port} ", server.log())
             if m:
                 pid = m.group(1)
                 break

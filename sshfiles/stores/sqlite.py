@@ -334,6 +334,11 @@ class SQLiteAccountStore:
             if not keep_row:
                 db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
 
+    def reservation(self, owner: str, name: str) -> int:
+        """What `owner` holds reserved for `name` (0 without a row)."""
+        rows = self._query("SELECT amount FROM reservations WHERE owner=? AND user=?", (owner, name))
+        return int(rows[0][0]) if rows else 0
+
     def mark_present(self, owner: str, name: str) -> None:
         """Record that `owner` has sessions of `name` (a zero reservation row): if the owner dies,
         `reconcile_dead_owners` rescans the user, whose open handles may have held removed files."""
