@@ -108,8 +108,8 @@ def alive(pid: int) -> bool:
 
 def login_pid(server: ServerHandle, user: User, conn: asyncssh.SSHClientConnection) -> int:
     """The server process that logged this connection in (from its login line)."""
-    port = conn.get_extra_info("sockname")[1]
-    m = wait_for_log(server, rf"\[(\d+)\]: login user={user.name} source=127\.0\.0\.1:{port} ", 5)
+    addr, port = conn.get_extra_info("sockname")[:2]
+    m = wait_for_log(server, rf"\[(\d+)\]: login user={user.name} source={re.escape(addr)}:{port} ", 5)
     return int(m.group(1))
 
 

@@ -81,8 +81,8 @@ async def deep_dir(sftp) -> str:
 
 
 def worker_pid(server, user, conn) -> int:
-    port = conn.get_extra_info("sockname")[1]
-    m = re.search(rf"\[(\d+)\]: login user={user.name} source=127\.0\.0\.1:{port} ", server.log())
+    addr, port = conn.get_extra_info("sockname")[:2]
+    m = re.search(rf"\[(\d+)\]: login user={user.name} source={re.escape(addr)}:{port} ", server.log())
     assert m, "no login line"
     return int(m.group(1))
 
