@@ -102,6 +102,9 @@ class Siege:
         self.key = key
         self.mallory_pw = mallory_pw
         self.mallory_home = srv.workdir / "homes" / "mallory"
+        # Each attack comes from its own loopback address (127.0.1.N): bans live in the store and
+        # outlast the restart between attacks, so one attack's ban must not pre-empt the next.
+        self.attacker = ATTACKER
 
     def connect(self, *, source: str, user: str, password: str | None = None, key: bool = False,
                 **kw: Any) -> Any:
@@ -110,7 +113,7 @@ class Siege:
                                 known_hosts=None, login_timeout=self.args.login_timeout, **kw)
 
     def mallory(self, **kw: Any) -> Any:
-        return self.connect(source=ATTACKER, user="mallory", password=self.mallory_pw, **kw)
+        return self.connect(source=self.attacker, user="mallory", password=self.mallory_pw, **kw)
 
     # -- the bystander --------------------------------------------------------------------------
 
@@ -164,7 +167,7 @@ class Siege:
             while not stop.is_set() and len(socks) + refused < limit:
                 s = socket.socket()
                 s.setblocking(False)
-                s.bind((ATTACKER, 0))
+                s.bind((self.attacker, 0))
                 try:
                     await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", self.srv.port)), 5)
                     socks.append(s)
@@ -209,14 +212,14 @@ class Siege:
 
     async def wrong_password(self, stop: asyncio.Event) -> dict:
         async def one() -> str:
-            async with self.connect(source=ATTACKER, user="mallory", password="wrong-" + os.urandom(4).hex()):
+            async with self.connect(source=self.attacker, user="mallory", password="wrong-" + os.urandom(4).hex()):
                 return "accepted?!"
         res = await self._repeat(stop, 8, self.args.flood, one)
         return {"rate": "8 concurrent", "connections": 8, **res}
 
     async def dh_group18(self, stop: asyncio.Event) -> dict:
         async def one() -> str:
-            conn = await self.connect(source=ATTACKER, user="mallory", password="wrong",
+            conn = await self.connect(source=self.attacker, user="mallory", password="wrong",
                                       kex_algs=["diffie-hellman-group18-sha512"],
                                       preferred_auth=[])  # kex done, no authentication attempt
             conn.abort()
@@ -374,6 +377,7 @@ class Siege:
 
     async def run_one(self, name: str) -> dict:
         attack = getattr(self, name.replace("-", "_"))
+        self.attacker = f"127.0.1.{self.ATTACKS.index(name) + 1}"
         self.srv.restart()  # each attack meets a fresh server: its memory and fds are its own
         base = {"rss_kib": tree_mem(self.srv.pid)["rss_kib"], "fds": fd_count(self.srv.pid)}
         async with self.connect(source=BYSTANDER, user=self.srv.user, key=True) as bconn, \
@@ -518,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             subprocess.run(["rm", "-rf", str(workdir)], check=False)
     print(f"sshfiles siege, {started}, {args.seconds:.0f} s per attack{' (--quick)' if args.quick else ''}, "
-          f"attacker {ATTACKER}, bystander {BYSTANDER}")
+          f"attackers 127.0.1.N (one per attack), bystander {BYSTANDER}")
     print(table(rows))
     for r in rows:
         print(f"- {r['attack']}: {json.dumps(r['detail'])}")
