@@ -206,7 +206,7 @@ def test_huge_offsets_keep_the_ledger_exact_for_an_unlimited_user(server):
 # -- 7. a credit the store cannot take right now is kept and retried ----------------------
 
 
-def _lock_store(accounts_dir, seconds: float) -> subprocess.Popen:
+def lock_store(accounts_dir, seconds: float) -> subprocess.Popen:
     """Another process holding the store's write lock, as a long admin transaction would."""
     code = (f"import sqlite3, sys, time; db = sqlite3.connect({str(accounts_dir / 'accounts.db')!r}, "
             "isolation_level=None); db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
@@ -230,7 +230,7 @@ def test_credits_survive_a_locked_store(tmp_path, host_keys_dir, monkeypatch):
 
         async def attack():
             async with server.sftp(user) as sftp:
-                locker = _lock_store(server.accounts_dir, 2.0)
+                locker = lock_store(server.accounts_dir, 2.0)
                 try:
                     await sftp.remove("a")                          # gone from disk: must report success
                     await sftp.truncate("b", 0)

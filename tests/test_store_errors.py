@@ -8,22 +8,11 @@ exec clients; the reply a user sees must be one generic line, and everyone works
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import asyncssh
+from test_quota_exact import lock_store
 
 KiB = 1024
-
-
-def _lock_store(accounts_dir, seconds: float) -> subprocess.Popen:
-    """Another process holding the store's write lock, as a long admin transaction would."""
-    code = (f"import sqlite3, sys, time; db = sqlite3.connect({str(accounts_dir / 'accounts.db')!r}, "
-            "isolation_level=None); db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
-            f"time.sleep({seconds}); db.execute('COMMIT')")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def assert_generic(message: str, server) -> None:
@@ -45,7 +34,7 @@ def test_a_locked_store_fails_requests_without_host_paths(tmp_path, host_keys_di
         async def go():
             failures: list[str] = []
             async with server.sftp(user) as sftp:
-                locker = _lock_store(server.accounts_dir, 3.0)
+                locker = lock_store(server.accounts_dir, 3.0)
                 try:
                     for attempt in range(3):
                         try:
