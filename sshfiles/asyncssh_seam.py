@@ -407,7 +407,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
     _sshfiles_transport: Any = None  # the connection's transport, once item 4a has set the channel up
 
     def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
-        self._sshfiles_unyielded += sum(len(arg) for arg in args)
+        self._sshfiles_unyielded += sum(map(len, args))  # per reply packet: no generator frame
         super().send_packet(pkttype, pktid, *args)
 
     async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
