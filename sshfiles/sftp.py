@@ -103,7 +103,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     # -- files ----------------------------------------------------------------
 
-    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> FileHandle:
+    async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> FileHandle:
         if pflags & FXF_READ and pflags & FXF_WRITE:
             flags = os.O_RDWR
         elif pflags & FXF_WRITE:
@@ -116,7 +116,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             flags |= os.O_EXCL
         perms = 0o666 if attrs.permissions is None else stat.S_IMODE(attrs.permissions)
         try:
-            return self.session.open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), perms)
+            return await self.session.open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), perms)
         except OSError as exc:
             self._notify(exc)
             raise
@@ -127,11 +127,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = _handle(file_obj)
         first = f.failed is None
         try:
-            return self.session.write(f, offset, data)
+            return await self.session.write(f, offset, data)
         except OSError as exc:
             if first:  # once per handle: a pipelined upload has many refused writes
                 self._notify(exc)
@@ -152,11 +152,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def fstat(self, file_obj: object) -> SFTPAttrs:
         return _attrs(self.session.fstat(_handle(file_obj)))
 
-    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _handle(file_obj)
         if attrs.size is not None:
             try:
-                self.session.truncate(f, attrs.size)
+                await self.session.truncate(f, attrs.size)
             except OSError as exc:
                 self._notify(exc)
                 raise
@@ -176,16 +176,16 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def stat(self, path: bytes) -> SFTPAttrs:
         return _attrs(self.session.stat(path, follow=True))
 
-    def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self._setstat(path, attrs, follow=True)
+    async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._setstat(path, attrs, follow=True)
 
-    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self._setstat(path, attrs, follow=False)
+    async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._setstat(path, attrs, follow=False)
 
-    def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
+    async def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         if attrs.size is not None:
             try:
-                self.session.set_size(path, attrs.size, follow)
+                await self.session.set_size(path, attrs.size, follow)
             except OSError as exc:
                 self._notify(exc)
                 raise
@@ -194,21 +194,21 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if attrs.atime is not None and attrs.mtime is not None:
             self.session.utime(path, (attrs.atime, attrs.mtime), follow)
 
-    def statvfs(self, path: bytes) -> SFTPVFSAttrs:
+    async def statvfs(self, path: bytes) -> SFTPVFSAttrs:
         self.session.stat(path)  # a missing path is an error, as for OpenSSH
-        return self._vfs()
+        return await self._vfs()
 
-    def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
-        return self._vfs()
+    async def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
+        return await self._vfs()
 
-    def _vfs(self) -> SFTPVFSAttrs:
+    async def _vfs(self) -> SFTPVFSAttrs:
         """The quota as a filesystem: size = quota, used = usage, free = the rest.
 
         f_frsize is 1 so block counts are exact byte counts (OpenSSH's df
         multiplies by f_frsize); f_bsize stays a sane I/O size.  The entry
         quota shows as the inode counts (`df -i`).
         """
-        space = self.session.space()
+        space = await self.session.space()
         fsv = space.fs
         files, ffree, favail = fsv.f_files, fsv.f_ffree, fsv.f_favail
         if space.entry_limit is not None:
@@ -230,9 +230,9 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         # The directory is opened now (a missing one fails at opendir); entries are read per READDIR.
         return DirListing(self.session.opendir(path))
 
-    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+    async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         try:
-            self.session.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
+            await self.session.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
         except OSError as exc:
             self._notify(exc)
             raise
@@ -280,7 +280,7 @@ async def _write(handler: SFTPServerHandlerBase, packet: SSHPacket) -> int:
     file_obj = handler.file_handle(handle)
     if not file_obj:
         raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-    return _server_of(handler).write(file_obj, offset, data)
+    return await _server_of(handler).write(file_obj, offset, data)
 
 
 async def _limits(handler: SFTPServerHandlerBase, packet: SSHPacket) -> SFTPLimits:

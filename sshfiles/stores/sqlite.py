@@ -92,6 +92,7 @@ class SQLiteAccountStore:
             # How long a writer waits for another process's lock before the call fails
             # (the ledger keeps failed credits and retries them, see quota.py).
             busy_timeout = float(os.environ.get("SSHFILES_STORE_BUSY_TIMEOUT", "30"))
+        self.busy_timeout = busy_timeout  # the store worker's bound on a request's wait (stores/worker.py)
         self.directory = Path(directory)
         self.path = self.directory / self.FILENAME
         self._owner_fds: dict[str, int] = {}
