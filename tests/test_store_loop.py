@@ -7,6 +7,7 @@ lock froze every session of the worker, even a plain `stat`, for up to the busy 
 The attack as made: a victim (127.0.0.2) creates directories and writes files, which need the store,
 while another process holds the store's write lock for 3 s; a bystander (127.0.0.3, another user)
 does `stat` every 5 ms on a session opened before, and logs in (key, then password) meanwhile.
+(Run against main, the bystander's worst stat was 1.04 s: one busy timeout per victim request.)
 """
 
 from __future__ import annotations
@@ -45,15 +46,12 @@ def test_a_locked_store_stalls_only_the_requests_that_need_it(tmp_path, host_key
                     t0 = time.monotonic()
                     await sftp.stat(".")
                     latencies.append(time.monotonic() - t0)
-                    if "T0" in globals():
-                        print("STAT", round(t0 - T0, 3), round(latencies[-1], 3))
                     await asyncio.sleep(0.005)
 
             async def victim_loop(sftp: asyncssh.SFTPClient) -> None:
                 nonlocal done
                 i = 0
                 while not stop.is_set():
-                    t1 = time.monotonic()
                     try:
                         await sftp.mkdir(f"d{i}")                                  # an entry charge
                         async with sftp.open(f"d{i}/f", "wb") as f:               # one more, and bytes
@@ -61,7 +59,6 @@ def test_a_locked_store_stalls_only_the_requests_that_need_it(tmp_path, host_key
                         done += 1
                     except asyncssh.SFTPError as exc:
                         outcomes.append(exc.reason)
-                    print("VICTIM", i, round(time.monotonic() - t1, 3), round(time.monotonic() - T0, 3))
                     i += 1
                     await asyncio.sleep(0.05)
 
@@ -70,10 +67,8 @@ def test_a_locked_store_stalls_only_the_requests_that_need_it(tmp_path, host_key
                 await calm.stat(".")
                 watcher = asyncio.ensure_future(stat_loop(calm))
                 await asyncio.sleep(0.3)
-                global T0
-                T0 = time.monotonic()
-                locker = lock_store(server.accounts_dir, 3.0)
-                print("LOCKED", round(time.monotonic() - T0, 3))
+                # (in a thread: the helper waits for the locker to start, which must not hold our own loop)
+                locker = await asyncio.to_thread(lock_store, server.accounts_dir, 3.0)
                 writer = asyncio.ensure_future(victim_loop(attacker))
                 try:
                     await asyncio.sleep(0.5)
@@ -91,7 +86,6 @@ def test_a_locked_store_stalls_only_the_requests_that_need_it(tmp_path, host_key
             return max(latencies), len(latencies), outcomes, done, key_login, password_login
 
         worst, count, failures, done, key_login, password_login = run(go())
-        print("RESULT", worst, count, failures[:3], done, key_login, password_login)
         assert count > 50, count
         assert worst < 0.5, f"the bystander's stat took {worst:.2f} s while the store was locked"
         assert key_login < 1.0 and password_login < 2.0, (key_login, password_login)
