@@ -21,6 +21,14 @@ within one process is exact to the byte.  Consumed bytes are settled into the
 store when a write handle closes.  A process that dies leaves a reservation
 row; the server rescans the homes of such users (`reconcile_dead_owners`).
 
+The event loop never waits on the store (the one choice, see stores/worker.py): one store thread
+with its own connection per process takes every ledger change in order.  A charge the pool covers
+is pure memory (`UserLedger.take`); one it does not cover is awaited (`charge`, `charge_entry`), so
+only that request waits, and a locked store fails it after the busy timeout with one plain line
+(EAGAIN); settlements and credits are queued and answered at once, and what the store refuses comes
+back into the ledger and is retried.  The size lock is never held across such a wait: the charge is
+made first and the size measured again under the lock (`UserSession._grown`).
+
 Two kernel locks make the arithmetic exact across worker processes:
 
 * every size change (write past the end, truncate) holds an OFD write lock on
