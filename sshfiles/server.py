@@ -35,7 +35,7 @@ from typing import Any
 import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
-from . import passwords
+from . import hashing, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
 from .config import ServeConfig, parse_startups
 from .defence import Admission, Defender, parse_cidrs, source_key
@@ -43,7 +43,7 @@ from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
 from .quota import QuotaManager, reconcile_dead_owners
-from .session import UserSession
+from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
 from .stores.worker import StoreWorker
@@ -792,6 +792,14 @@ def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> di
     )
 
 
+def _apply_limits(config: ServeConfig) -> None:
+    """The per-session resource limits of the serve settings, into the modules that enforce them."""
+    set_handle_limits(config.max_handles_per_session, config.max_handles_per_user)
+    hashing.configure(config.hash_workers, config.hash_per_user_active, config.hash_per_user_waiting,
+                      config.max_hash_bytes)
+    SshfilesSFTPHandler.reply_buffer_limit = config.reply_buffer_limit
+
+
 async def start_server(config: ServeConfig, service: SshfilesService | None = None,
                        sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor, SshfilesService]:
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
@@ -799,6 +807,7 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
     if not os.environ.get("SSHFILES_NO_SPEEDUPS"):  # a benchmark lever: measure what they buy
         install_speedups()
+    _apply_limits(config)
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)

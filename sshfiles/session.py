@@ -45,8 +45,8 @@ from .quota import (
 )
 from .stores import AccountStore
 
-__all__ = ["COPY_CHUNK", "DIR_BATCH", "MAX_HANDLES_PER_SESSION", "MAX_HANDLES_PER_USER", "MAX_READ", "DirHandle",
-           "FileHandle", "SpaceInfo", "UserSession"]
+__all__ = ["COPY_CHUNK", "DIR_BATCH", "HANDLE_LIMITS", "MAX_HANDLES_PER_SESSION", "MAX_HANDLES_PER_USER", "MAX_READ",
+           "DirHandle", "FileHandle", "HandleLimits", "SpaceInfo", "UserSession", "set_handle_limits"]
 
 log = logging.getLogger("sshfiles.session")
 
@@ -71,10 +71,27 @@ def _fd_limit() -> int:
 #: limits that is 128..2048 per user and per session 128..512. Clients need a few: OpenSSH's sftp
 #: and scp one or two, rclone and lftp one per parallel transfer plus a listing. Refusals are
 #: ``EMFILE``: SFTP FAILURE "Too many open files (N per session)". limits@openssh.com advertises the
-#: per-session bound. Config fields they should become: ``max_handles_per_user`` and
-#: ``max_handles_per_session``.
+#: per-session bound. These are the automatic defaults; ``--max-handles-per-session`` and
+#: ``--max-handles-per-user`` set others (`set_handle_limits`, once at server start).
 MAX_HANDLES_PER_USER = min(2048, max(16, _fd_limit() // 8))
 MAX_HANDLES_PER_SESSION = min(512, MAX_HANDLES_PER_USER)
+
+
+@dataclass
+class HandleLimits:
+    """The handle bounds in force in this process (one object, so every reader sees a change)."""
+
+    per_session: int = MAX_HANDLES_PER_SESSION
+    per_user: int = MAX_HANDLES_PER_USER
+
+
+HANDLE_LIMITS = HandleLimits()
+
+
+def set_handle_limits(per_session: int, per_user: int) -> None:
+    """Apply the serve settings (0: the automatic default); a session never gets more than its user."""
+    HANDLE_LIMITS.per_user = per_user or MAX_HANDLES_PER_USER
+    HANDLE_LIMITS.per_session = min(per_session or MAX_HANDLES_PER_SESSION, HANDLE_LIMITS.per_user)
 
 #: copy-data is done in chunks of this size: each chunk's read runs in a thread, its write (charge +
 #: pwrite under the file's size lock) on the loop, between chunks other sessions' requests run.
@@ -166,7 +183,7 @@ class UserSession:
         self.interrupted = False
         self._on_close = on_close
         self._closed = False
-        self.handles = 0  # open FileHandles and DirHandles of this session (MAX_HANDLES_PER_SESSION)
+        self.handles = 0  # open FileHandles and DirHandles of this session (HANDLE_LIMITS.per_session)
 
     def close(self) -> None:
         if not self._closed:
@@ -193,10 +210,11 @@ class UserSession:
 
     def _take_handle(self) -> None:
         """Count one more open handle, or refuse with EMFILE past the session's or the user's bound."""
-        if self.handles >= MAX_HANDLES_PER_SESSION:
-            raise OSError(errno.EMFILE, f"Too many open files ({MAX_HANDLES_PER_SESSION} per session)")
-        if self.ledger.open_handles >= MAX_HANDLES_PER_USER:
-            raise OSError(errno.EMFILE, f"Too many open files ({MAX_HANDLES_PER_USER} per user)")
+        limits = HANDLE_LIMITS
+        if self.handles >= limits.per_session:
+            raise OSError(errno.EMFILE, f"Too many open files ({limits.per_session} per session)")
+        if self.ledger.open_handles >= limits.per_user:
+            raise OSError(errno.EMFILE, f"Too many open files ({limits.per_user} per user)")
         self.handles += 1
         self.ledger.open_handles += 1
 

@@ -36,7 +36,7 @@ from asyncssh import (
 
 from . import __version__, checkfile
 from .asyncssh_seam import ExtendedReply, SFTPServerHandlerBase, SSHPacket, String, UInt64
-from .session import DIR_BATCH, MAX_HANDLES_PER_SESSION, MAX_READ, DirHandle, FileHandle, UserSession
+from .session import DIR_BATCH, HANDLE_LIMITS, MAX_READ, DirHandle, FileHandle, UserSession
 
 __all__ = ["MAX_READ", "MAX_WRITE", "DirListing", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
 
@@ -286,7 +286,7 @@ async def _write(handler: SFTPServerHandlerBase, packet: SSHPacket) -> int:
 async def _limits(handler: SFTPServerHandlerBase, packet: SSHPacket) -> SFTPLimits:
     """limits@openssh.com with OpenSSH's 256 KiB read/write sizes and the handles a session may open."""
     packet.check_end()
-    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, MAX_HANDLES_PER_SESSION)
+    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, HANDLE_LIMITS.per_session)
 
 
 async def _copy_data(handler: SFTPServerHandlerBase, packet: SSHPacket) -> None:
