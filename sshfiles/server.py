@@ -38,7 +38,7 @@ from asyncssh import SSHReader, SSHWriter
 from . import hashing, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
 from .config import ServeConfig, parse_startups
-from .defence import Admission, Defender, parse_cidrs, source_key
+from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
@@ -91,6 +91,7 @@ LEGACY_USER_SIG_ALGS = ["ssh-rsa", "ssh-dss"]
 
 
 WATCH_INTERVAL = 1.0      # seconds between two looks at the live users' accounts
+BAN_PRUNE_INTERVAL = 600.0  # seconds between two prunings of long-ended bans (defence.STRIKE_MEMORY)
 CLEANUP_TIMEOUT = 5.0     # how long shutdown waits for cut connections to settle and log
 WORKER_STOP_EXTRA = 10.0  # a worker gets grace + this to exit after SIGTERM before SIGKILL
 RESPAWN_MAX_DELAY = 30.0  # backoff cap for a worker that keeps dying right after it starts
@@ -134,6 +135,7 @@ class SshfilesService:
         # the loop's connection may be inside a write transaction at that moment.
         self._watch_store: AccountStore | None = None
         self._watch_lock = threading.Lock()  # close() must not close it under a running query
+        self._pruned = -BAN_PRUNE_INTERVAL   # monotonic time of the last pruning of old bans (at once first)
         start, rate, full = parse_startups(config.max_startups)
         self.admission = Admission(start, rate, full, config.per_source_max_startups, config.per_source_rate,
                                    config.per_source_burst)
@@ -176,12 +178,19 @@ class SshfilesService:
                 c.end("source banned")
 
     def _sync_bans(self, new: list[Ban]) -> list[Ban]:
-        """Runs in the watcher's thread: write this process's new bans, read everyone's."""
+        """Runs in the watcher's thread: write this process's new bans, forget those that ended more
+        than STRIKE_MEMORY ago (every BAN_PRUNE_INTERVAL), read everyone's."""
         with self._watch_lock:
             if self._watch_store is None:
                 self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
             for b in new:
                 self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
+            now = time.monotonic()
+            if now - self._pruned >= BAN_PRUNE_INTERVAL:
+                self._pruned = now
+                gone = self._watch_store.prune_bans(time.time() - STRIKE_MEMORY)
+                if gone:
+                    log.info("forgot %d bans that ended more than %d days ago", gone, STRIKE_MEMORY // 86400)
             return self._watch_store.bans()
 
     async def sync_bans(self) -> None:

@@ -147,6 +147,11 @@ class SQLiteAccountStore:
         """Every stored ban, expired ones included (their strikes make the next ban longer)."""
         return [Ban(*row) for row in self._query("SELECT source, until, reason, strikes FROM bans ORDER BY source")]
 
+    def prune_bans(self, expired_before: float) -> int:
+        """Forget bans that ended before `expired_before` (epoch seconds), strikes and all."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM bans WHERE until < ?", (expired_before,)).rowcount
+
     def is_banned(self, source: str, now: float | None = None) -> bool:
         now = time.time() if now is None else now
         return bool(self._query("SELECT 1 FROM bans WHERE source=? AND until>?", (source, now)))
