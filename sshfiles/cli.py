@@ -506,7 +506,7 @@ def ban_add(obj: Context, address: str, duration: str) -> None:
     source = _source(address)
     seconds = _duration(duration)
     obj.store.unban(source)  # an admin's ban replaces any automatic one, shorter or longer
-    obj.store.ban(source, time.time() + seconds, "admin")
+    obj.store.ban(source, time.time() + seconds, "admin")  # server.ADMIN_BAN_REASON: ends live sessions too
     click.echo(f"banned {source} until {_when(time.time() + seconds)}")
 
 

@@ -91,6 +91,7 @@ LEGACY_USER_SIG_ALGS = ["ssh-rsa", "ssh-dss"]
 
 
 WATCH_INTERVAL = 1.0      # seconds between two looks at the live users' accounts
+ADMIN_BAN_REASON = "admin"  # the reason `sshfiles ban add` stores (cli.py)
 BAN_PRUNE_INTERVAL = 600.0  # seconds between two prunings of long-ended bans (defence.STRIKE_MEMORY)
 CLEANUP_TIMEOUT = 5.0     # how long shutdown waits for cut connections to settle and log
 WORKER_STOP_EXTRA = 10.0  # a worker gets grace + this to exit after SIGTERM before SIGKILL
@@ -202,9 +203,18 @@ class SshfilesService:
             return
         self.defender.replace_bans((b.source, b.until, b.strikes) for b in bans)
         now = time.time()
-        for c in list(self.connections):  # a ban added elsewhere (CLI, another worker) ends pre-auth ones
-            if c.account is None and c.ended is None and self.defender.banned(c.source, now):
+        # An administrator's ban (`sshfiles ban add`) is a decision about the source: it also ends the
+        # source's logged-in sessions, in every worker, at this tick. An automatic ban only ends
+        # unauthenticated connections: a user who logged in from a source that later floods (a shared
+        # NAT) keeps working.
+        by_admin = {b.source for b in bans if b.reason == ADMIN_BAN_REASON and b.until > now}
+        for c in list(self.connections):  # a ban added elsewhere (CLI, another worker)
+            if c.ended is not None or not self.defender.banned(c.source, now):
+                continue
+            if c.account is None:
                 c.end("source banned")
+            elif c.source in by_admin and not self.defender.is_exempt(c.source):
+                c.end("source banned by the administrator")
 
     def close(self) -> None:
         """After `quotas.drain` (which `_serve` awaits): close the store threads and the store."""
