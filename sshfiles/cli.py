@@ -162,7 +162,10 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 # Settings added with the pre-auth defence get their flag straight from the model (type and help).
 _DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
                      "ban_threshold", "ban_window", "ban_time", "ban_max", "ban_exempt",
-                     "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms")
+                     "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms",
+                     # the per-session resource limits (session.py, hashing.py, asyncssh_seam.py)
+                     "max_handles_per_session", "max_handles_per_user", "reply_buffer_limit", "max_hash_bytes",
+                     "hash_workers", "hash_per_user_active", "hash_per_user_waiting")
 
 
 def _model_options(names: tuple[str, ...]) -> Any:
@@ -503,7 +506,7 @@ def ban_add(obj: Context, address: str, duration: str) -> None:
     source = _source(address)
     seconds = _duration(duration)
     obj.store.unban(source)  # an admin's ban replaces any automatic one, shorter or longer
-    obj.store.ban(source, time.time() + seconds, "admin")
+    obj.store.ban(source, time.time() + seconds, "admin")  # server.ADMIN_BAN_REASON: ends live sessions too
     click.echo(f"banned {source} until {_when(time.time() + seconds)}")
 
 

@@ -149,6 +149,25 @@ class ServeConfig:
         bool, "Also offer SHA-1 ssh-rsa, the NIST ECDH curves, ECDSA host keys and finite-field DH, for old "
         "clients that need them (weaker; off by default)."))
 
+    # -- per-session resource limits (session.py, hashing.py, asyncssh_seam.py) --
+    max_handles_per_session: int = field(default=0, metadata=_meta(
+        int, "Open files and directories one session (channel) may hold (0: automatic, an eighth of the fd "
+        "limit, at most 512).", minimum=0))
+    max_handles_per_user: int = field(default=0, metadata=_meta(
+        int, "Open files and directories one user may hold in this server process, over all sessions (0: "
+        "automatic, an eighth of the fd limit, at most 2048).", minimum=0))
+    reply_buffer_limit: int = field(default=4 * 1024 * 1024, metadata=_meta(
+        int, "Bytes of SFTP replies a client has not read before the server stops reading its requests.",
+        minimum=64 * 1024))
+    max_hash_bytes: int = field(default=64 << 30, metadata=_meta(
+        int, "Most bytes one hash request (check-file, *sum) may read; larger files are refused.", minimum=1))
+    hash_workers: int = field(default=2, metadata=_meta(
+        int, "Threads that hash, for the whole server process.", minimum=1, maximum=64))
+    hash_per_user_active: int = field(default=2, metadata=_meta(
+        int, "Hash requests one user may have running at once.", minimum=1))
+    hash_per_user_waiting: int = field(default=16, metadata=_meta(
+        int, "Hash requests one user may have waiting; more are refused (try again).", minimum=0))
+
     def __post_init__(self) -> None:
         for s in SETTINGS.values():
             problem = _check(s, getattr(self, s.name))

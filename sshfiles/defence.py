@@ -77,6 +77,14 @@ def _in_networks(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddr
     return any(ip.version == n.version and ip in n for n in networks)
 
 
+
+#: How long an ended ban is remembered for its strikes (a repeat ban of the source is longer): a
+#: week, like a slow brute-forcer's return. Past that the source starts again from a first ban, and
+#: the session watcher deletes its row (`SshfilesService._sync_bans`): the ban list stays bounded by
+#: the sources banned in the last week, not by every source ever banned.
+STRIKE_MEMORY = 7 * 86400.0
+
+
 class Admission:
     """Limits on connections that have not authenticated yet (see the module docstring).
 

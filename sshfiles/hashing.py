@@ -275,7 +275,7 @@ def hash_fd_range(fd: int, algorithm: str, offset: int = 0, length: int = 0,
 
 #: Most bytes one request may hash (a hole counts as the bytes it reads). 64 GiB is about a minute of
 #: SHA-256 on one core; larger files are hashed by range (check-file with offset/length) or not at
-#: all. Candidate serve setting: ``max_hash_bytes``.
+#: all. ``--max-hash-bytes`` sets another (`configure`).
 MAX_HASH_BYTES = 64 << 30
 
 #: Threads that hash, for the whole process (a 2-core host: hashing never takes every core).
@@ -432,10 +432,22 @@ class HashScheduler:
 #: The process's scheduler (one event loop per server process).
 scheduler = HashScheduler()
 
+#: The cap `hash_fd_range_async` applies unless told otherwise (``--max-hash-bytes``).
+_cap = MAX_HASH_BYTES
+
+
+def configure(workers: int, per_owner_active: int, per_owner_waiting: int, max_bytes: int) -> None:
+    """Apply the serve settings (``--hash-workers``, ``--hash-per-user-active``/``-waiting``,
+    ``--max-hash-bytes``): once at server start, before any hashing."""
+    global scheduler, _cap
+    scheduler = HashScheduler(workers, SLICE_BYTES, per_owner_active, per_owner_waiting)
+    _cap = max_bytes
+
+
 
 async def hash_fd_range_async(fd: int, algorithm: str, offset: int = 0, length: int = 0,
                               block_size: int = 0, *, owner: str = "", closed: Awaitable[object] | None = None,
-                              max_bytes: int | None = MAX_HASH_BYTES) -> list[bytes]:
+                              max_bytes: int | None = -1) -> list[bytes]:
     """``hash_fd_range`` for the server: capped, in the hash workers, fair between owners, cancellable.
 
     Raises ``HashTooLarge`` before reading anything when the range is over ``max_bytes``, ``HashBusy``
@@ -443,6 +455,8 @@ async def hash_fd_range_async(fd: int, algorithm: str, offset: int = 0, length: 
     completes first. When the calling task is cancelled, the thread stops within one chunk and this
     coroutine re-raises only after it has, so the caller's ``finally`` may close ``fd`` safely.
     """
+    if max_bytes == -1:  # the configured cap
+        max_bytes = _cap
     watch = asyncio.ensure_future(closed) if closed is not None else None
     try:
         job = _Job(fd, algorithm, offset, length, block_size, max_bytes)

@@ -21,6 +21,14 @@ within one process is exact to the byte.  Consumed bytes are settled into the
 store when a write handle closes.  A process that dies leaves a reservation
 row; the server rescans the homes of such users (`reconcile_dead_owners`).
 
+The event loop never waits on the store (the one choice, see stores/worker.py): one store thread
+with its own connection per process takes every ledger change in order.  A charge the pool covers
+is pure memory (`UserLedger.take`); one it does not cover is awaited (`charge`, `charge_entry`), so
+only that request waits, and a locked store fails it after the busy timeout with one plain line
+(EAGAIN); settlements and credits are queued and answered at once, and what the store refuses comes
+back into the ledger and is retried.  The size lock is never held across such a wait: the charge is
+made first and the size measured again under the lock (`UserSession._grown`).
+
 Two kernel locks make the arithmetic exact across worker processes:
 
 * every size change (write past the end, truncate) holds an OFD write lock on
@@ -37,6 +45,7 @@ Two kernel locks make the arithmetic exact across worker processes:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -44,13 +53,14 @@ import logging
 import os
 import stat
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from .stores import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, AccountStore
+from .stores.worker import StoreWorker
 from .units import format_size
 
 __all__ = [
@@ -70,6 +80,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("sshfiles.quota")
+
+T = TypeVar("T")
 
 MAX_CHUNK = 64 * 1024 * 1024
 RECHECK_SECONDS = 0.25  # how long a reserved chunk is trusted before the quota is read again
@@ -185,15 +197,25 @@ def release(fd: int) -> int:
 
 @dataclass
 class UserLedger:
-    """One user's quota bookkeeping inside this process."""
+    """One user's quota bookkeeping inside this process; only ever used from the event loop.
+
+    The loop never waits on the store (stores/worker.py): a WRITE consumes the in-memory `pool`
+    (`take`, no store call, no thread); a charge the pool cannot cover is awaited from the store
+    thread (`charge`, `charge_entry`); settlements and credits are queued to it (`settle`,
+    `flush`) and the request that caused them is answered at once.  The store thread's single
+    lane runs the queued calls in order, so a credit queued before a charge counts before it.
+    Amounts queued but not yet taken by the store are counted in `queued` (not in sync); one
+    the store refused comes back into `unsettled`/`pending_*` and is retried.
+    """
 
     name: str
-    store: AccountStore
+    worker: StoreWorker
     owner: str
     pool: int = 0            # reserved in the store, not yet consumed
     unsettled: int = 0       # consumed (really on disk) but not yet moved into `used`
-    pending_bytes: int = 0   # credits the store has not taken yet (retried)
+    pending_bytes: int = 0   # credits not yet handed to the store (retried after a failure)
     pending_entries: int = 0
+    queued: int = 0          # settlements and credits handed to the store thread, not finished
     write_handles: int = 0
     open_handles: int = 0    # file + directory handles of all this user's sessions here (session.py)
     sessions: int = 0        # this user's open sessions in this process (presence row while > 0)
@@ -201,63 +223,102 @@ class UserLedger:
     entry_limit: int | None = None
     entry_limit_read: float = -1e9
     retry: asyncio.TimerHandle | None = None
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    # One charge of this user asks the store at a time; WRITEs wait for it instead of racing it.
+    charging: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # -- charges ------------------------------------------------------------
 
-    def charge(self, n: int) -> None:
-        """Account for `n` new bytes before they are written, or raise QuotaExceeded."""
+    def take(self, n: int) -> bool:
+        """The fast path of every WRITE: consume `n` reserved bytes in memory (no store, no await).
+
+        False when the store must be asked first (`charge`): the pool is short, it has not
+        been checked against the quota for RECHECK_SECONDS, or another charge of this user is
+        asking the store right now."""
         if n <= 0:
+            return True
+        if self.pool < n or self.charging.locked() or time.monotonic() - self.checked > RECHECK_SECONDS:
+            return False
+        self.pool -= n
+        self.unsettled += n
+        return True
+
+    async def charge(self, n: int) -> None:
+        """Account for `n` new bytes before they are written, or raise QuotaExceeded (or EAGAIN when
+        the store cannot answer within its busy timeout).  Other sessions run while it waits."""
+        if self.take(n):
             return
-        with self.lock:
-            if self.pending_bytes or self.pending_entries:
-                self.flush()  # what was freed counts before anything is refused
+        async with self.charging:
             try:
                 if self.pool and time.monotonic() - self.checked > RECHECK_SECONDS:
-                    self._recheck()
+                    await self._recheck()
                 if self.pool < n:
-                    self._refill(n - self.pool)
+                    if self.pending_bytes or self.pending_entries:
+                        self.flush()  # queued first: what was freed counts before anything is refused
+                    await self._refill(n - self.pool)
             except AccountError as exc:  # the store is busy or down: refuse this growth, say so plainly
                 raise _store_unavailable(exc) from None
+            # Nothing but this charge takes from the pool while `charging` is held, and a
+            # settlement does not release it meanwhile: the pool now covers `n`.
             self.pool -= n
             self.unsettled += n
 
-    def _recheck(self) -> None:
+    async def _recheck(self) -> None:
         """An admin may have lowered the quota since the pool was reserved: if it no longer
         fits, give the pool back so this charge asks the store (one read per RECHECK_SECONDS)."""
-        self.checked = time.monotonic()
-        if self.store.reservation(self.owner, self.name) < self.pool + self.unsettled:
-            # Our reservation row is gone: the account was removed (and maybe re-created under the
-            # same name). Nothing backs the pool any more; the new account starts from its own.
-            self.pool = 0
-            return
-        quota, charged = self.store.quota_state(self.name)
-        if quota is not None and charged > quota:
-            self.store.settle(self.owner, self.name, 0, self.pool)
-            self.pool = 0
+        pool, held, owner, name = self.pool, self.pool + self.unsettled, self.owner, self.name
 
-    def _refill(self, need: int) -> None:
+        def look(store: AccountStore) -> int:
+            # In the write lane, so every settlement queued before this one is in the row already.
+            if store.reservation(owner, name) < held:
+                return -1  # our row is gone: the account was removed (maybe re-created)
+            quota, charged = store.quota_state(name)
+            if quota is not None and charged > quota:
+                store.settle(owner, name, 0, pool)
+                return pool
+            return 0
+
+        def then(released: int | None, _wanted: bool) -> None:
+            if released is None:
+                return  # the store failed: the charge fails, the pool stays as it is
+            self.checked = time.monotonic()
+            if released < 0:
+                self.pool = 0  # nothing backs the pool any more; the new account starts from its own
+            else:
+                self.pool -= released
+
+        await self.worker.call(look, then)
+
+    async def _refill(self, need: int) -> None:
         """Reserve at least `need` more bytes in the store.
 
         The store's check counts our own pool as reserved; since the pool is
         about to be consumed by this very charge, ``used + reservations + need``
         is exactly the usage after the write: no false refusal within a process.
         """
-        self.checked = time.monotonic()
-        quota, charged = self.store.quota_state(self.name)
-        if quota is None:
-            extra = MAX_CHUNK
-        else:
-            extra = min(MAX_CHUNK, max(0, (quota - charged - need) // 8))
-        if extra and self.store.reserve(self.owner, self.name, need + extra):
-            self.pool += need + extra
-        elif self.store.reserve(self.owner, self.name, need):
-            self.pool += need
-        else:
-            q, c = self.store.quota_state(self.name)
+        owner, name = self.owner, self.name
+
+        def reserve(store: AccountStore) -> int:
+            quota, charged = store.quota_state(name)
+            if quota is None:
+                extra = MAX_CHUNK
+            else:
+                extra = min(MAX_CHUNK, max(0, (quota - charged - need) // 8))
+            if extra and store.reserve(owner, name, need + extra):
+                return need + extra
+            if store.reserve(owner, name, need):
+                return need
+            q, c = store.quota_state(name)
             if q is None:  # only the ledger's integer range can refuse a user without a quota
                 raise OSError(errno.EFBIG, "File too large")
             raise QuotaExceeded(c, q)
+
+        def then(got: int | None, _wanted: bool) -> None:
+            # Applied even if the request was cancelled meanwhile: the bytes stay in the pool.
+            if got:
+                self.pool += got
+                self.checked = time.monotonic()
+
+        await self.worker.call(reserve, then)
 
     def uncharge(self, n: int) -> None:
         """Give back a charge whose growth did not happen (the write or truncate failed).
@@ -266,77 +327,140 @@ class UserLedger:
         the ledger never dips below what is on disk, even for a moment.
         """
         if n > 0:
-            with self.lock:
-                n = min(n, self.unsettled)
-                self.unsettled -= n
-                self.pool += n
+            n = min(n, self.unsettled)
+            self.unsettled -= n
+            self.pool += n
 
     def credit(self, n: int) -> None:
-        """Bytes that left the disk (remove, shrink, overwritten by rename)."""
+        """Bytes that left the disk (remove, shrink, overwritten by rename): queued to the store."""
         if n > 0:
-            with self.lock:
-                self.pending_bytes += n
-                self.flush()
+            self.pending_bytes += n
+            self.flush()
 
     # -- entries ------------------------------------------------------------
 
-    def charge_entry(self) -> None:
+    async def charge_entry(self) -> None:
         """Account for one new file or directory before creating it, or raise EntriesExceeded."""
-        with self.lock:
-            if self.pending_bytes or self.pending_entries:
-                self.flush()
-            now = time.monotonic()
-            try:
-                if now - self.entry_limit_read > RECHECK_SECONDS:
-                    quota, max_entries, _ = self.store.entries_state(self.name)
-                    self.entry_limit = entries_limit(quota, max_entries)
-                    self.entry_limit_read = now
-                if not self.store.charge_entries(self.name, 1, self.entry_limit):
-                    _, _, entries = self.store.entries_state(self.name)
-                    raise EntriesExceeded(entries,
-                                          self.entry_limit if self.entry_limit is not None else LEDGER_MAX)
-            except AccountError as exc:
-                raise _store_unavailable(exc) from None
+        if self.pending_bytes or self.pending_entries:
+            self.flush()
+        now = time.monotonic()
+        refresh = now - self.entry_limit_read > RECHECK_SECONDS
+        known, name = self.entry_limit, self.name
+
+        def charge(store: AccountStore) -> tuple[int | None, bool, int]:
+            limit = known
+            if refresh:
+                quota, max_entries, _ = store.entries_state(name)
+                limit = entries_limit(quota, max_entries)
+            if store.charge_entries(name, 1, limit):
+                return limit, True, 0
+            return limit, False, store.entries_state(name)[2]
+
+        def then(result: tuple[int | None, bool, int] | None, wanted: bool) -> None:
+            if result is None:
+                return
+            limit, ok, _ = result
+            if refresh:
+                self.entry_limit, self.entry_limit_read = limit, now
+            if ok and not wanted:  # the request went away: nothing will be created for this charge
+                self.credit_entries(1)
+
+        try:
+            limit, ok, entries = await self.worker.call(charge, then)
+        except AccountError as exc:
+            raise _store_unavailable(exc) from None
+        if not ok:
+            raise EntriesExceeded(entries, limit if limit is not None else LEDGER_MAX)
 
     def credit_entries(self, n: int) -> None:
         """Entries that are gone (remove, rmdir, replaced by rename), or a charge given back."""
         if n > 0:
-            with self.lock:
-                self.pending_entries += n
-                self.flush()
+            self.pending_entries += n
+            self.flush()
 
     # -- store synchronisation ------------------------------------------------
 
-    def flush(self) -> bool:
-        """Hand pending credits to the store; on failure keep them and retry soon."""
-        with self.lock:
+    def _queue(self, fn: Callable[[AccountStore], T], then: Callable[[T | None, BaseException | None], None]) -> None:
+        """Hand `fn` to the store thread; `then(result, error)` runs on the loop when it is done.
+
+        Without a running loop (shutdown, tools) it runs here and now."""
+        self.queued += 1
+
+        def done(result: T | None, error: BaseException | None) -> None:
+            self.queued -= 1
+            then(result, error)
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
             try:
-                if self.pending_bytes:
-                    self.store.adjust_used(self.name, -self.pending_bytes)
-                    self.pending_bytes = 0
-                if self.pending_entries:
-                    self.store.adjust_entries(self.name, -self.pending_entries)
-                    self.pending_entries = 0
+                result = self.worker.call_sync(fn)
             except AccountError as exc:
-                self._retry_later(f"credit of {self.pending_bytes} bytes, {self.pending_entries} entries", exc)
-                return False
-            return True
+                done(None, exc)
+            else:
+                done(result, None)
+            return
+
+        def finished(f: concurrent.futures.Future[T]) -> None:
+            error = f.exception()
+            done(None if error is not None else f.result(), error)
+
+        self.worker.submit(fn, finished)
+
+    def flush(self) -> None:
+        """Hand pending credits to the store; what it cannot take comes back and is retried soon."""
+        nbytes, nentries, name = self.pending_bytes, self.pending_entries, self.name
+        if not (nbytes or nentries):
+            return
+        self.pending_bytes = self.pending_entries = 0
+
+        def apply(store: AccountStore) -> tuple[int, int, AccountError | None]:
+            left_bytes = nbytes
+            try:
+                if nbytes:
+                    store.adjust_used(name, -nbytes)
+                    left_bytes = 0
+                if nentries:
+                    store.adjust_entries(name, -nentries)
+            except AccountError as exc:  # what is left, so nothing is credited twice
+                return left_bytes, nentries, exc
+            return 0, 0, None
+
+        def then(result: tuple[int, int, AccountError | None] | None, error: BaseException | None) -> None:
+            left_bytes, left_entries, exc = result if result is not None else (nbytes, nentries, error)
+            if left_bytes or left_entries:
+                self.pending_bytes += left_bytes
+                self.pending_entries += left_entries
+                self._retry_later(f"credit of {left_bytes} bytes, {left_entries} entries", exc)
+            else:
+                self._maybe_unmark()
+
+        self._queue(apply, then)
 
     def settle(self, release_pool: bool) -> None:
-        """Move consumed bytes into the store's usage; on failure keep them and retry soon."""
-        with self.lock:
-            release = self.pool if release_pool else 0
-            if self.unsettled or release:
-                try:
-                    self.store.settle(self.owner, self.name, self.unsettled, release, keep_row=self.sessions > 0)
-                except AccountError as exc:  # still counted as reserved in the store: nothing over-admitted
-                    self._retry_later(f"settlement of {self.unsettled} bytes", exc)
-                    return
-                self.unsettled = 0
-                self.pool -= release
-            self.flush()
+        """Move consumed bytes into the store's usage (queued); on failure they come back, retried soon."""
+        consumed = self.unsettled
+        release = self.pool if release_pool and not self.charging.locked() else 0
+        if consumed or release:
+            self.unsettled -= consumed
+            self.pool -= release
+            owner, name, keep = self.owner, self.name, self.sessions > 0
 
-    def _retry_later(self, what: str, exc: Exception) -> None:
+            def apply(store: AccountStore) -> None:
+                store.settle(owner, name, consumed, release, keep_row=keep)
+
+            def then(_result: None, error: BaseException | None) -> None:
+                if error is not None:  # still counted as reserved in the store: nothing over-admitted
+                    self.unsettled += consumed
+                    self.pool += release
+                    self._retry_later(f"settlement of {consumed} bytes", error)
+                else:
+                    self._maybe_unmark()
+
+            self._queue(apply, then)
+        self.flush()
+
+    def _retry_later(self, what: str, exc: BaseException | None) -> None:
         if self.retry is not None:
             return  # one retry scheduled at a time; one log line per failure streak
         log.warning("quota ledger of %s: %s postponed, the store failed (%s); retrying", self.name, what, exc)
@@ -353,52 +477,63 @@ class UserLedger:
     @property
     def in_sync(self) -> bool:
         """Nothing of this ledger waits for the store."""
-        return not (self.unsettled or self.pending_bytes or self.pending_entries)
+        return not (self.unsettled or self.pending_bytes or self.pending_entries or self.queued)
 
     # -- presence -----------------------------------------------------------
 
     def session_opened(self) -> None:
         """A session of this user starts in this process: mark the process present for the user,
         so a crash (which drops its handles without a last-close credit) leads to a rescan."""
-        with self.lock:
-            self.sessions += 1
-            self.checked = 0.0  # a new session re-checks the pool against the store at its first charge
-            if self.sessions == 1:
-                try:
-                    self.store.mark_present(self.owner, self.name)
-                except AccountError as exc:
-                    log.warning("quota ledger of %s: presence not recorded (%s)", self.name, exc)
+        self.sessions += 1
+        self.checked = 0.0  # a new session re-checks the pool against the store at its first charge
+        if self.sessions == 1:
+            owner, name = self.owner, self.name
+
+            def then(_result: None, error: BaseException | None) -> None:
+                if error is not None:
+                    log.warning("quota ledger of %s: presence not recorded (%s)", name, error)
+
+            self._queue(lambda store: store.mark_present(owner, name), then)
 
     def session_closed(self) -> None:
-        with self.lock:
-            self.sessions -= 1
-            if self.sessions == 0 and self.pool == 0 and self.in_sync:
-                try:
-                    self.store.unmark_present(self.owner, self.name)
-                except AccountError:
-                    pass  # a stale presence row only costs a rescan after a crash
+        self.sessions -= 1
+        self._maybe_unmark()
 
-    def state(self) -> tuple[int | None, int]:
-        return self.store.quota_state(self.name)
+    def _maybe_unmark(self) -> None:
+        """The last session is gone and the store has everything: drop the presence row."""
+        if self.sessions == 0 and self.pool == 0 and self.in_sync:
+            owner, name = self.owner, self.name
+            # A failure only leaves a stale presence row, which costs a rescan after a crash.
+            self._queue(lambda store: store.unmark_present(owner, name), lambda _r, _e: None)
+
+    async def state(self) -> tuple[int | None, int]:
+        name = self.name
+        return await self.worker.read(lambda store: store.quota_state(name))
 
 
 class QuotaManager:
-    """All users' ledgers for this process, keyed by name."""
+    """All users' ledgers for this process, keyed by name, sharing one store worker."""
 
-    def __init__(self, store: AccountStore, owner: str) -> None:
-        self.store = store
+    def __init__(self, worker: StoreWorker, owner: str) -> None:
+        self.worker = worker
         self.owner = owner
         self._ledgers: dict[str, UserLedger] = {}
 
     def ledger(self, name: str) -> UserLedger:
         led = self._ledgers.get(name)
         if led is None:
-            led = self._ledgers[name] = UserLedger(name, self.store, self.owner)
+            led = self._ledgers[name] = UserLedger(name, self.worker, self.owner)
         return led
 
     def settle_all(self) -> None:
         for led in self._ledgers.values():
             led.settle(release_pool=True)
+
+    async def drain(self) -> None:
+        """Settle everything and wait until the store thread has done it (shutdown)."""
+        self.settle_all()
+        await self.worker.call(lambda store: None, request=False)
+        await asyncio.sleep(0)  # the queued calls' results, delivered before this one's, are applied
 
     def in_sync(self) -> bool:
         """No ledger of this process holds anything the store has not taken."""

@@ -35,17 +35,18 @@ from typing import Any
 import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
-from . import passwords
+from . import hashing, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
 from .config import ServeConfig, parse_startups
-from .defence import Admission, Defender, parse_cidrs, source_key
+from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
 from .quota import QuotaManager, reconcile_dead_owners
-from .session import UserSession
+from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
+from .stores.worker import StoreWorker
 
 __all__ = ["SshfilesService", "configure_logging", "ensure_host_keys", "run_server"]
 
@@ -90,6 +91,8 @@ LEGACY_USER_SIG_ALGS = ["ssh-rsa", "ssh-dss"]
 
 
 WATCH_INTERVAL = 1.0      # seconds between two looks at the live users' accounts
+ADMIN_BAN_REASON = "admin"  # the reason `sshfiles ban add` stores (cli.py)
+BAN_PRUNE_INTERVAL = 600.0  # seconds between two prunings of long-ended bans (defence.STRIKE_MEMORY)
 CLEANUP_TIMEOUT = 5.0     # how long shutdown waits for cut connections to settle and log
 WORKER_STOP_EXTRA = 10.0  # a worker gets grace + this to exit after SIGTERM before SIGKILL
 RESPAWN_MAX_DELAY = 30.0  # backoff cap for a worker that keeps dying right after it starts
@@ -121,7 +124,11 @@ class SshfilesService:
         self.config = config
         self.store = open_store(accounts_dir=config.accounts_dir)
         self.owner = self.store.register_owner()
-        self.quotas = QuotaManager(self.store, self.owner)
+        # Every store call once serving goes through the store threads (stores/worker.py): the
+        # event loop never waits for a store that another process holds locked.
+        self.store_worker = StoreWorker(lambda: open_store(accounts_dir=config.accounts_dir),
+                                        getattr(self.store, "busy_timeout", 30.0))
+        self.quotas = QuotaManager(self.store_worker, self.owner)
         self.connections: set[_ConnectionHandler] = set()  # every live connection, authenticated or not
         self.sessions: set[UserSession] = set()     # channels whose cleanup has not finished
         self.stopping = False                       # set by SIGTERM/SIGINT: no new channels
@@ -129,6 +136,7 @@ class SshfilesService:
         # the loop's connection may be inside a write transaction at that moment.
         self._watch_store: AccountStore | None = None
         self._watch_lock = threading.Lock()  # close() must not close it under a running query
+        self._pruned = -BAN_PRUNE_INTERVAL   # monotonic time of the last pruning of old bans (at once first)
         start, rate, full = parse_startups(config.max_startups)
         self.admission = Admission(start, rate, full, config.per_source_max_startups, config.per_source_rate,
                                    config.per_source_burst)
@@ -171,12 +179,19 @@ class SshfilesService:
                 c.end("source banned")
 
     def _sync_bans(self, new: list[Ban]) -> list[Ban]:
-        """Runs in the watcher's thread: write this process's new bans, read everyone's."""
+        """Runs in the watcher's thread: write this process's new bans, forget those that ended more
+        than STRIKE_MEMORY ago (every BAN_PRUNE_INTERVAL), read everyone's."""
         with self._watch_lock:
             if self._watch_store is None:
                 self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
             for b in new:
                 self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
+            now = time.monotonic()
+            if now - self._pruned >= BAN_PRUNE_INTERVAL:
+                self._pruned = now
+                gone = self._watch_store.prune_bans(time.time() - STRIKE_MEMORY)
+                if gone:
+                    log.info("forgot %d bans that ended more than %d days ago", gone, STRIKE_MEMORY // 86400)
             return self._watch_store.bans()
 
     async def sync_bans(self) -> None:
@@ -188,12 +203,22 @@ class SshfilesService:
             return
         self.defender.replace_bans((b.source, b.until, b.strikes) for b in bans)
         now = time.time()
-        for c in list(self.connections):  # a ban added elsewhere (CLI, another worker) ends pre-auth ones
-            if c.account is None and c.ended is None and self.defender.banned(c.source, now):
+        # An administrator's ban (`sshfiles ban add`) is a decision about the source: it also ends the
+        # source's logged-in sessions, in every worker, at this tick. An automatic ban only ends
+        # unauthenticated connections: a user who logged in from a source that later floods (a shared
+        # NAT) keeps working.
+        by_admin = {b.source for b in bans if b.reason == ADMIN_BAN_REASON and b.until > now}
+        for c in list(self.connections):  # a ban added elsewhere (CLI, another worker)
+            if c.ended is not None or not self.defender.banned(c.source, now):
+                continue
+            if c.account is None:
                 c.end("source banned")
+            elif c.source in by_admin and not self.defender.is_exempt(c.source):
+                c.end("source banned by the administrator")
 
     def close(self) -> None:
-        self.quotas.settle_all()
+        """After `quotas.drain` (which `_serve` awaits): close the store threads and the store."""
+        self.store_worker.close()  # runs whatever is still queued first
         if self.quotas.in_sync():
             # A clean stop leaves no row behind (presence marks included): the next start must not
             # take this process for a crashed one and rescan its users.
@@ -302,6 +327,12 @@ class _ChannelSession(ChannelSessionBase):
         self._auth.touch()  # every SFTP request arrives here too: this is the idle clock
         super().data_received(data, datatype)
 
+    @staticmethod
+    def _refuse(chan: Any) -> None:
+        """End a channel whose account no longer holds (or could not be read) before it served anything."""
+        with contextlib.suppress(OSError):
+            chan.exit(1)
+
     def shell_requested(self) -> bool:
         return True  # answered with a clear message, below
 
@@ -322,7 +353,10 @@ class _ChannelSession(ChannelSessionBase):
             self.start_task(self._run_exec(chan, command, stdin, stdout, stderr), stdin.logger)
 
     async def _run_sftp(self, chan: Any, stdin: SSHReader[bytes], stdout: SSHWriter[bytes]) -> None:
-        session = self._auth.new_session()
+        session = await self._auth.new_session()
+        if session is None:
+            self._refuse(chan)
+            return
         handler: SshfilesSFTPHandler | None = None
         try:
             server = JailedSFTPServer(chan, session)
@@ -341,7 +375,10 @@ class _ChannelSession(ChannelSessionBase):
 
     async def _run_scp(self, chan: Any, command: str, stdin: SSHReader[bytes], stdout: SSHWriter[bytes],
                        stderr: SSHWriter[bytes]) -> None:
-        session = self._auth.new_session()
+        session = await self._auth.new_session()
+        if session is None:
+            self._refuse(chan)
+            return
         self._auth.running += 1
         log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username), self._auth.peer,
                  esc(command), self._auth.cid)
@@ -363,11 +400,14 @@ class _ChannelSession(ChannelSessionBase):
             else:
                 log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username),
                          self._auth.peer, esc(command), self._auth.cid)
-                session = self._auth.new_session()
-                try:
-                    status = await run_exec(command, session, stdout, stderr, stdin)
-                finally:
-                    session.close()
+                session = await self._auth.new_session()
+                if session is None:
+                    stderr.write(b"sshfiles: the account could not be checked; try again later\n")
+                else:
+                    try:
+                        status = await run_exec(command, session, stdout, stderr, stdin)
+                    finally:
+                        session.close()
         except Exception as exc:  # never leave the client hanging without a status
             log.warning("exec failed for %s: %s conn=%s", esc(self._auth.username), esc(exc), self._auth.cid)
             stderr.write(b"sshfiles: command failed\n")
@@ -530,14 +570,17 @@ class _ConnectionHandler(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
-    def _lookup(self, username: str) -> Account | None:
-        """The account, or None for any reason a login must fail (same answer, same cost)."""
+    async def _lookup(self, username: str) -> Account | None:
+        """The account, or None for any reason a login must fail (same answer, same cost).
+
+        Read in the store's read thread: a store locked by another process delays (or fails)
+        this login only, never the event loop and everyone else's sessions."""
         try:
             validate_username(username)
         except AccountError:
             return None
         try:
-            acct = self.service.store.get_user(username)
+            acct = await self.service.store_worker.read(lambda store: store.get_user(username))
         except AccountError as exc:  # a corrupt or locked store: refuse, keep serving
             log.error("accounts store error: %s", exc)
             return None
@@ -584,7 +627,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.attempts += 1
         if self.ended is not None or self.attempts > self.service.config.max_auth_tries:
             return self._result(username, "password", None, False, "refused")
-        acct = self._lookup(username)
+        acct = await self._lookup(username)
         stored = acct.password_hash if acct else None
         try:
             verdict = await passwords.verify_password_fair(stored, password, self.source)
@@ -597,14 +640,15 @@ class _ConnectionHandler(asyncssh.SSHServer):
         if ok and acct is not None and stored and passwords.needs_rehash(stored):
             try:
                 # Not set_password_hash: the same password must not end this user's sessions.
-                if self.service.store.rehash_password(username, stored,
-                                                      await passwords.hash_password_async(password)):
+                new_hash = await passwords.hash_password_async(password)
+                if await self.service.store_worker.call(
+                        lambda store: store.rehash_password(username, stored, new_hash), request=False):
                     log.info("rehashed password of %s with current argon2 parameters", username)
             except AccountError as exc:
                 log.warning("could not rehash password of %s: %s", username, exc)
         return self._result(username, "password", acct, ok)
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # asyncssh asks this for a query without signature (answered PK_OK) and again for
         # the signed request: a True here binds nothing (see auth_completed).
         #
@@ -612,7 +656,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         # keys' blobs (base64-decoded, no key parsing), and an unknown or disabled user is
         # compared against one dummy blob, so the answer's timing does not tell whether a
         # user exists (it used to parse every stored key only for existing users).
-        acct = self._lookup(username)
+        acct = await self._lookup(username)
         offered = key.public_data
         blobs = [_key_blob(k.key) for k in acct.keys] if acct is not None else [_DUMMY_BLOB]
         ok = False
@@ -655,8 +699,9 @@ class _ConnectionHandler(asyncssh.SSHServer):
     def session_requested(self) -> _ChannelSession | bool:
         """A new channel: refused while stopping, and only for an account that still holds.
 
-        The re-check reads the store synchronously (one indexed read per channel
-        open), so a channel can never start between a change and the watcher's tick.
+        asyncssh wants the answer synchronously, so the account is re-read by the channel itself
+        (`recheck`, awaited before its session starts): no request of a channel is served
+        between a change and the watcher's tick.
         """
         if self.service.stopping or self.ended is not None or self.account is None:
             return False
@@ -669,17 +714,6 @@ class _ConnectionHandler(asyncssh.SSHServer):
             log.info("channel refused user=%s reason=max-sessions-per-user (%d) conn=%s",
                      esc(self.username), limits.max_sessions_per_user, self.cid)
             return False
-        try:
-            acct = self.service.store.get_user(self.username)
-        except AccountError as exc:
-            log.error("accounts store error: %s", exc)
-            return False
-        reason = self.stale_reason(None if acct is None else (acct.disabled, acct.auth_rev))
-        if reason is not None:
-            self.end(reason)
-            return False
-        assert acct is not None
-        self.account = acct  # a home or quota change applies to each new channel
         self.touch()
         self.channels += 1
         self.service.user_channels[self.username] = self.service.user_channels.get(self.username, 0) + 1
@@ -693,10 +727,27 @@ class _ConnectionHandler(asyncssh.SSHServer):
         else:
             self.service.user_channels.pop(self.username, None)
 
-    def new_session(self) -> UserSession:
-        """A channel's session, on the account as it was re-read when the channel opened."""
-        assert self.account is not None and self.account.name == self.username
-        acct = self.account
+    async def recheck(self) -> Account | None:
+        """Re-read the account for a new channel (in the store's read thread); None: refuse it."""
+        username = self.username
+        try:
+            acct = await self.service.store_worker.read(lambda store: store.get_user(username))
+        except AccountError as exc:
+            log.error("accounts store error: %s", exc)
+            return None
+        reason = self.stale_reason(None if acct is None else (acct.disabled, acct.auth_rev))
+        if reason is not None:
+            self.end(reason)
+            return None
+        return acct
+
+    async def new_session(self) -> UserSession | None:
+        """A channel's session, on the account as re-read now (None: the login no longer holds)."""
+        acct = await self.recheck()
+        if acct is None or self.ended is not None:
+            return None
+        assert acct.name == self.username
+        self.account = acct  # a home or quota change applies to each new channel
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
                               on_close=self._session_closed, conn_id=self.cid)
         self.service.sessions.add(session)
@@ -760,6 +811,14 @@ def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> di
     )
 
 
+def _apply_limits(config: ServeConfig) -> None:
+    """The per-session resource limits of the serve settings, into the modules that enforce them."""
+    set_handle_limits(config.max_handles_per_session, config.max_handles_per_user)
+    hashing.configure(config.hash_workers, config.hash_per_user_active, config.hash_per_user_waiting,
+                      config.max_hash_bytes)
+    SshfilesSFTPHandler.reply_buffer_limit = config.reply_buffer_limit
+
+
 async def start_server(config: ServeConfig, service: SshfilesService | None = None,
                        sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor, SshfilesService]:
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
@@ -767,6 +826,7 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
     if not os.environ.get("SSHFILES_NO_SPEEDUPS"):  # a benchmark lever: measure what they buy
         install_speedups()
+    _apply_limits(config)
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)
@@ -845,6 +905,8 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(acceptor.wait_closed(), 2)  # 3.12+ waits for connections: bounded
+            with contextlib.suppress(Exception):  # settle what is open; close() copes with what is not
+                await asyncio.wait_for(service.quotas.drain(), CLEANUP_TIMEOUT)
             service.close()
 
 

@@ -27,7 +27,7 @@ import os
 import resource
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from .jail import DirEntries, Jail
@@ -43,9 +43,10 @@ from .quota import (
     release,
     size_lock,
 )
+from .stores import AccountStore
 
-__all__ = ["COPY_CHUNK", "DIR_BATCH", "MAX_HANDLES_PER_SESSION", "MAX_HANDLES_PER_USER", "MAX_READ", "DirHandle",
-           "FileHandle", "SpaceInfo", "UserSession"]
+__all__ = ["COPY_CHUNK", "DIR_BATCH", "HANDLE_LIMITS", "MAX_HANDLES_PER_SESSION", "MAX_HANDLES_PER_USER", "MAX_READ",
+           "DirHandle", "FileHandle", "HandleLimits", "SpaceInfo", "UserSession", "set_handle_limits"]
 
 log = logging.getLogger("sshfiles.session")
 
@@ -70,10 +71,27 @@ def _fd_limit() -> int:
 #: limits that is 128..2048 per user and per session 128..512. Clients need a few: OpenSSH's sftp
 #: and scp one or two, rclone and lftp one per parallel transfer plus a listing. Refusals are
 #: ``EMFILE``: SFTP FAILURE "Too many open files (N per session)". limits@openssh.com advertises the
-#: per-session bound. Config fields they should become: ``max_handles_per_user`` and
-#: ``max_handles_per_session``.
+#: per-session bound. These are the automatic defaults; ``--max-handles-per-session`` and
+#: ``--max-handles-per-user`` set others (`set_handle_limits`, once at server start).
 MAX_HANDLES_PER_USER = min(2048, max(16, _fd_limit() // 8))
 MAX_HANDLES_PER_SESSION = min(512, MAX_HANDLES_PER_USER)
+
+
+@dataclass
+class HandleLimits:
+    """The handle bounds in force in this process (one object, so every reader sees a change)."""
+
+    per_session: int = MAX_HANDLES_PER_SESSION
+    per_user: int = MAX_HANDLES_PER_USER
+
+
+HANDLE_LIMITS = HandleLimits()
+
+
+def set_handle_limits(per_session: int, per_user: int) -> None:
+    """Apply the serve settings (0: the automatic default); a session never gets more than its user."""
+    HANDLE_LIMITS.per_user = per_user or MAX_HANDLES_PER_USER
+    HANDLE_LIMITS.per_session = min(per_session or MAX_HANDLES_PER_SESSION, HANDLE_LIMITS.per_user)
 
 #: copy-data is done in chunks of this size: each chunk's read runs in a thread, its write (charge +
 #: pwrite under the file's size lock) on the loop, between chunks other sessions' requests run.
@@ -165,7 +183,7 @@ class UserSession:
         self.interrupted = False
         self._on_close = on_close
         self._closed = False
-        self.handles = 0  # open FileHandles and DirHandles of this session (MAX_HANDLES_PER_SESSION)
+        self.handles = 0  # open FileHandles and DirHandles of this session (HANDLE_LIMITS.per_session)
 
     def close(self) -> None:
         if not self._closed:
@@ -192,10 +210,11 @@ class UserSession:
 
     def _take_handle(self) -> None:
         """Count one more open handle, or refuse with EMFILE past the session's or the user's bound."""
-        if self.handles >= MAX_HANDLES_PER_SESSION:
-            raise OSError(errno.EMFILE, f"Too many open files ({MAX_HANDLES_PER_SESSION} per session)")
-        if self.ledger.open_handles >= MAX_HANDLES_PER_USER:
-            raise OSError(errno.EMFILE, f"Too many open files ({MAX_HANDLES_PER_USER} per user)")
+        limits = HANDLE_LIMITS
+        if self.handles >= limits.per_session:
+            raise OSError(errno.EMFILE, f"Too many open files ({limits.per_session} per session)")
+        if self.ledger.open_handles >= limits.per_user:
+            raise OSError(errno.EMFILE, f"Too many open files ({limits.per_user} per user)")
         self.handles += 1
         self.ledger.open_handles += 1
 
@@ -204,15 +223,15 @@ class UserSession:
             self.handles -= 1
             self.ledger.open_handles -= 1
 
-    def open(self, path: bytes | str, flags: int, trunc: bool = False, append: bool = False,
-             perms: int = 0o666) -> FileHandle:
+    async def open(self, path: bytes | str, flags: int, trunc: bool = False, append: bool = False,
+                   perms: int = 0o666) -> FileHandle:
         """Open a regular file; `flags` are os.O_* (access mode, O_CREAT, O_EXCL)."""
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if (trunc or append) and not writable:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
         self._take_handle()
         try:
-            fd = self._open_fd(path, flags, perms)
+            fd = await self._open_fd(path, flags, perms)
         except BaseException:
             self._give_handle()
             raise
@@ -223,7 +242,7 @@ class UserSession:
                 self.ledger.write_handles += 1
                 counted = True
                 if trunc:
-                    self._truncate_fd(fd, 0)
+                    await self._truncate_fd(fd, 0)
         except BaseException:
             if counted:
                 self.ledger.write_handles -= 1
@@ -248,12 +267,12 @@ class UserSession:
 
     def open_for_hash(self, path: bytes | str) -> int:
         """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`."""
-        return self._open_fd(path, os.O_RDONLY)
+        return self._open_held(path, os.O_RDONLY, 0)
 
     def close_fd(self, fd: int) -> None:
         self._close_fd(fd)
 
-    def _open_fd(self, path: bytes | str, flags: int, perms: int = 0o666) -> int:
+    async def _open_fd(self, path: bytes | str, flags: int, perms: int = 0o666) -> int:
         """Open a regular file as a holder of its inode, charging an entry if this creates it.
 
         A create is tried without O_CREAT first, so only a file that really
@@ -267,7 +286,7 @@ class UserSession:
             except FileNotFoundError:
                 pass
         if fd < 0 and flags & os.O_CREAT:
-            self._charge_entry(path)
+            await self._charge_entry(path)
             try:
                 fd = self._open_held(path, flags | os.O_EXCL, perms)
             except FileExistsError:
@@ -299,10 +318,10 @@ class UserSession:
             hold(fd)
         return fd
 
-    def _charge_entry(self, path: bytes | str) -> None:
+    async def _charge_entry(self, path: bytes | str) -> None:
         """Charge a new entry; when the quota is full but the name exists, say that instead."""
         try:
-            self.ledger.charge_entry()
+            await self.ledger.charge_entry()
         except EntriesExceeded:
             try:
                 exists = self.jail.lstat_entry(path) is not None
@@ -353,43 +372,76 @@ class UserSession:
         f.bytes_read += len(data)
         return data
 
-    def write(self, f: FileHandle, offset: int, data: bytes) -> int:
+    @contextlib.asynccontextmanager
+    async def _grown(self, fd: int, growth_of: Callable[[int], int]) -> AsyncIterator[tuple[int, int]]:
+        """Hold `fd`'s size lock with its growth charged: yields (size, growth) measured under the lock.
+
+        The growth (`growth_of(size)`) comes from the in-memory pool when it can (`take`: no
+        store, no await, the WRITE fast path). When the store must be asked, the lock is let go
+        first (the event loop must never wait on it, and another handle of this process may want
+        it meanwhile), the charge is awaited, and the size is measured again under the lock: a
+        charge made for a size that changed meanwhile is topped up or given back, so what is
+        charged is exactly the growth that happens. The body must `uncharge` whatever of the
+        growth did not happen.
+        """
+        held = 0  # charged ahead of the lock for this change
+        try:
+            for _ in range(8):
+                with size_lock(fd):
+                    size = os.fstat(fd).st_size
+                    growth = growth_of(size)
+                    if growth <= held or self.ledger.take(growth - held):
+                        self.ledger.uncharge(held - growth)
+                        held = 0
+                        yield size, growth
+                        return
+                need = growth - held
+                await self.ledger.charge(need)
+                held += need
+            raise OSError(errno.EAGAIN, "the file keeps changing size; try again")
+        finally:
+            self.ledger.uncharge(held)
+
+    async def write(self, f: FileHandle, offset: int, data: bytes) -> int:
         """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all."""
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
         if not data:
             return 0  # writes nothing, so it may not charge (or extend) anything
         fd = f.fd
-        with size_lock(fd):
+        start = offset
+
+        def growth_of(size: int) -> int:
             # The kernel's size, not a remembered one: another handle, session or
             # worker may have changed the file since our last write.
-            size = os.fstat(fd).st_size
-            if f.append:
-                offset = size
-            end = offset + len(data)
-            try:
-                if end > size:  # the quota speaks first: its message is the one a user can act on
-                    self.ledger.charge(end - size)
+            return max(0, (size if f.append else start) + len(data) - size)
+
+        try:
+            async with self._grown(fd, growth_of) as (size, growth):
+                if f.append:
+                    offset = size
+                end = offset + len(data)
+                if growth:  # the quota has spoken first: its message is the one a user can act on
                     try:
                         check_size(end)
                     except OSError:
-                        self.ledger.uncharge(end - size)
+                        self.ledger.uncharge(growth)
                         raise
-            except QuotaExceeded as exc:
-                f.failed = str(exc)
-                raise
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    view = view[written:]
-                    offset += written
-            except OSError as exc:
-                # Disk full or I/O error: charge only what really landed.
-                if end > size:
-                    self.ledger.uncharge(end - max(size, os.fstat(fd).st_size))
-                f.failed = exc.strerror or "write failed"
-                raise
+                try:
+                    view = memoryview(data)
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view = view[written:]
+                        offset += written
+                except OSError as exc:
+                    # Disk full or I/O error: charge only what really landed.
+                    if growth:
+                        self.ledger.uncharge(end - max(size, os.fstat(fd).st_size))
+                    f.failed = exc.strerror or "write failed"
+                    raise
+        except QuotaExceeded as exc:
+            f.failed = str(exc)
+            raise
         f.bytes_written += len(data)
         return len(data)
 
@@ -400,8 +452,7 @@ class UserSession:
         In `COPY_CHUNK` steps so no copy holds the event loop: each chunk is read in a thread
         (a pread needs no lock and touches no ledger) and written with `write` on the loop, so the
         charge and the pwrite of a chunk stay one step under the file's size lock, exactly as for
-        an SFTP WRITE, and the ledger and the store are only ever used from the loop (the store's
-        connection is not safe to share with a thread mid-transaction). A pwrite of 1 MiB into the
+        an SFTP WRITE, and the ledger is only ever used from the loop. A pwrite of 1 MiB into the
         page cache is well under a millisecond; between chunks every other session's requests run.
         "To the end" is the source's size when the copy starts: a copy of a file onto its own end
         would otherwise chase its own writes until the quota (or the disk) is full. A copy that
@@ -425,29 +476,25 @@ class UserSession:
             if not data:
                 break
             src.bytes_read += len(data)
-            self.write(dst, dst_offset + copied, data)
+            await self.write(dst, dst_offset + copied, data)
             copied += len(data)
             if len(data) < want:
                 break
         return copied
 
-    def truncate(self, f: FileHandle, size: int) -> None:
+    async def truncate(self, f: FileHandle, size: int) -> None:
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
-        self._truncate_fd(f.fd, size)
+        await self._truncate_fd(f.fd, size)
 
-    def _truncate_fd(self, fd: int, size: int) -> None:
+    async def _truncate_fd(self, fd: int, size: int) -> None:
         """Set a file's size: growth is charged before, a shrink credited after."""
         check_size(size)
-        with size_lock(fd):  # no other process can change the size between fstat and ftruncate
-            old = os.fstat(fd).st_size
-            if size > old:
-                self.ledger.charge(size - old)
-            try:
+        async with self._grown(fd, lambda old: max(0, size - old)) as (old, growth):
+            try:  # no other process can change the size between the fstat and ftruncate
                 os.ftruncate(fd, size)
             except OSError:
-                if size > old:
-                    self.ledger.uncharge(size - old)
+                self.ledger.uncharge(growth)
                 raise
         if size < old:
             self.ledger.credit(old - size)
@@ -466,10 +513,10 @@ class UserSession:
     def realpath(self, path: bytes | str) -> str:
         return self.jail.realpath(path)
 
-    def set_size(self, path: bytes | str, size: int, follow: bool = True) -> None:
-        fd = self._open_fd(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
+    async def set_size(self, path: bytes | str, size: int, follow: bool = True) -> None:
+        fd = await self._open_fd(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
         try:
-            self._truncate_fd(fd, size)
+            await self._truncate_fd(fd, size)
             self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
             self._close_fd(fd)
@@ -486,10 +533,14 @@ class UserSession:
     def futime(self, f: FileHandle, times: tuple[float, float]) -> None:
         os.utime(f.fd, times)
 
-    def space(self) -> SpaceInfo:
+    async def space(self) -> SpaceInfo:
         """The user's quota and usage with the filesystem's numbers, for statvfs."""
-        quota, used = self.ledger.state()
-        _, max_entries, entries = self.ledger.store.entries_state(self.username)
+        name = self.username
+
+        def read(store: AccountStore) -> tuple[tuple[int | None, int], tuple[int | None, int | None, int]]:
+            return store.quota_state(name), store.entries_state(name)
+
+        (quota, used), (_, max_entries, entries) = await self.ledger.worker.read(read)
         return SpaceInfo(quota, used, entries_limit(quota, max_entries), entries, self.jail.statvfs())
 
     # -- names ----------------------------------------------------------------
@@ -516,8 +567,8 @@ class UserSession:
     def readlink(self, path: bytes | str) -> bytes:
         return self.jail.readlink(path)
 
-    def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
-        self._charge_entry(path)
+    async def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
+        await self._charge_entry(path)
         try:
             self.jail.mkdir(path, mode)
         except BaseException:

@@ -14,6 +14,7 @@ client needs it (see its docstring).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
@@ -36,11 +37,13 @@ from asyncssh import (
 
 from . import __version__, checkfile
 from .asyncssh_seam import ExtendedReply, SFTPServerHandlerBase, SSHPacket, String, UInt64
-from .session import DIR_BATCH, MAX_HANDLES_PER_SESSION, MAX_READ, DirHandle, FileHandle, UserSession
+from .session import HANDLE_LIMITS, MAX_READ, DirHandle, FileHandle, UserSession
 
 __all__ = ["MAX_READ", "MAX_WRITE", "DirListing", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
 
 MAX_WRITE = 256 * 1024
+#: Directory entries read (lstat + attributes) between two yields to the event loop in a READDIR.
+LIST_SLICE = 32
 MAX_PACKET = MAX_WRITE + 1024
 
 
@@ -57,20 +60,27 @@ def _handle(file_obj: object) -> FileHandle:
 
 class DirListing(AsyncIterator[SFTPName]):
     """An SFTP directory handle: asyncssh pulls names for each READDIR (up to 128 per reply), we
-    read them from the directory `DIR_BATCH` at a time, so no listing is ever held whole: a
-    directory of 100,000 entries costs one batch of memory per handle and one batch of lstats per
-    READDIR on the loop, never one long stall at opendir."""
+    read them from the directory `LIST_SLICE` at a time, yielding to the loop in between, so no
+    listing is ever held whole: a directory of 100,000 entries costs one slice of memory per handle
+    and a few short turns of the loop per READDIR, never one long stall at opendir."""
 
     def __init__(self, d: DirHandle) -> None:
         self._dir = d
         self._batch: list[SFTPName] = []
+        self._started = False
 
     def __aiter__(self) -> DirListing:
         return self
 
     async def __anext__(self) -> SFTPName:
         if not self._batch:
-            self._batch = [SFTPName(name, attrs=_attrs(st)) for name, st in self._dir.read(DIR_BATCH)]
+            if self._started:
+                # asyncssh gathers up to 128 names per READDIR in one go: let other sessions' requests
+                # run between slices, so a listing never holds the loop for a whole reply's lstats
+                # and attributes (siege row big-opendir: the bystander's stat waited behind them).
+                await asyncio.sleep(0)
+            self._started = True
+            self._batch = [SFTPName(name, attrs=_attrs(st)) for name, st in self._dir.read(LIST_SLICE)]
             self._batch.reverse()
             if not self._batch:
                 raise StopAsyncIteration
@@ -103,7 +113,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     # -- files ----------------------------------------------------------------
 
-    def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> FileHandle:
+    async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> FileHandle:
         if pflags & FXF_READ and pflags & FXF_WRITE:
             flags = os.O_RDWR
         elif pflags & FXF_WRITE:
@@ -116,7 +126,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             flags |= os.O_EXCL
         perms = 0o666 if attrs.permissions is None else stat.S_IMODE(attrs.permissions)
         try:
-            return self.session.open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), perms)
+            return await self.session.open(path, flags, bool(pflags & FXF_TRUNC), bool(pflags & FXF_APPEND), perms)
         except OSError as exc:
             self._notify(exc)
             raise
@@ -127,11 +137,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)
 
-    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
         f = _handle(file_obj)
         first = f.failed is None
         try:
-            return self.session.write(f, offset, data)
+            return await self.session.write(f, offset, data)
         except OSError as exc:
             if first:  # once per handle: a pipelined upload has many refused writes
                 self._notify(exc)
@@ -152,11 +162,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def fstat(self, file_obj: object) -> SFTPAttrs:
         return _attrs(self.session.fstat(_handle(file_obj)))
 
-    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+    async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _handle(file_obj)
         if attrs.size is not None:
             try:
-                self.session.truncate(f, attrs.size)
+                await self.session.truncate(f, attrs.size)
             except OSError as exc:
                 self._notify(exc)
                 raise
@@ -176,16 +186,16 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def stat(self, path: bytes) -> SFTPAttrs:
         return _attrs(self.session.stat(path, follow=True))
 
-    def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self._setstat(path, attrs, follow=True)
+    async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._setstat(path, attrs, follow=True)
 
-    def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
-        self._setstat(path, attrs, follow=False)
+    async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._setstat(path, attrs, follow=False)
 
-    def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
+    async def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
         if attrs.size is not None:
             try:
-                self.session.set_size(path, attrs.size, follow)
+                await self.session.set_size(path, attrs.size, follow)
             except OSError as exc:
                 self._notify(exc)
                 raise
@@ -194,21 +204,21 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if attrs.atime is not None and attrs.mtime is not None:
             self.session.utime(path, (attrs.atime, attrs.mtime), follow)
 
-    def statvfs(self, path: bytes) -> SFTPVFSAttrs:
+    async def statvfs(self, path: bytes) -> SFTPVFSAttrs:
         self.session.stat(path)  # a missing path is an error, as for OpenSSH
-        return self._vfs()
+        return await self._vfs()
 
-    def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
-        return self._vfs()
+    async def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
+        return await self._vfs()
 
-    def _vfs(self) -> SFTPVFSAttrs:
+    async def _vfs(self) -> SFTPVFSAttrs:
         """The quota as a filesystem: size = quota, used = usage, free = the rest.
 
         f_frsize is 1 so block counts are exact byte counts (OpenSSH's df
         multiplies by f_frsize); f_bsize stays a sane I/O size.  The entry
         quota shows as the inode counts (`df -i`).
         """
-        space = self.session.space()
+        space = await self.session.space()
         fsv = space.fs
         files, ffree, favail = fsv.f_files, fsv.f_ffree, fsv.f_favail
         if space.entry_limit is not None:
@@ -230,9 +240,9 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         # The directory is opened now (a missing one fails at opendir); entries are read per READDIR.
         return DirListing(self.session.opendir(path))
 
-    def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+    async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
         try:
-            self.session.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
+            await self.session.mkdir(path, 0o777 if attrs.permissions is None else stat.S_IMODE(attrs.permissions))
         except OSError as exc:
             self._notify(exc)
             raise
@@ -280,13 +290,13 @@ async def _write(handler: SFTPServerHandlerBase, packet: SSHPacket) -> int:
     file_obj = handler.file_handle(handle)
     if not file_obj:
         raise asyncssh.SFTPInvalidHandle("Invalid file handle")
-    return _server_of(handler).write(file_obj, offset, data)
+    return await _server_of(handler).write(file_obj, offset, data)
 
 
 async def _limits(handler: SFTPServerHandlerBase, packet: SSHPacket) -> SFTPLimits:
     """limits@openssh.com with OpenSSH's 256 KiB read/write sizes and the handles a session may open."""
     packet.check_end()
-    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, MAX_HANDLES_PER_SESSION)
+    return SFTPLimits(MAX_PACKET, MAX_READ, MAX_WRITE, HANDLE_LIMITS.per_session)
 
 
 async def _copy_data(handler: SFTPServerHandlerBase, packet: SSHPacket) -> None:

@@ -92,6 +92,7 @@ class SQLiteAccountStore:
             # How long a writer waits for another process's lock before the call fails
             # (the ledger keeps failed credits and retries them, see quota.py).
             busy_timeout = float(os.environ.get("SSHFILES_STORE_BUSY_TIMEOUT", "30"))
+        self.busy_timeout = busy_timeout  # the store worker's bound on a request's wait (stores/worker.py)
         self.directory = Path(directory)
         self.path = self.directory / self.FILENAME
         self._owner_fds: dict[str, int] = {}
@@ -145,6 +146,11 @@ class SQLiteAccountStore:
     def bans(self) -> list[Ban]:
         """Every stored ban, expired ones included (their strikes make the next ban longer)."""
         return [Ban(*row) for row in self._query("SELECT source, until, reason, strikes FROM bans ORDER BY source")]
+
+    def prune_bans(self, expired_before: float) -> int:
+        """Forget bans that ended before `expired_before` (epoch seconds), strikes and all."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM bans WHERE until < ?", (expired_before,)).rowcount
 
     def is_banned(self, source: str, now: float | None = None) -> bool:
         now = time.time() if now is None else now

@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
     "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
     "max_sessions_per_user": 64, "max_channels_per_connection": 10, "legacy_algorithms": False,
+    "max_handles_per_session": 0, "max_handles_per_user": 0, "reply_buffer_limit": 4194304,
+    "max_hash_bytes": 64 << 30, "hash_workers": 2, "hash_per_user_active": 2, "hash_per_user_waiting": 16,
 }
 
 # One valid value per setting for each layer, all different from each other and from the default.
@@ -38,20 +40,30 @@ TOML_PARSED = {"host": "10.0.0.3", "port": 3, "keys_dir": Path("/t/keys"), "acco
 # The pre-auth defence settings (one value per layer, as above).
 FLAG.update(max_startups="1:2:3", per_source_max_startups=1, per_source_rate=1.5, per_source_burst=1,
             ban_threshold=1.0, ban_window=1.0, ban_time=1.0, ban_max=1.0, ban_exempt="10.1.0.0/16",
-            max_sessions_per_user=1, max_channels_per_connection=1, legacy_algorithms=True)
+            max_sessions_per_user=1, max_channels_per_connection=1, legacy_algorithms=True,
+            max_handles_per_session=1, max_handles_per_user=1, reply_buffer_limit=65536, max_hash_bytes=1,
+            hash_workers=1, hash_per_user_active=1, hash_per_user_waiting=1)
 ENV.update(max_startups="4:5:6", per_source_max_startups="2", per_source_rate="2.5", per_source_burst="2",
            ban_threshold="2", ban_window="2", ban_time="2", ban_max="2", ban_exempt="10.2.0.0/16",
-           max_sessions_per_user="2", max_channels_per_connection="2", legacy_algorithms="yes")
+           max_sessions_per_user="2", max_channels_per_connection="2", legacy_algorithms="yes",
+           max_handles_per_session="2", max_handles_per_user="2", reply_buffer_limit="65537", max_hash_bytes="2",
+           hash_workers="2", hash_per_user_active="2", hash_per_user_waiting="2")
 ENV_PARSED.update(max_startups="4:5:6", per_source_max_startups=2, per_source_rate=2.5, per_source_burst=2,
                   ban_threshold=2.0, ban_window=2.0, ban_time=2.0, ban_max=2.0, ban_exempt="10.2.0.0/16",
-                  max_sessions_per_user=2, max_channels_per_connection=2, legacy_algorithms=True)
+                  max_sessions_per_user=2, max_channels_per_connection=2, legacy_algorithms=True,
+                  max_handles_per_session=2, max_handles_per_user=2, reply_buffer_limit=65537, max_hash_bytes=2,
+                  hash_workers=2, hash_per_user_active=2, hash_per_user_waiting=2)
 TOML.update(max_startups="7:8:9", per_source_max_startups=3, per_source_rate=3, per_source_burst=3,
             ban_threshold=3, ban_window=3, ban_time=3, ban_max=3, ban_exempt="10.3.0.0/16, 2001:db8::/32",
-            max_sessions_per_user=3, max_channels_per_connection=3, legacy_algorithms=True)
+            max_sessions_per_user=3, max_channels_per_connection=3, legacy_algorithms=True,
+            max_handles_per_session=3, max_handles_per_user=3, reply_buffer_limit=65538, max_hash_bytes=3,
+            hash_workers=3, hash_per_user_active=3, hash_per_user_waiting=3)
 TOML_PARSED.update(max_startups="7:8:9", per_source_max_startups=3, per_source_rate=3.0, per_source_burst=3,
                    ban_threshold=3.0, ban_window=3.0, ban_time=3.0, ban_max=3.0,
                    ban_exempt="10.3.0.0/16, 2001:db8::/32", max_sessions_per_user=3,
-                   max_channels_per_connection=3, legacy_algorithms=True)
+                   max_channels_per_connection=3, legacy_algorithms=True,
+                   max_handles_per_session=3, max_handles_per_user=3, reply_buffer_limit=65538, max_hash_bytes=3,
+                   hash_workers=3, hash_per_user_active=3, hash_per_user_waiting=3)
 
 
 def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:

@@ -360,3 +360,14 @@ def test_owners_and_drop_owner(store: AccountStore) -> None:
     assert store.owners() == ["live"]
     assert store.charged("alice") == 5 and store.charged("bob") == 0
     assert store.drop_owner("dead") == [] and store.drop_owner("never") == []
+
+
+def test_prune_bans_forgets_only_bans_that_ended_before(store: AccountStore) -> None:
+    """Expired bans are kept for their strikes, until they ended longer ago than the strike memory."""
+    store.ban("192.0.2.1", 1000.0, "auth-failed", 3)
+    store.ban("192.0.2.2", 5000.0, "auth-failed", 1)
+    store.ban("2001:db8::/64", 2000.0, "admin", 2)
+    assert store.prune_bans(2000.0) == 1                    # ended before: gone; ended at 2000: kept
+    assert [b.source for b in store.bans()] == ["192.0.2.2", "2001:db8::/64"]
+    assert store.prune_bans(2000.0) == 0
+    assert store.is_banned("192.0.2.2", now=4000.0)
