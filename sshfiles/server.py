@@ -444,6 +444,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.channels = 0            # open session channels
         self.account: Account | None = None
         self.perm_rules = PermissionRules()  # the account's permission rules as read at the last channel open
+        self.own_uploads: dict[str, None] = {}  # files this login created: see UserSession._own
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
         # What each user name was validated with during authentication (the last
@@ -743,7 +744,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         assert self.account is not None and self.account.name == self.username
         acct = self.account
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
-                              on_close=self._session_closed, conn_id=self.cid, permissions=self.perm_rules)
+                              on_close=self._session_closed, conn_id=self.cid, permissions=self.perm_rules,
+                              own_uploads=self.own_uploads)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session

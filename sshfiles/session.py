@@ -84,6 +84,9 @@ COPY_CHUNK = 1024 * 1024
 #: Entries of a directory read per READDIR reply (asyncssh sends at most 128 names per reply).
 DIR_BATCH = 128
 
+#: How many of its own new files one session remembers for `stat` in a directory it may not list.
+OWN_UPLOADS = 1024
+
 
 @dataclass
 class FileHandle:
@@ -153,12 +156,17 @@ class UserSession:
 
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
                  on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-",
-                 permissions: PermissionRules | None = None) -> None:
+                 permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None) -> None:
         self.username = username
         self.peer = peer
         # The user's per-directory rules as this process last read them; the server's watcher
         # replaces them when the store's revision moves (`set_permissions`), never a store read here.
         self.perms = permissions if permissions is not None else PermissionRules()
+        # Files created by this session, or by the other channels of its connection when the server
+        # shares the dict (newest last, at most OWN_UPLOADS): `stat` and the hashes answer for them even
+        # where the user may not list or download, since clients check an upload's size and hash after
+        # it (rclone does both, the hash over an exec channel). They tell only what the client wrote.
+        self._own: dict[str, None] = own_uploads if own_uploads is not None else {}
         self.conn_id = conn_id  # the connection's id in the log
         self.jail = Jail(home)
         # The user's namespace lock, shared with the user's sessions in every worker process: an
@@ -351,6 +359,10 @@ class UserSession:
             self._close_fd(fd)
             self._give_handle()
             raise
+        if fresh and self.perms.restricted:
+            self._own[vpath] = None
+            if len(self._own) > OWN_UPLOADS:
+                del self._own[next(iter(self._own))]
         return FileHandle(fd, vpath, writable, append, fresh=fresh)
 
     def close_file(self, f: FileHandle) -> None:
@@ -370,12 +382,16 @@ class UserSession:
     def open_for_hash(self, path: bytes | str) -> int:
         """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`.
 
-        A hash tells what a file holds, so it needs `download` like reading it."""
-        self._check(path, "download", follow=True)
+        A hash tells what a file holds, so it needs `download` like reading it (except for a file the
+        client uploaded itself on this connection)."""
+        if self.perms.restricted:
+            d, vpath = self._where(path, follow=True)
+            if vpath not in self._own:
+                self._require(d, "download")
         fd = self._open_fd(path, os.O_RDONLY)
         try:
-            if self.perms.restricted:
-                self._check_opened(self.jail.virtual_path(fd), path, os.O_RDONLY)
+            if self.perms.restricted and (vpath := self.jail.virtual_path(fd)) not in self._own:
+                self._check_opened(vpath, path, os.O_RDONLY)
         except BaseException:
             self._close_fd(fd)
             raise
@@ -605,8 +621,9 @@ class UserSession:
 
     def stat(self, path: bytes | str, follow: bool = True) -> os.stat_result:
         """A path's attributes. Where the user may not `list`, only directories answer (clients
-        navigate through them: `cd`, `put x dir/`); any other name, present or not, is EACCES, so a
-        drop box does not tell which files it holds."""
+        navigate through them: `cd`, `put x dir/`) and the files this session created itself (clients
+        check an upload's size); any other name, present or not, is EACCES, so a drop box does not
+        tell which files it holds."""
         if self.perms.restricted:
             d, vpath = self._where(path, follow)
             if vpath != "/" and not allowed(self.perms.rules, d, "list"):
@@ -614,7 +631,7 @@ class UserSession:
                     st = self.jail.stat(path, follow=follow)
                 except OSError:
                     st = None
-                if st is None or not stat.S_ISDIR(st.st_mode):
+                if st is None or not (stat.S_ISDIR(st.st_mode) or vpath in self._own):
                     self._require(d, "list")
                 assert st is not None
                 return st
