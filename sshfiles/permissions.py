@@ -130,8 +130,9 @@ class PermissionRules:
 
     rev: int = 0
     rules: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: False for a user with ``*`` everywhere: the session then skips every check (decided once here,
+    #: not per operation; the rules are never changed in place, only replaced).
+    restricted: bool = field(init=False)
 
-    @property
-    def restricted(self) -> bool:
-        """False for a user with ``*`` everywhere: the session then skips every check."""
-        return any(ALL not in p for p in self.rules.values())
+    def __post_init__(self) -> None:
+        self.restricted = any(ALL not in p for p in self.rules.values())

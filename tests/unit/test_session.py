@@ -283,3 +283,19 @@ def test_deeper_rule_overrides_and_rule_directories_do_not_move(make_session) ->
     _denied(lambda: s.open("/mine/../ro/./b", os.O_WRONLY | os.O_CREAT))
     s.rename("/mine/a", "/ro/a")                   # rename on both sides is enough to move a file in
     _denied(lambda: s.remove("/ro/a"))
+
+
+def test_a_drop_box_answers_stat_and_hash_only_for_the_connections_own_uploads(store, make_session) -> None:
+    own: dict[str, None] = {}
+    s, hasher, other = make_session(), make_session(), make_session()
+    for x in (s, hasher, other):
+        x.set_permissions(_rules(root="upload"))
+    s._own = hasher._own = own  # two channels of one connection share what it uploaded
+    f = s.open("/mine", os.O_WRONLY | os.O_CREAT, trunc=True)
+    s.write(f, 0, b"abc")
+    assert s.fd_for_hash(f) == f.fd              # check-file-handle of its own new file
+    s.close_file(f)
+    assert s.stat("/mine").st_size == 3 and hasher.stat("/mine").st_size == 3
+    hasher.close_fd(hasher.open_for_hash("/mine"))
+    assert "list" in _denied(lambda: other.stat("/mine"))       # another connection learns nothing
+    assert "download" in _denied(lambda: other.open_for_hash("/mine"))
