@@ -299,3 +299,21 @@ def test_a_drop_box_answers_stat_and_hash_only_for_the_connections_own_uploads(s
     hasher.close_fd(hasher.open_for_hash("/mine"))
     assert "list" in _denied(lambda: other.stat("/mine"))       # another connection learns nothing
     assert "download" in _denied(lambda: other.open_for_hash("/mine"))
+
+
+def test_rules_follow_the_kernels_resolution_of_an_admins_symlinks(make_session) -> None:
+    s = make_session()
+    home = Path(s.jail._root_host)
+    (home / "secret").mkdir()
+    (home / "secret" / "f").write_bytes(b"classified")
+    (home / "pub").mkdir()
+    os.symlink("../secret/f", home / "pub" / "alias")      # a file link out of the open directory
+    os.symlink("secret", home / "door")                    # a directory link
+    s.set_permissions(_rules(root="*", secret="none", pub="list,download"))
+    for path in ("/pub/alias", "/door/f"):
+        assert "in /secret" in _denied(lambda p=path: s.open(p, os.O_RDONLY))
+        assert "in /secret" in _denied(lambda p=path: s.open_for_hash(p))
+    _denied(lambda: s.open("/door/new", os.O_WRONLY | os.O_CREAT))
+    _denied(lambda: s.opendir("/door"))
+    _denied(lambda: s.remove("/door/f"))
+    assert (home / "secret" / "f").read_bytes() == b"classified" and not (home / "secret" / "new").exists()
