@@ -278,3 +278,20 @@ def test_a_permission_change_applies_to_open_sessions_on_every_worker(workers_se
                     await asyncio.sleep(0.05)
     asyncio.run(asyncio.wait_for(go(), 60))
     assert "permissions reloaded user=changing" in server.log()
+
+
+def test_sshfiles_cli_puts_and_verifies_into_a_drop_box(server: ServerHandle, tmp_path: Path) -> None:
+    from test_client import Cli
+
+    server.cli("user", "add", "clidrop", "--upload-only", "--password-stdin", input="pw-clidrop-1\n")
+    user = User("clidrop", "pw-clidrop-1", server.homes_dir / "clidrop")
+    work = tmp_path / "work"
+    make_file(work / "report.bin", 300 * KiB)
+    cli = Cli(server, user, work)
+    res = cli.run("put", "report.bin", "/")
+    assert res.returncode == 0 and "sha256 verified" in res.stdout + res.stderr, res.stderr
+    assert (user.home / "report.bin").read_bytes() == (work / "report.bin").read_bytes()
+    res = cli.run("put", "report.bin", "/")          # the name is taken: no overwrite, exit 5
+    assert res.returncode == 5 and "no overwrite permission" in res.stderr, res.stderr
+    res = cli.run("get", "/report.bin", "back.bin")
+    assert res.returncode == 5 and not (work / "back.bin").exists(), res.stderr
