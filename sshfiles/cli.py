@@ -20,6 +20,7 @@ import click
 from . import __version__, passwords
 from .config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
 from .jail import secure_homes
+from .permissions import PRESETS, format_perms, normalize_rule_path, parse_perms
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
 from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
 from .units import format_size, parse_size
@@ -267,9 +268,13 @@ def _create_home(obj: Context, name: str, home: str | None) -> Path:
 @click.option("--files", "files_text", default="default", show_default=True,
               help="Most files and directories the home may hold: a number, 'unlimited', or 'default' "
                    "(one per 4 KiB of quota, at least 1000; unlimited without a quota).")
+@click.option("--read-only", "preset", flag_value="read-only", default=None,
+              help="Only list and download (the rule / = list,download; see `user perm`).")
+@click.option("--upload-only", "preset", flag_value="upload-only",
+              help="Only upload new files: a drop box (the rule / = upload; see `user perm`).")
 @click.pass_obj
 def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key_files: tuple[str, ...],
-             home: str | None, files_text: str) -> None:
+             home: str | None, files_text: str, preset: str | None) -> None:
     """Create an account (prompts for a password unless --password-stdin or --key)."""
     validate_username(name)
     quota = _size(quota_text)
@@ -286,22 +291,85 @@ def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key
         obj.store.add_key(name, k)
     if max_entries is not None:
         obj.store.set_max_entries(name, max_entries)
+    if preset is not None:
+        obj.store.set_permissions(name, "/", PRESETS[preset])
     rescan_user(obj.store, name)  # an existing home may already hold files
-    click.echo(f"added user {name} (home {home_path}, quota {format_size(quota)})")
+    note = f", {preset}" if preset else ""
+    click.echo(f"added user {name} (home {home_path}, quota {format_size(quota)}{note})")
 
 
 @user.command("list")
 @click.pass_obj
 def user_list(obj: Context) -> None:
-    """Users with their auth methods, quota and usage (FILES: entries used/limit)."""
-    rows = [("NAME", "AUTH", "QUOTA", "USED", "FILES", "HOME")]
+    """Users with their auth methods, quota, usage (FILES: entries used/limit) and permissions."""
+    rows = [("NAME", "AUTH", "QUOTA", "USED", "FILES", "PERMS", "HOME")]
     for a in obj.store.list_users():
         auth = (",".join(a.auth_methods) or "-") + (" (disabled)" if a.disabled else "")
         rows.append((a.name, auth, format_size(a.quota), format_size(a.used),
-                     _format_files(a.entries, entries_limit(a.quota, a.max_entries)), a.home))
+                     _format_files(a.entries, entries_limit(a.quota, a.max_entries)),
+                     _perms_summary(obj.store.permissions(a.name)), a.home))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+
+
+def _perms_summary(rules: dict[str, frozenset[str]]) -> str:
+    """The PERMS column: '*' (no rules), a preset's name, the rule of '/' alone, or how many rules."""
+    for name, perms in PRESETS.items():
+        if rules == {"/": perms}:
+            return name
+    if not rules or all(p == {"*"} for p in rules.values()):
+        return "*"
+    if list(rules) == ["/"]:
+        return format_perms(rules["/"])
+    return f"{len(rules)} rule{'s' if len(rules) > 1 else ''}"
+
+
+@user.group("perm", cls=_Group)
+def user_perm() -> None:
+    """Per-directory permissions (applied to live sessions within a second, on every worker).
+
+    PERMS is a comma-separated list of list, download, upload, overwrite, delete, rename,
+    create_dirs, chmod, chtimes; '*' for all; 'none' for nothing. A rule on a directory applies to
+    everything below it until a deeper rule replaces it; a user without rules may do everything.
+    """
+
+
+@user_perm.command("set")
+@click.argument("name")
+@click.argument("path")
+@click.argument("perms")
+@click.pass_obj
+def user_perm_set(obj: Context, name: str, path: str, perms: str) -> None:
+    """Set NAME's permissions in PATH (a directory of the home, '/' = the whole home)."""
+    try:
+        path, parsed = normalize_rule_path(path), parse_perms(perms)
+    except ValueError as exc:
+        fail(str(exc))
+    obj.store.set_permissions(name, path, parsed)
+    click.echo(f"permissions of {name} in {path}: {format_perms(parsed)}")
+
+
+@user_perm.command("unset")
+@click.argument("name")
+@click.argument("path")
+@click.pass_obj
+def user_perm_unset(obj: Context, name: str, path: str) -> None:
+    """Remove NAME's rule for PATH (the rule of the nearest directory above applies again)."""
+    obj.store.unset_permissions(name, path)
+    click.echo(f"removed the permission rule of {name} for {path}")
+
+
+@user_perm.command("list")
+@click.argument("name")
+@click.pass_obj
+def user_perm_list(obj: Context, name: str) -> None:
+    """NAME's rules, one 'PATH PERMS' per line ('/ *' when there are none)."""
+    rules = obj.store.permissions(name)
+    if "/" not in rules:
+        click.echo("/\t*\t(default)")
+    for path in sorted(rules):
+        click.echo(f"{path}\t{format_perms(rules[path])}")
 
 
 @user.command("passwd")

@@ -42,6 +42,7 @@ from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
+from .permissions import PermissionRules
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
@@ -255,6 +256,46 @@ class SshfilesService:
                 await self.sync_bans()
             except Exception:
                 log.exception("ban sync round failed")
+            try:
+                await self.refresh_permissions()
+            except Exception:
+                log.exception("permission refresh round failed")
+
+    def _permission_updates(self, held: dict[str, set[int]]) -> dict[str, PermissionRules]:
+        """Runs in the watcher's thread: fresh rules for each user whose store revision is not the one
+        (every one) of its sessions holds. The revision is read before the rules, so a change racing
+        with this read is seen again at the next round."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+            store = self._watch_store
+            updates: dict[str, PermissionRules] = {}
+            for name, rev in store.permission_revs(sorted(held)).items():
+                if held[name] != {rev}:
+                    try:
+                        updates[name] = PermissionRules(rev, store.permissions(name))
+                    except AccountError:
+                        continue  # removed meanwhile: the account check ends its sessions
+            return updates
+
+    async def refresh_permissions(self) -> None:
+        """Give live sessions their user's new permission rules (a change applies within a round)."""
+        by_user: dict[str, list[UserSession]] = {}
+        for s in self.sessions:
+            by_user.setdefault(s.username, []).append(s)
+        if not by_user:
+            return
+        held = {name: {s.perms.rev for s in sessions} for name, sessions in by_user.items()}
+        try:
+            updates = await asyncio.to_thread(self._permission_updates, held)
+        except AccountError as exc:
+            log.error("accounts store error reading permissions: %s", exc)
+            return
+        for name, rules in updates.items():
+            for s in by_user[name]:
+                if s.perms.rev != rules.rev:
+                    s.set_permissions(rules)
+                    log.info("permissions reloaded user=%s conn=%s", esc(name), s.conn_id)
 
     async def check_connections(self) -> None:
         """End the connections whose account vanished, is disabled, changed credentials, or idled out."""
@@ -442,6 +483,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.attempts = 0            # password checks started (pipelined ones included)
         self.channels = 0            # open session channels
         self.account: Account | None = None
+        self.perm_rules = PermissionRules()  # the account's permission rules as read at the last channel open
+        self.own_uploads: dict[str, None] = {}  # files this login created: see UserSession._own
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
         # What each user name was validated with during authentication (the last
@@ -728,10 +771,18 @@ class _ConnectionHandler(asyncssh.SSHServer):
             self.service.user_channels.pop(self.username, None)
 
     async def recheck(self) -> Account | None:
-        """Re-read the account for a new channel (in the store's read thread); None: refuse it."""
+        """Re-read the account and its permission rules for a new channel (in the store's read
+        thread); None: refuse it. Without its rules no channel may start: a store error refuses,
+        never defaults to '*'."""
         username = self.username
+
+        def read(store: AccountStore) -> tuple[Account | None, dict[str, frozenset[str]]]:
+            acct = store.get_user(username)
+            # Read after the account, so rules newer than acct.perm_rev are only ever reloaded again.
+            return acct, (store.permissions(username) if acct is not None else {})
+
         try:
-            acct = await self.service.store_worker.read(lambda store: store.get_user(username))
+            acct, rules = await self.service.store_worker.read(read)
         except AccountError as exc:
             log.error("accounts store error: %s", exc)
             return None
@@ -739,6 +790,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         if reason is not None:
             self.end(reason)
             return None
+        assert acct is not None
+        self.perm_rules = PermissionRules(acct.perm_rev, rules)
         return acct
 
     async def new_session(self) -> UserSession | None:
@@ -747,9 +800,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
         if acct is None or self.ended is not None:
             return None
         assert acct.name == self.username
-        self.account = acct  # a home or quota change applies to each new channel
+        self.account = acct  # a home, quota or permission change applies to each new channel
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
-                              on_close=self._session_closed, conn_id=self.cid)
+                              on_close=self._session_closed, conn_id=self.cid, permissions=self.perm_rules,
+                              own_uploads=self.own_uploads)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session

@@ -24,14 +24,16 @@ import errno
 import fcntl
 import logging
 import os
+import posixpath
 import resource
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from .jail import DirEntries, Jail
+from .jail import DirEntries, Jail, normalize
 from .logsafe import esc
+from .permissions import PermissionRules, allowed, governs
 from .quota import (
     MAX_FILE_SIZE,
     EntriesExceeded,
@@ -100,6 +102,9 @@ COPY_CHUNK = 1024 * 1024
 #: Entries of a directory read per READDIR reply (asyncssh sends at most 128 names per reply).
 DIR_BATCH = 128
 
+#: How many of its own new files one session remembers for `stat` in a directory it may not list.
+OWN_UPLOADS = 1024
+
 
 @dataclass
 class FileHandle:
@@ -113,6 +118,12 @@ class FileHandle:
     bytes_read: int = 0
     bytes_written: int = 0
     failed: str | None = None
+    # Permissions (see UserSession._may): `fresh` = this handle created the file (O_EXCL), so writing
+    # it never needs `overwrite`; `rev` is the rules' revision `may_read`/`may_write` were decided at.
+    fresh: bool = False
+    rev: int = -1
+    may_read: bool = True
+    may_write: bool = True
 
 
 class DirHandle:
@@ -162,9 +173,18 @@ class UserSession:
     """
 
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
-                 on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-") -> None:
+                 on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-",
+                 permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None) -> None:
         self.username = username
         self.peer = peer
+        # The user's per-directory rules as this process last read them; the server's watcher
+        # replaces them when the store's revision moves (`set_permissions`), never a store read here.
+        self.perms = permissions if permissions is not None else PermissionRules()
+        # Files created by this session, or by the other channels of its connection when the server
+        # shares the dict (newest last, at most OWN_UPLOADS): `stat` and the hashes answer for them even
+        # where the user may not list or download, since clients check an upload's size and hash after
+        # it (rclone does both, the hash over an exec channel). They tell only what the client wrote.
+        self._own: dict[str, None] = own_uploads if own_uploads is not None else {}
         self.conn_id = conn_id  # the connection's id in the log
         self.jail = Jail(home)
         # The user's namespace lock, shared with the user's sessions in every worker process: an
@@ -206,6 +226,106 @@ class UserSession:
         finally:
             fcntl.flock(self._ns_fd, fcntl.LOCK_UN)
 
+    # -- permissions ----------------------------------------------------------
+    #
+    # A rule on a directory governs the entries inside it (permissions.py), so an operation on an
+    # entry is checked against the directory that holds it, and a listing against the directory
+    # itself.  Decisions use the kernel's resolution of the path (`_where`), never the client's
+    # spelling, and are made before anything is touched, so a refusal changes nothing.  A user
+    # without rules pays one attribute test per operation.
+
+    def set_permissions(self, rules: PermissionRules) -> None:
+        """New rules (the server's watcher saw the store's revision move): they apply from the next operation."""
+        self.perms = rules
+
+    def _where(self, path: bytes | str, follow: bool = False) -> tuple[str, str]:
+        """(directory whose rule applies, virtual path of the entry), as the kernel resolves `path`.
+
+        An existing entry is named by the fd the jail opens for it (following a final symlink when
+        the operation will); a new name by its resolved parent directory. A path that resolves to
+        nothing at all is named lexically: the operation itself then fails.
+        """
+        try:
+            fd = self.jail.open(path, os.O_PATH | (0 if follow else os.O_NOFOLLOW))
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                vpath = self.jail.virtual_path(fd)
+            finally:
+                os.close(fd)
+        else:
+            try:
+                parent = self.jail.parent(path)
+                try:
+                    base = self.jail.virtual_path(parent.fd)
+                finally:
+                    parent.close()
+                vpath = posixpath.join(base, parent.name.rstrip(b"/").decode("utf-8", "surrogateescape"))
+            except OSError:
+                vpath = normalize(path)
+        return posixpath.dirname(vpath), vpath
+
+    def _require(self, directory: str, *perms: str) -> None:
+        """Refuse with EACCES (SFTP PERMISSION_DENIED) and a one-line reason unless all `perms` hold there."""
+        for perm in perms:
+            if not allowed(self.perms.rules, directory, perm):
+                raise PermissionError(errno.EACCES, f"Permission denied: no {perm} permission in {esc(directory)}")
+
+    def _check(self, path: bytes | str, *perms: str, follow: bool = False) -> None:
+        """`_require` on the directory holding `path` (nothing to do for a user without rules)."""
+        if self.perms.restricted:
+            self._require(self._where(path, follow)[0], *perms)
+
+    def _may(self, f: FileHandle, write: bool) -> None:
+        """An open handle obeys the rules too: re-decided once per change of the rules, so a change
+        applies to the next READ or WRITE of a transfer already running."""
+        if f.rev != self.perms.rev:
+            f.rev = self.perms.rev
+            d = posixpath.dirname(f.vpath)
+            rules = self.perms.rules
+            f.may_read = not self.perms.restricted or allowed(rules, d, "download")
+            f.may_write = not self.perms.restricted or (
+                allowed(rules, d, "upload") and (f.fresh or allowed(rules, d, "overwrite")))
+        if not (f.may_write if write else f.may_read):
+            perm = ("upload" if f.fresh else "upload or overwrite") if write else "download"
+            raise PermissionError(errno.EACCES,
+                                  f"Permission denied: no {perm} permission in {esc(posixpath.dirname(f.vpath))}")
+
+    def _open_rules(self, path: bytes | str, flags: int, trunc: bool) -> tuple[int, bool, bool]:
+        """Check an open against the rules; returns (flags, trunc, fresh) as the open must be done.
+
+        Reading needs `download`; writing `upload`, and an existing file also `overwrite` (resume
+        and append included). Without `overwrite` a create is made exclusive (O_EXCL), so a name
+        that exists, or appears meanwhile, is refused rather than overwritten; a read-only open
+        with O_CREAT and no `upload` just opens what exists.
+        """
+        if not self.perms.restricted:
+            return flags, trunc, bool(flags & os.O_CREAT and flags & os.O_EXCL)
+        d = self._where(path, follow=True)[0]
+        access = flags & os.O_ACCMODE
+        if access != os.O_WRONLY:
+            self._require(d, "download")
+        if access == os.O_RDONLY:
+            if flags & os.O_CREAT and not allowed(self.perms.rules, d, "upload"):
+                flags &= ~(os.O_CREAT | os.O_EXCL)
+        else:
+            self._require(d, "upload")
+            if not allowed(self.perms.rules, d, "overwrite"):
+                if not flags & os.O_CREAT:
+                    self._require(d, "overwrite")
+                flags |= os.O_EXCL
+                trunc = False  # a new file is empty: nothing to truncate
+        return flags, trunc, bool(flags & os.O_CREAT and flags & os.O_EXCL)
+
+    def _check_opened(self, vpath: str, path: bytes | str, flags: int) -> None:
+        """After the open: if an admin's symlink led elsewhere, the rules of where it led apply too."""
+        if self.perms.restricted and posixpath.dirname(vpath) != self._where(path, follow=False)[0]:
+            d = posixpath.dirname(vpath)
+            access = flags & os.O_ACCMODE
+            self._require(d, *(["download"] if access != os.O_WRONLY else []),
+                          *(["upload"] if access != os.O_RDONLY else []))
+
     # -- handles --------------------------------------------------------------
 
     def _take_handle(self) -> None:
@@ -229,15 +349,24 @@ class UserSession:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if (trunc or append) and not writable:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
+        asked_excl = bool(flags & os.O_EXCL)
+        flags, trunc, fresh = self._open_rules(path, flags, trunc)
         self._take_handle()
         try:
             fd = await self._open_fd(path, flags, perms)
+        except FileExistsError:
+            self._give_handle()
+            if asked_excl:
+                raise
+            raise PermissionError(errno.EACCES, "Permission denied: the file exists and there is no overwrite "
+                                  "permission here") from None
         except BaseException:
             self._give_handle()
             raise
         counted = False
         try:
             vpath = self.jail.virtual_path(fd)
+            self._check_opened(vpath, path, flags)
             if writable:
                 self.ledger.write_handles += 1
                 counted = True
@@ -249,7 +378,11 @@ class UserSession:
             self._close_fd(fd)
             self._give_handle()
             raise
-        return FileHandle(fd, vpath, writable, append)
+        if fresh and self.perms.restricted:
+            self._own[vpath] = None
+            if len(self._own) > OWN_UPLOADS:
+                del self._own[next(iter(self._own))]
+        return FileHandle(fd, vpath, writable, append, fresh=fresh)
 
     def close_file(self, f: FileHandle) -> None:
         """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last."""
@@ -266,8 +399,29 @@ class UserSession:
             self.log_transfer(f)
 
     def open_for_hash(self, path: bytes | str) -> int:
-        """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`."""
-        return self._open_held(path, os.O_RDONLY, 0)
+        """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`.
+
+        A hash tells what a file holds, so it needs `download` like reading it (except for a file the
+        client uploaded itself on this connection)."""
+        if self.perms.restricted:
+            d, vpath = self._where(path, follow=True)
+            if vpath not in self._own:
+                self._require(d, "download")
+        fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
+        try:
+            if self.perms.restricted and (vpath := self.jail.virtual_path(fd)) not in self._own:
+                self._check_opened(vpath, path, os.O_RDONLY)
+        except BaseException:
+            self._close_fd(fd)
+            raise
+        return fd
+
+    def fd_for_hash(self, f: FileHandle) -> int:
+        """An open handle's fd for check-file-handle: `download`, unless the handle created the file
+        (a client verifying its own upload learns only what it wrote)."""
+        if not f.fresh:
+            self._may(f, write=False)
+        return f.fd
 
     def close_fd(self, fd: int) -> None:
         self._close_fd(fd)
@@ -366,6 +520,7 @@ class UserSession:
     # -- data -----------------------------------------------------------------
 
     def read(self, f: FileHandle, offset: int, size: int) -> bytes:
+        self._may(f, write=False)
         if offset > MAX_FILE_SIZE:
             return b""  # past any possible end of file: EOF, as for any offset past the end
         data = os.pread(f.fd, min(size, MAX_READ), offset)
@@ -406,6 +561,7 @@ class UserSession:
         """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all."""
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
+        self._may(f, write=True)
         if not data:
             return 0  # writes nothing, so it may not charge (or extend) anything
         fd = f.fd
@@ -461,6 +617,8 @@ class UserSession:
         """
         if not dst.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
+        self._may(src, write=False)
+        self._may(dst, write=True)
         if length == 0:
             end = os.fstat(src.fd).st_size
         else:
@@ -485,6 +643,7 @@ class UserSession:
     async def truncate(self, f: FileHandle, size: int) -> None:
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
+        self._may(f, write=True)  # `overwrite` unless this handle created the file
         await self._truncate_fd(f.fd, size)
 
     async def _truncate_fd(self, fd: int, size: int) -> None:
@@ -508,12 +667,35 @@ class UserSession:
     # -- metadata ---------------------------------------------------------------
 
     def stat(self, path: bytes | str, follow: bool = True) -> os.stat_result:
+        """A path's attributes. Where the user may not `list`, only directories answer (clients
+        navigate through them: `cd`, `put x dir/`) and the files this session created itself (clients
+        check an upload's size); any other name, present or not, is EACCES, so a drop box does not
+        tell which files it holds."""
+        if self.perms.restricted:
+            d, vpath = self._where(path, follow)
+            if vpath != "/" and not allowed(self.perms.rules, d, "list"):
+                try:
+                    st = self.jail.stat(path, follow=follow)
+                except OSError:
+                    st = None
+                if st is None or not (stat.S_ISDIR(st.st_mode) or vpath in self._own):
+                    self._require(d, "list")
+                assert st is not None
+                return st
         return self.jail.stat(path, follow=follow)
 
     def realpath(self, path: bytes | str) -> str:
+        """The canonical name; inside a directory the user may not `list`, the lexical one (the
+        kernel's answer would tell whether the name exists)."""
+        if self.perms.restricted:
+            name = normalize(path)
+            if name != "/" and not allowed(self.perms.rules, posixpath.dirname(name), "list"):
+                return name
         return self.jail.realpath(path)
 
     async def set_size(self, path: bytes | str, size: int, follow: bool = True) -> None:
+        """setstat of size changes a file's content: `upload` and `overwrite`."""
+        self._check(path, "upload", "overwrite", follow=follow)
         fd = await self._open_fd(path, os.O_WRONLY | (0 if follow else os.O_NOFOLLOW))
         try:
             await self._truncate_fd(fd, size)
@@ -522,15 +704,21 @@ class UserSession:
             self._close_fd(fd)
 
     def chmod(self, path: bytes | str, mode: int, follow: bool = True) -> None:
+        self._check(path, "chmod", follow=follow)
         self.jail.chmod(path, mode, follow)
 
     def fchmod(self, f: FileHandle, mode: int) -> None:
+        if self.perms.restricted:
+            self._require(posixpath.dirname(f.vpath), "chmod")
         self.jail.fchmod(f.fd, mode)
 
     def utime(self, path: bytes | str, times: tuple[float, float], follow: bool = True) -> None:
+        self._check(path, "chtimes", follow=follow)
         self.jail.utime(path, times, follow)
 
     def futime(self, f: FileHandle, times: tuple[float, float]) -> None:
+        if self.perms.restricted:
+            self._require(posixpath.dirname(f.vpath), "chtimes")
         os.utime(f.fd, times)
 
     async def space(self) -> SpaceInfo:
@@ -546,7 +734,9 @@ class UserSession:
     # -- names ----------------------------------------------------------------
 
     def opendir(self, path: bytes | str) -> DirHandle:
-        """Open a directory for listing (it counts as an open handle until closed)."""
+        """Open a directory for listing (it counts as an open handle until closed); needs `list` on it."""
+        if self.perms.restricted:
+            self._require(self._where(path, follow=True)[1], "list")
         self._take_handle()
         try:
             entries = self.jail.listdir(path)
@@ -565,9 +755,11 @@ class UserSession:
             d.close()
 
     def readlink(self, path: bytes | str) -> bytes:
+        self._check(path, "list")  # a link's target is part of what a listing shows
         return self.jail.readlink(path)
 
     async def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
+        self._check(path, "create_dirs")
         await self._charge_entry(path)
         try:
             self.jail.mkdir(path, mode)
@@ -576,10 +768,12 @@ class UserSession:
             raise
 
     def rmdir(self, path: bytes | str) -> None:
+        self._check(path, "delete")
         self.jail.rmdir(path)
         self.ledger.credit_entries(1)
 
     def remove(self, path: bytes | str) -> None:
+        self._check(path, "delete")
         with self._namespace():
             held = self._held(path)
             try:
@@ -594,11 +788,17 @@ class UserSession:
 
     def rename(self, old: bytes | str, new: bytes | str) -> None:
         """SFTP's classic rename: fails if `new` exists."""
+        self._check_rename(old, new)
         with self._namespace():
             self.jail.rename(old, new, replace=False)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
-        """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them)."""
+        """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them).
+
+        Replacing needs `overwrite` where `new` is; without it this is the classic rename."""
+        if self._check_rename(old, new):
+            self._rename_no_overwrite(old, new)
+            return
         with self._namespace():
             held = self._held(new)
             try:
@@ -614,6 +814,29 @@ class UserSession:
             freed = self._bytes_gone(replaced, held)
         self.ledger.credit_entries(1)
         self.ledger.credit(freed)
+
+    def _check_rename(self, old: bytes | str, new: bytes | str) -> bool:
+        """`rename` on both sides; a directory that has rules of its own (or below it) never moves, nor
+        does anything move onto one, since the rules would then govern other files. Returns whether
+        the target side lacks `overwrite`."""
+        if not self.perms.restricted:
+            return False
+        (d_old, v_old), (d_new, v_new) = self._where(old), self._where(new)
+        self._require(d_old, "rename")
+        self._require(d_new, "rename")
+        rules = self.perms.rules
+        if governs(rules, v_old) or governs(rules, v_new):
+            raise PermissionError(errno.EACCES, "Permission denied: a directory with its own permission rules "
+                                  "cannot be renamed or replaced")
+        return not allowed(rules, d_new, "overwrite")
+
+    def _rename_no_overwrite(self, old: bytes | str, new: bytes | str) -> None:
+        with self._namespace():
+            try:
+                self.jail.rename(old, new, replace=False)
+            except FileExistsError:
+                raise PermissionError(errno.EACCES, "Permission denied: the target exists and there is no "
+                                      "overwrite permission there") from None
 
     # -- log --------------------------------------------------------------------
 

@@ -360,7 +360,8 @@ async def _check_file_handle(handler: SFTPServerHandlerBase, packet: SSHPacket) 
     if not isinstance(file_obj, FileHandle):
         raise asyncssh.SFTPInvalidHandle("Invalid file handle")
     server = _server_of(handler)
-    return ExtendedReply(await checkfile.answer_check_file(file_obj.fd, req, owner=server.user,
+    fd = server.session.fd_for_hash(file_obj)
+    return ExtendedReply(await checkfile.answer_check_file(fd, req, owner=server.user,
                                                            closed=server.channel.wait_closed()))
 
 

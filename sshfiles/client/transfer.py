@@ -103,10 +103,17 @@ async def check_file(sftp: asyncssh.SFTPClient, target: bytes, *, by_handle: boo
 
 
 async def remote_hash(sftp: asyncssh.SFTPClient, path: str, algorithm: str = VERIFY_ALGORITHM) -> str:
-    """Hex digest of a whole remote file, computed by the server."""
+    """Hex digest of a whole remote file, computed by the server.
+
+    By handle; where the file may not be opened for reading (an upload into a drop box), by name: the
+    server hashes the files a connection uploaded itself even where it may not download."""
     try:
-        async with sftp.open(path, "rb") as f:
-            alg, digests = await check_file(sftp, f.handle, by_handle=True, algorithms=algorithm)
+        try:
+            async with sftp.open(path, "rb") as f:
+                alg, digests = await check_file(sftp, f.handle, by_handle=True, algorithms=algorithm)
+        except asyncssh.SFTPPermissionDenied:
+            alg, digests = await check_file(sftp, path.encode("utf-8", "surrogateescape"), by_handle=False,
+                                            algorithms=algorithm)
     except asyncssh.SFTPError as exc:
         raise from_sftp_error(exc, path) from None
     if alg != algorithm:
@@ -218,9 +225,12 @@ def _fit_chunk(opts: TransferOptions, server_max: int) -> TransferOptions:
 
 
 async def _remote_size(sftp: asyncssh.SFTPClient, path: str) -> int | None:
+    """The remote file's size, or None if it is absent or the server will not say (a drop box that
+    may not be listed answers PERMISSION_DENIED for every name: upload from zero, and the open tells
+    whether the name is taken)."""
     try:
         attrs = await sftp.stat(path)
-    except asyncssh.SFTPNoSuchFile:
+    except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied):
         return None
     if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
         raise ClientError(f"{path}: is a directory")
@@ -382,8 +392,8 @@ class Job:
 async def is_remote_dir(sftp: asyncssh.SFTPClient, path: str) -> bool:
     try:
         return (await sftp.stat(path)).type == asyncssh.FILEXFER_TYPE_DIRECTORY
-    except asyncssh.SFTPNoSuchFile:
-        return False
+    except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied):
+        return False  # a name the server will not stat is no directory we could put into
 
 
 async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,

@@ -10,6 +10,7 @@ are `AccountError`s with a one-line message; a store that cannot be read is a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,6 +69,9 @@ class Account:
     auth_rev: int = 0
     entries: int = 0          # files, directories and symlinks in the home (the entries ledger)
     max_entries: int | None = None  # None = the default for the byte quota (see quota.py)
+    # Bumped by every change of the user's permission rules: a server process compares it with
+    # the revision its sessions hold and reloads the rules when it moved (no per-operation read).
+    perm_rev: int = 0
     keys: list[StoredKey] = field(default_factory=list)
 
     @property
@@ -111,6 +115,11 @@ class AccountStore(Protocol):
     def rehash_password(self, name: str, old_hash: str, new_hash: str) -> bool: ...
     def set_disabled(self, name: str, disabled: bool) -> None: ...
     def auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]: ...
+    # per-directory permissions (permissions.py): path normalised, perms validated, perm_rev bumped
+    def set_permissions(self, name: str, path: str, perms: Iterable[str]) -> None: ...
+    def unset_permissions(self, name: str, path: str) -> None: ...
+    def permissions(self, name: str) -> dict[str, frozenset[str]]: ...
+    def permission_revs(self, names: list[str]) -> dict[str, int]: ...
     # ledger
     def reserve(self, owner: str, name: str, amount: int) -> bool: ...
     def settle(self, owner: str, name: str, consumed: int, release: int, keep_row: bool = False) -> None: ...

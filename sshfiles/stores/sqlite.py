@@ -26,9 +26,10 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..permissions import format_perms, normalize_rule_path, parse_perms
 from .base import LEDGER_MAX, Account, AccountError, Ban, StoreCorrupt, StoredKey, validate_username
 
 __all__ = ["SQLiteAccountStore"]
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS users (
     disabled INTEGER NOT NULL DEFAULT 0,
     auth_rev INTEGER NOT NULL DEFAULT 0,
     entries INTEGER NOT NULL DEFAULT 0,
-    max_entries INTEGER
+    max_entries INTEGER,
+    perm_rev INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS keys (
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
@@ -67,8 +69,14 @@ CREATE TABLE IF NOT EXISTS bans (
     reason TEXT NOT NULL DEFAULT '',
     strikes INTEGER NOT NULL DEFAULT 1
 );
+CREATE TABLE IF NOT EXISTS permissions (
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    perms TEXT NOT NULL,
+    PRIMARY KEY (user, path)
+);
 """
-_SCHEMA_VERSION = "3"
+_SCHEMA_VERSION = "4"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
@@ -78,8 +86,12 @@ _MIGRATIONS: dict[str, list[str]] = {
     # v3: per-source bans (defence.py), shared by every process using this store.
     "2": ["CREATE TABLE IF NOT EXISTS bans (source TEXT PRIMARY KEY, until REAL NOT NULL, "
           "reason TEXT NOT NULL DEFAULT '', strikes INTEGER NOT NULL DEFAULT 1)"],
+    # v4: per-user, per-directory permissions (permissions.py) and their revision per user.
+    "3": ["CREATE TABLE IF NOT EXISTS permissions (user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, "
+          "path TEXT NOT NULL, perms TEXT NOT NULL, PRIMARY KEY (user, path))",
+          "ALTER TABLE users ADD COLUMN perm_rev INTEGER NOT NULL DEFAULT 0"],
 }
-_NEXT_VERSION = {"1": "2", "2": "3"}
+_NEXT_VERSION = {"1": "2", "2": "3", "3": "4"}
 
 
 class SQLiteAccountStore:
@@ -218,12 +230,13 @@ class SQLiteAccountStore:
             # auth_rev starts at the creation time in ms, not 0: a session of a removed account
             # must not match a new account of the same name created within a watcher tick.
             now = time.time()
-            db.execute("INSERT INTO users (name, home, password_hash, quota, used, created, auth_rev) "
-                       "VALUES (?,?,?,?,0,?,?)", (name, home, password_hash, quota, now, int(now * 1000)))
+            db.execute("INSERT INTO users (name, home, password_hash, quota, used, created, auth_rev, perm_rev) "
+                       "VALUES (?,?,?,?,0,?,?,?)",
+                       (name, home, password_hash, quota, now, int(now * 1000), int(now * 1000)))
 
     def get_user(self, name: str) -> Account | None:
-        rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries "
-                           "FROM users WHERE name=?", (name,))
+        rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries, "
+                           "perm_rev FROM users WHERE name=?", (name,))
         if not rows:
             return None
         acct = Account(*rows[0])
@@ -246,6 +259,7 @@ class SQLiteAccountStore:
         acct = self.require_user(name)
         with self._tx() as db:
             db.execute("DELETE FROM keys WHERE user=?", (name,))
+            db.execute("DELETE FROM permissions WHERE user=?", (name,))
             db.execute("DELETE FROM reservations WHERE user=?", (name,))
             db.execute("DELETE FROM users WHERE name=?", (name,))
         return acct
@@ -291,6 +305,51 @@ class SQLiteAccountStore:
                     f"SELECT name, disabled, auth_rev FROM users WHERE name IN ({marks})", tuple(chunk)):
                 states[name] = (bool(disabled), rev)
         return states
+
+    # -- permissions --------------------------------------------------------
+
+    def set_permissions(self, name: str, path: str, perms: Iterable[str]) -> None:
+        """Set (or replace) NAME's rule for the directory PATH; a bad path or word is an AccountError."""
+        try:
+            path = normalize_rule_path(path)
+            text = format_perms(parse_perms(perms))
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        with self._tx() as db:
+            if db.execute("UPDATE users SET perm_rev=perm_rev+1 WHERE name=?", (name,)).rowcount == 0:
+                raise AccountError(f"no such user: {name}")
+            db.execute("INSERT INTO permissions (user, path, perms) VALUES (?,?,?) "
+                       "ON CONFLICT(user, path) DO UPDATE SET perms=excluded.perms", (name, path, text))
+
+    def unset_permissions(self, name: str, path: str) -> None:
+        """Remove NAME's rule for PATH (the rule above it applies again)."""
+        try:
+            path = normalize_rule_path(path)
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        with self._tx() as db:
+            if db.execute("UPDATE users SET perm_rev=perm_rev+1 WHERE name=?", (name,)).rowcount == 0:
+                raise AccountError(f"no such user: {name}")
+            if db.execute("DELETE FROM permissions WHERE user=? AND path=?", (name, path)).rowcount == 0:
+                raise AccountError(f"user {name!r} has no permission rule for {path}")
+
+    def permissions(self, name: str) -> dict[str, frozenset[str]]:
+        """NAME's rules, directory -> permission set (empty: '*' everywhere)."""
+        rows = self._query("SELECT p.path, p.perms FROM users u LEFT JOIN permissions p ON p.user=u.name "
+                           "WHERE u.name=?", (name,))
+        if not rows:
+            raise AccountError(f"no such user: {name}")
+        return {path: parse_perms(perms) for path, perms in rows if path is not None}
+
+    def permission_revs(self, names: list[str]) -> dict[str, int]:
+        """perm_rev of each named account that exists, in one read (the session watcher's query)."""
+        revs: dict[str, int] = {}
+        for i in range(0, len(names), 500):  # stay below SQLite's bound-parameter limit
+            chunk = names[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for name, rev in self._query(f"SELECT name, perm_rev FROM users WHERE name IN ({marks})", tuple(chunk)):
+                revs[name] = rev
+        return revs
 
     def set_quota(self, name: str, quota: int | None) -> None:
         self._update_user("UPDATE users SET quota=? WHERE name=?", (quota, name), name)

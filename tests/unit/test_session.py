@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from sshfiles.permissions import PermissionRules, parse_perms
 from sshfiles.quota import EntriesExceeded, QuotaExceeded, QuotaManager, scan_usage
 from sshfiles.session import UserSession
 from sshfiles.stores.sqlite import SQLiteAccountStore
@@ -202,3 +203,153 @@ async def test_read_needs_nothing_from_the_ledger_and_write_needs_a_write_handle
     assert info.value.errno == errno.EINVAL
     s.close_file(r)
     await in_step(store, s)
+
+
+# -- permissions (the rules every adapter gets from the session) --------------------------------
+
+
+def _rules(rev: int = 1, **by_dir: str) -> PermissionRules:
+    """_rules(root="list,download", drop="upload") -> rules for / and /drop."""
+    return PermissionRules(rev, {("/" if d == "root" else "/" + d): parse_perms(p) for d, p in by_dir.items()})
+
+
+async def _denied(call) -> str:
+    """The refusal's one line; `call` may return a coroutine (the session's async operations)."""
+    with pytest.raises(PermissionError) as info:
+        result = call()
+        if asyncio.iscoroutine(result):
+            await result
+    assert info.value.errno == errno.EACCES and "\n" not in info.value.strerror
+    return info.value.strerror
+
+
+@in_loop
+async def test_read_only_user_can_read_and_nothing_else(store, make_session) -> None:
+    s = make_session()
+    home = Path(s.jail._root_host)
+    (home / "d").mkdir()
+    (home / "d" / "f").write_bytes(b"data")
+    scan = scan_usage(str(home))
+    store.set_usage("alice", scan.bytes, scan.entries)
+    s.set_permissions(_rules(root="list,download"))
+    f = await s.open("d/f", os.O_RDONLY)
+    assert s.read(f, 0, 10) == b"data"
+    s.close_file(f)
+    assert [n for n, _ in s.listdir("/d")] == [b".", b"..", b"f"]
+    s.close_fd(s.open_for_hash("/d/f"))
+    refused = [
+        lambda: s.open("/d/new", os.O_WRONLY | os.O_CREAT),
+        lambda: s.open("/d/f", os.O_WRONLY | os.O_CREAT, trunc=True),
+        lambda: s.open("/d/f", os.O_WRONLY, append=True),
+        lambda: s.open("/d/f", os.O_RDWR),
+        lambda: s.set_size("/d/f", 0),
+        lambda: s.remove("/d/f"),
+        lambda: s.rmdir("/d"),
+        lambda: s.mkdir("/e"),
+        lambda: s.rename("/d/f", "/d/g"),
+        lambda: s.posix_rename("/d/f", "/d/g"),
+        lambda: s.chmod("/d/f", 0o600),
+        lambda: s.utime("/d/f", (1.0, 1.0)),
+    ]
+    for call in refused:
+        assert "Permission denied: no " in await _denied(call)
+    assert (home / "d" / "f").read_bytes() == b"data" and sorted(p.name for p in home.rglob("*")) == ["d", "f"]
+    await in_step(store, s)
+
+
+@in_loop
+async def test_drop_box_takes_new_files_and_tells_nothing(store, make_session) -> None:
+    s = make_session()
+    home = Path(s.jail._root_host)
+    (home / "drop").mkdir()
+    (home / "drop" / "secret").write_bytes(b"someone else's upload")
+    store.set_usage("alice", len(b"someone else's upload"), 2)
+    s.set_permissions(_rules(root="list", drop="upload"))
+    # The upload OpenSSH's sftp does: stat the target (EACCES: quietly not a directory), open CREAT|TRUNC.
+    assert "list" in await _denied(lambda: s.stat("/drop/new.txt"))
+    f = await s.open("/drop/new.txt", os.O_WRONLY | os.O_CREAT, trunc=True)
+    await s.write(f, 0, b"hello")
+    await s.truncate(f, 4)                          # its own new file: no overwrite needed
+    s.close_file(f)
+    assert (home / "drop" / "new.txt").read_bytes() == b"hell"
+    # An existing name answers exactly as a missing one to stat and realpath...
+    assert await _denied(lambda: s.stat("/drop/secret")) == await _denied(lambda: s.stat("/drop/none"))
+    assert s.realpath("/drop/secret/../none") == "/drop/none"
+    assert s.stat("/drop").st_mode & 0o40000  # ...but the folder itself can be entered
+    # ...and it cannot be listed, read, hashed, overwritten, resumed, appended, deleted or renamed.
+    for call in (lambda: s.opendir("/drop"), lambda: s.open("/drop/secret", os.O_RDONLY),
+                 lambda: s.open_for_hash("/drop/secret"), lambda: s.open("/drop/new.txt", os.O_WRONLY),
+                 lambda: s.open("/drop/secret", os.O_WRONLY | os.O_CREAT, trunc=True),
+                 lambda: s.open("/drop/secret", os.O_WRONLY | os.O_CREAT, append=True),
+                 lambda: s.remove("/drop/secret"), lambda: s.posix_rename("/drop/new.txt", "/drop/x"),
+                 lambda: s.set_size("/drop/secret", 0), lambda: s.mkdir("/drop/sub")):
+        await _denied(call)
+    assert (home / "drop" / "secret").read_bytes() == b"someone else's upload"
+    f = await s.open("/drop/new-2.txt", os.O_WRONLY | os.O_CREAT, trunc=True)   # a retry under a new name works
+    s.close_file(f)
+    await in_step(store, s)
+
+
+@in_loop
+async def test_rules_change_applies_to_open_handles_at_the_next_operation(make_session) -> None:
+    s = make_session()
+    f = await s.open("/up", os.O_WRONLY | os.O_CREAT)
+    await s.write(f, 0, b"a")
+    s.set_permissions(_rules(rev=2, root="list,download"))
+    assert "upload" in await _denied(lambda: s.write(f, 1, b"b"))
+    s.set_permissions(_rules(rev=3, root="*"))
+    await s.write(f, 1, b"b")
+    s.close_file(f)
+
+
+@in_loop
+async def test_deeper_rule_overrides_and_rule_directories_do_not_move(make_session) -> None:
+    s = make_session()
+    s.set_permissions(_rules(root="*", ro="list,download,rename"))
+    await s.mkdir("/ro")
+    await s.mkdir("/mine")
+    f = await s.open("/mine/a", os.O_WRONLY | os.O_CREAT)
+    s.close_file(f)
+    await _denied(lambda: s.open("/ro/a", os.O_WRONLY | os.O_CREAT))
+    await _denied(lambda: s.rename("/ro", "/free"))     # moving it would take its files out of the rule
+    await _denied(lambda: s.rename("/mine", "/ro"))      # nor may anything take its place
+    # `..` and other spellings are resolved before the rule is looked up
+    await _denied(lambda: s.open("/mine/../ro/./b", os.O_WRONLY | os.O_CREAT))
+    s.rename("/mine/a", "/ro/a")                   # rename on both sides is enough to move a file in
+    await _denied(lambda: s.remove("/ro/a"))
+
+
+@in_loop
+async def test_a_drop_box_answers_stat_and_hash_only_for_the_connections_own_uploads(store, make_session) -> None:
+    own: dict[str, None] = {}
+    s, hasher, other = make_session(), make_session(), make_session()
+    for x in (s, hasher, other):
+        x.set_permissions(_rules(root="upload"))
+    s._own = hasher._own = own  # two channels of one connection share what it uploaded
+    f = await s.open("/mine", os.O_WRONLY | os.O_CREAT, trunc=True)
+    await s.write(f, 0, b"abc")
+    assert s.fd_for_hash(f) == f.fd              # check-file-handle of its own new file
+    s.close_file(f)
+    assert s.stat("/mine").st_size == 3 and hasher.stat("/mine").st_size == 3
+    hasher.close_fd(hasher.open_for_hash("/mine"))
+    assert "list" in await _denied(lambda: other.stat("/mine"))       # another connection learns nothing
+    assert "download" in await _denied(lambda: other.open_for_hash("/mine"))
+
+
+@in_loop
+async def test_rules_follow_the_kernels_resolution_of_an_admins_symlinks(make_session) -> None:
+    s = make_session()
+    home = Path(s.jail._root_host)
+    (home / "secret").mkdir()
+    (home / "secret" / "f").write_bytes(b"classified")
+    (home / "pub").mkdir()
+    os.symlink("../secret/f", home / "pub" / "alias")      # a file link out of the open directory
+    os.symlink("secret", home / "door")                    # a directory link
+    s.set_permissions(_rules(root="*", secret="none", pub="list,download"))
+    for path in ("/pub/alias", "/door/f"):
+        assert "in /secret" in await _denied(lambda p=path: s.open(p, os.O_RDONLY))
+        assert "in /secret" in await _denied(lambda p=path: s.open_for_hash(p))
+    await _denied(lambda: s.open("/door/new", os.O_WRONLY | os.O_CREAT))
+    await _denied(lambda: s.opendir("/door"))
+    await _denied(lambda: s.remove("/door/f"))
+    assert (home / "secret" / "f").read_bytes() == b"classified" and not (home / "secret" / "new").exists()

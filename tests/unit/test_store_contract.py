@@ -81,7 +81,8 @@ def test_add_and_get_user(store: AccountStore) -> None:
     assert acct is not None
     # auth_rev is opaque: only its changes mean something (they end live sessions).
     assert acct == Account(name="alice", home="/homes/alice", password_hash="$argon2id$stub", quota=1000, used=0,
-                           disabled=False, auth_rev=acct.auth_rev, entries=0, max_entries=None, keys=[])
+                           disabled=False, auth_rev=acct.auth_rev, entries=0, max_entries=None,
+                           perm_rev=acct.perm_rev, keys=[])
     assert acct.auth_methods == ["password"]
 
 
@@ -371,3 +372,57 @@ def test_prune_bans_forgets_only_bans_that_ended_before(store: AccountStore) -> 
     assert [b.source for b in store.bans()] == ["192.0.2.2", "2001:db8::/64"]
     assert store.prune_bans(2000.0) == 0
     assert store.is_banned("192.0.2.2", now=4000.0)
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+def test_permissions_set_list_unset(store: AccountStore) -> None:
+    add(store, "alice")
+    assert store.permissions("alice") == {}
+    store.set_permissions("alice", "/", ["list", "download"])
+    store.set_permissions("alice", "drop//in/", "upload")           # normalised: absolute, no trailing slash
+    store.set_permissions("alice", "/closed", [])                   # no rights at all
+    assert store.permissions("alice") == {"/": frozenset({"list", "download"}), "/drop/in": frozenset({"upload"}),
+                                          "/closed": frozenset()}
+    store.set_permissions("alice", "/drop/in", "*")                  # replaces, does not add
+    assert store.permissions("alice")["/drop/in"] == frozenset({"*"})
+    store.unset_permissions("alice", "/drop/in/")
+    assert "/drop/in" not in store.permissions("alice")
+    with pytest.raises(AccountError, match="no permission rule"):
+        store.unset_permissions("alice", "/drop/in")
+
+
+def test_permissions_refuse_bad_input_and_unknown_users(store: AccountStore) -> None:
+    add(store, "alice")
+    for path, perms in (("/a/../b", "list"), ("", "list"), ("/a", "list,fly"), ("/a", "")):
+        with pytest.raises(AccountError):
+            store.set_permissions("alice", path, perms)
+    assert store.permissions("alice") == {}
+    for call in (lambda: store.set_permissions("nobody", "/", "list"), lambda: store.permissions("nobody"),
+                 lambda: store.unset_permissions("nobody", "/")):
+        with pytest.raises(AccountError, match="no such user"):
+            call()
+
+
+def test_permission_rev_moves_with_every_change_and_is_per_user(open_store: OpenStore) -> None:
+    store, other = open_store(), open_store()
+    add(store, "alice")
+    add(store, "bob")
+    revs = other.permission_revs(["alice", "bob", "nobody"])
+    assert set(revs) == {"alice", "bob"}
+    store.set_permissions("alice", "/", "list")
+    after = other.permission_revs(["alice", "bob"])
+    assert after["alice"] != revs["alice"] and after["bob"] == revs["bob"]
+    acct = other.get_user("alice")
+    assert acct is not None and acct.perm_rev == after["alice"]
+    store.unset_permissions("alice", "/")
+    assert other.permission_revs(["alice"])["alice"] not in (revs["alice"], after["alice"])
+
+
+def test_removed_user_loses_its_permissions(store: AccountStore) -> None:
+    add(store, "alice")
+    store.set_permissions("alice", "/", "list")
+    store.remove_user("alice")
+    add(store, "alice")
+    assert store.permissions("alice") == {}
