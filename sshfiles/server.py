@@ -37,12 +37,14 @@ from asyncssh import SSHReader, SSHWriter
 
 from . import passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
+from .atomic import cleanup_homes
 from .config import ServeConfig, parse_startups
 from .defence import Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
+from .hooks import HookRunner
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
-from .quota import QuotaManager, reconcile_dead_owners
+from .quota import QuotaManager, reconcile_dead_owners, rescan_user
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
@@ -137,6 +139,9 @@ class SshfilesService:
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
         self._load_bans()  # before the first connection: a banned source is refused from the start
+        # One pool per process (a worker builds its own after the fork): hooks run in its threads.
+        self.hooks = HookRunner({"upload": config.on_upload, "download": config.on_download,
+                                 "delete": config.on_delete, "rename": config.on_rename}, config.hook_timeout)
 
     def _load_bans(self) -> None:
         try:
@@ -193,6 +198,7 @@ class SshfilesService:
                 c.end("source banned")
 
     def close(self) -> None:
+        self.hooks.close(wait=2.0)  # hooks already queued get a moment; the rest are dropped
         self.quotas.settle_all()
         if self.quotas.in_sync():
             # A clean stop leaves no row behind (presence marks included): the next start must not
@@ -698,7 +704,9 @@ class _ConnectionHandler(asyncssh.SSHServer):
         assert self.account is not None and self.account.name == self.username
         acct = self.account
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
-                              on_close=self._session_closed, conn_id=self.cid)
+                              on_close=self._session_closed, conn_id=self.cid,
+                              upload_mode=acct.upload_mode or self.service.config.upload_mode,
+                              hooks=self.service.hooks)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session
@@ -1005,6 +1013,16 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:
+    """Before anything listens: remove what atomic uploads of a previous run left (atomic.py), keep
+    atomic-resume partials younger than atomic.PARTIAL_MAX_AGE, and rescan the users concerned."""
+    users = [(a.name, a.home, a.upload_mode or config.upload_mode) for a in store.list_users()]
+    for name in cleanup_homes(u for u in users if u[2] != "standard"):
+        before, after = rescan_user(store, name)
+        log.info("removed upload temporaries of %s left by an earlier run: usage %d -> %d bytes",
+                 esc(name), before, after)
+
+
 def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
     configure_logging()
@@ -1018,6 +1036,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
     repaired = reconcile_dead_owners(store)
     if repaired:
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")
+    _clean_upload_temporaries(store, config)
     store.close()
     offered = {p.public_data for p in _offered_host_keys(config, ensure_host_keys(config.keys_dir))}
     for key in ensure_host_keys(config.keys_dir):

@@ -122,7 +122,12 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             raise
 
     def close(self, file_obj: object) -> None:
-        self.session.close_file(_handle(file_obj))
+        f = _handle(file_obj)
+        if self.channel.is_closing():
+            # Closed for a channel that is gone: asyncssh's SCP closes its file in a `finally` when
+            # the connection drops mid-file, so this is how an interrupted SCP upload looks here.
+            f.interrupted = True
+        self.session.close_file(f)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS users (
     disabled INTEGER NOT NULL DEFAULT 0,
     auth_rev INTEGER NOT NULL DEFAULT 0,
     entries INTEGER NOT NULL DEFAULT 0,
-    max_entries INTEGER
+    max_entries INTEGER,
+    upload_mode TEXT
 );
 CREATE TABLE IF NOT EXISTS keys (
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
@@ -68,7 +69,7 @@ CREATE TABLE IF NOT EXISTS bans (
     strikes INTEGER NOT NULL DEFAULT 1
 );
 """
-_SCHEMA_VERSION = "3"
+_SCHEMA_VERSION = "5"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
@@ -78,8 +79,12 @@ _MIGRATIONS: dict[str, list[str]] = {
     # v3: per-source bans (defence.py), shared by every process using this store.
     "2": ["CREATE TABLE IF NOT EXISTS bans (source TEXT PRIMARY KEY, until REAL NOT NULL, "
           "reason TEXT NOT NULL DEFAULT '', strikes INTEGER NOT NULL DEFAULT 1)"],
+    # v4 belongs to another branch (permissions); this empty step only stands in for it until merged.
+    "3": [],
+    # v5: per-user upload mode (atomic.py; NULL = the server's --upload-mode).
+    "4": ["ALTER TABLE users ADD COLUMN upload_mode TEXT"],
 }
-_NEXT_VERSION = {"1": "2", "2": "3"}
+_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5"}
 
 
 class SQLiteAccountStore:
@@ -216,8 +221,8 @@ class SQLiteAccountStore:
                        "VALUES (?,?,?,?,0,?,?)", (name, home, password_hash, quota, now, int(now * 1000)))
 
     def get_user(self, name: str) -> Account | None:
-        rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries "
-                           "FROM users WHERE name=?", (name,))
+        rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries, "
+                           "upload_mode FROM users WHERE name=?", (name,))
         if not rows:
             return None
         acct = Account(*rows[0])
@@ -396,6 +401,10 @@ class SQLiteAccountStore:
     def set_max_entries(self, name: str, max_entries: int | None) -> None:
         """None: the default for the user's byte quota; UNLIMITED_ENTRIES: no limit."""
         self._update_user("UPDATE users SET max_entries=? WHERE name=?", (max_entries, name), name)
+
+    def set_upload_mode(self, name: str, mode: str | None) -> None:
+        """A user's upload mode (atomic.MODES), or None for the server's default."""
+        self._update_user("UPDATE users SET upload_mode=? WHERE name=?", (mode, name), name)
 
     def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
         """(quota, max_entries as stored, entries) in one read."""

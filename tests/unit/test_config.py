@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
     "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
     "max_sessions_per_user": 64, "max_channels_per_connection": 10, "legacy_algorithms": False,
+    "upload_mode": "standard", "on_upload": "", "on_download": "", "on_delete": "", "on_rename": "",
+    "hook_timeout": 30.0,
 }
 
 # One valid value per setting for each layer, all different from each other and from the default.
@@ -52,6 +54,27 @@ TOML_PARSED.update(max_startups="7:8:9", per_source_max_startups=3, per_source_r
                    ban_threshold=3.0, ban_window=3.0, ban_time=3.0, ban_max=3.0,
                    ban_exempt="10.3.0.0/16, 2001:db8::/32", max_sessions_per_user=3,
                    max_channels_per_connection=3, legacy_algorithms=True)
+
+# Atomic uploads and hooks.
+FLAG.update(upload_mode="atomic", on_upload="/f/up", on_download="/f/down", on_delete="/f/del",
+            on_rename="/f/ren", hook_timeout=1.0)
+ENV.update(upload_mode="atomic-resume", on_upload="/e/up 'a b'", on_download="/e/down", on_delete="/e/del",
+           on_rename="/e/ren", hook_timeout="2")
+ENV_PARSED.update(upload_mode="atomic-resume", on_upload="/e/up 'a b'", on_download="/e/down",
+                  on_delete="/e/del", on_rename="/e/ren", hook_timeout=2.0)
+TOML.update(upload_mode="standard", on_upload="/t/up", on_download="/t/down", on_delete="/t/del",
+            on_rename="/t/ren", hook_timeout=3)
+TOML_PARSED.update(upload_mode="standard", on_upload="/t/up", on_download="/t/down", on_delete="/t/del",
+                   on_rename="/t/ren", hook_timeout=3.0)
+
+
+def test_upload_mode_and_hook_commands_are_checked_naming_the_source() -> None:
+    with pytest.raises(ConfigError, match="--upload-mode: expected one of standard, atomic, atomic-resume"):
+        resolve({"upload_mode": "atomik"}, {}, {})
+    with pytest.raises(ConfigError, match="SSHFILES_ON_UPLOAD: cannot split"):
+        resolve({}, {"SSHFILES_ON_UPLOAD": "/bin/echo 'unclosed"}, {})
+    with pytest.raises(ConfigError, match="key hook_timeout"):
+        resolve({}, {}, {"hook_timeout": 0})
 
 
 def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:

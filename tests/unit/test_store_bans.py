@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from sshfiles.stores import open_store
+from sshfiles.stores.sqlite import _SCHEMA_VERSION
 
 
 def test_ban_unban_list_and_a_later_ban_never_shortens(tmp_path: Path) -> None:
@@ -23,12 +24,13 @@ def test_ban_unban_list_and_a_later_ban_never_shortens(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_v2_store_is_migrated_to_v3_with_its_accounts(tmp_path: Path) -> None:
+def test_a_v2_store_is_migrated_to_the_current_version_with_its_accounts(tmp_path: Path) -> None:
     store = open_store(accounts_dir=tmp_path)
     store.add_user("alice", str(tmp_path / "alice"), None, None)
     store.close()
     db = sqlite3.connect(tmp_path / "accounts.db")
     db.execute("DROP TABLE bans")
+    db.execute("ALTER TABLE users DROP COLUMN upload_mode")  # a v2 store had none (v5)
     db.execute("UPDATE meta SET value='2' WHERE key='schema'")
     db.commit()
     db.close()
@@ -40,5 +42,5 @@ def test_a_v2_store_is_migrated_to_v3_with_its_accounts(tmp_path: Path) -> None:
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "accounts.db")
-    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (_SCHEMA_VERSION,)
     db.close()
