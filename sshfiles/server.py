@@ -352,7 +352,8 @@ class _ChannelSession(ChannelSessionBase):
         log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username), self._auth.peer,
                  esc(command), self._auth.cid)
         try:
-            handler = run_scp(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
+            handler = run_scp(JailedSFTPServer(chan, session, input_ended=stdin.at_eof), command, stdin, stdout,
+                              stderr)
             if handler is not None:
                 await handler
         finally:

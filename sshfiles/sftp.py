@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncssh
 from asyncssh import (
@@ -85,10 +85,13 @@ class DirListing(AsyncIterator[SFTPName]):
 class JailedSFTPServer(asyncssh.SFTPServer):
     """One channel's SFTP (and SCP) verbs, each a call on the user's session."""
 
-    def __init__(self, chan: asyncssh.SSHServerChannel, session: UserSession) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel, session: UserSession,
+                 input_ended: Callable[[], bool] | None = None) -> None:
         super().__init__(chan)
         self.session = session
         self.user = session.username
+        # SCP only: whether the client's input ended (EOF): a file closed then was cut short.
+        self._input_ended = input_ended
 
     # -- names ----------------------------------------------------------------
 
@@ -123,9 +126,10 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     def close(self, file_obj: object) -> None:
         f = _handle(file_obj)
-        if self.channel.is_closing():
-            # Closed for a channel that is gone: asyncssh's SCP closes its file in a `finally` when
-            # the connection drops mid-file, so this is how an interrupted SCP upload looks here.
+        if self.channel.is_closing() or (self._input_ended is not None and self._input_ended()):
+            # asyncssh's SCP closes its file in a `finally` also when the client's data stopped
+            # mid-file (EOF: a killed scp's ssh sends one; or the connection dropped). A complete
+            # file is followed by its status byte, still unread here, so EOF now means cut short.
             f.interrupted = True
         self.session.close_file(f)
 

@@ -283,3 +283,51 @@ def test_atomic_replacement_near_the_quota_needs_room_for_both(tmp_path, host_ke
         assert (user.home / "f.bin").read_bytes() == b"c" * 30_000
         assert temporaries(user.home) == []
         assert_exact(server, user)
+
+
+@pytest.mark.parametrize("mode", ["atomic", "atomic-resume"])
+@pytest.mark.parametrize("protocol", ["scp", "sftp"])
+def test_an_interrupted_scp_upload_never_appears_under_its_name(tmp_path, host_keys_dir, mode, protocol):
+    """OpenSSH scp killed mid-file: with -O (asyncssh's SCP server) replacing a file, and in its default
+    SFTP mode creating one (that mode writes an existing file in place: see the README)."""
+    with serving(tmp_path, host_keys_dir, "--upload-mode", mode) as server:
+        user = server.add_user("kim", password=None, quota="100MiB", key=True)
+        (user.home / "movie.bin").write_bytes(b"old")
+        server.cli("quota", "scan", user.name)
+        local = tmp_path / "movie.bin"
+        local.write_bytes(os.urandom(8_000_000))
+        target = "movie.bin" if protocol == "scp" else "new.bin"
+        cmd = ["scp", "-P", str(server.port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+               "-i", str(user.key_path), "-l", "2000", *server.ssh_opts(), str(local),
+               f"{user.name}@{server.host}:{target}"]
+        if protocol == "scp":
+            cmd.insert(1, "-O")  # the classic SCP protocol, not SFTP
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: any(p.stat().st_size > 100_000 for p in user.home.glob(PREFIX + "*")), 20)
+        finally:
+            proc.kill()
+            proc.wait()
+        wait_for(lambda: "result=interrupted" in server.log())
+        assert (user.home / "movie.bin").read_bytes() == b"old"
+        assert not (user.home / "new.bin").exists()
+        assert len(temporaries(user.home)) == (1 if mode == "atomic-resume" else 0)
+        assert_exact(server, user)
+
+
+def test_two_resumable_uploads_of_one_name_at_once_are_refused(tmp_path, host_keys_dir):
+    with serving(tmp_path, host_keys_dir, "--upload-mode", "atomic-resume") as server:
+        user = server.add_user("lou", password=None, quota="10MiB", key=True)
+
+        async def scenario() -> None:
+            async with server.sftp(user) as one, server.sftp(user) as two:
+                async with one.open("same.bin", "wb") as f:
+                    await f.write(b"1" * 1000)
+                    with pytest.raises(asyncssh.SFTPError, match="Another upload of this file is in progress"):
+                        await two.open("same.bin", "wb")
+                async with two.open("same.bin", "wb") as f:  # once the first is done, a new one may start
+                    await f.write(b"2" * 10)
+
+        run(scenario())
+        assert (user.home / "same.bin").read_bytes() == b"2" * 10
+        assert_exact(server, user)
