@@ -105,9 +105,9 @@ def test_one_hook_run_per_completed_operation_with_the_facts(tmp_path, host_keys
         res = server.sftp_batch(user, f"get via-sftp.bin {tmp_path / 'back.bin'}\nrename via-scp.bin renamed.bin\n"
                                       "rm via-paramiko.bin\n")
         assert res.returncode == 0, res.stderr
-        got = wait_events(events, 6)[3:]
-        assert [e["SSHFILES_EVENT"] for e in got] == ["download", "rename", "delete"]
-        down, ren, rm = got
+        got = {e["SSHFILES_EVENT"]: e for e in wait_events(events, 6)[3:]}  # hooks run in parallel: any order
+        assert sorted(got) == ["delete", "download", "rename"]
+        down, ren, rm = got["download"], got["rename"], got["delete"]
         assert (down["SSHFILES_PATH"], down["SSHFILES_BYTES"]) == ("/via-sftp.bin", "12345")
         assert (ren["SSHFILES_PATH"], ren["SSHFILES_TARGET"]) == ("/via-scp.bin", "/renamed.bin")
         assert ren["SSHFILES_HOST_TARGET"] == home + "/renamed.bin"
@@ -179,7 +179,8 @@ def test_a_flood_of_uploads_with_a_slow_hook_stays_bounded(tmp_path, host_keys_d
                         await f.write(b"u" * 100)
                 children.extend(_hook_children(pid))
                 assert len(children) <= HOOK_WORKERS
-                assert _threads(pid) <= base_threads + HOOK_WORKERS
+                # the hook pool, plus at most the loop's default executor growing meanwhile (min(32, CPUs + 4))
+                assert _threads(pid) <= base_threads + HOOK_WORKERS + min(32, (os.cpu_count() or 1) + 4)
                 assert _rss_kib(pid) - base_rss < 64 * 1024
                 async with sftp.open("after", "wb") as f:  # the server still serves at once
                     await f.write(b"ok")
