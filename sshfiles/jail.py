@@ -151,7 +151,7 @@ def _relative(vpath: bytes | str) -> bytes:
         raise JailError(errno.EINVAL, "Invalid path")
     rel = vpath.lstrip(b"/")
     if _RESERVED in vpath and not isinstance(vpath, ServerPath) and _RESERVED_COMPONENT in b"/" + rel:
-        raise JailError(errno.ENOENT, "No such file")  # a reserved name does not exist for a client
+        raise FileNotFoundError(errno.ENOENT, "No such file")  # a reserved name does not exist for a client
     return rel or b"."
 
 
