@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -330,4 +331,26 @@ def test_two_resumable_uploads_of_one_name_at_once_are_refused(tmp_path, host_ke
 
         run(scenario())
         assert (user.home / "same.bin").read_bytes() == b"2" * 10
+        assert_exact(server, user)
+
+
+def test_atomic_resume_with_lftp_put_continue(tmp_path, host_keys_dir):
+    with serving(tmp_path, host_keys_dir, "--upload-mode", "atomic-resume") as server:
+        user = server.add_user("max", quota="10MiB", key=True)  # a password for lftp, a key for paramiko
+        local = tmp_path / "local"
+        local.mkdir()
+        (local / "log.tar").write_bytes(os.urandom(1_200_000))
+        data = (local / "log.tar").read_bytes()
+        interrupted_paramiko_upload(server, user, "log.tar", data[:700_000])
+        wait_for(lambda: "result=interrupted" in server.log())
+        connect = ("ssh -a -x -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+                   "-o PubkeyAuthentication=no")
+        commands = "; ".join([f'set sftp:connect-program "{connect}"', "set net:max-retries 1",
+                              "set cmd:fail-exit yes", "put -c log.tar", "quit"])
+        res = subprocess.run(["lftp", "-u", f"{user.name},{user.password}", "-p", str(server.port), "-e", commands,
+                              f"sftp://{server.host}"], cwd=local, capture_output=True, text=True, timeout=90)
+        assert res.returncode == 0, res.stderr
+        assert (user.home / "log.tar").read_bytes() == data
+        assert temporaries(user.home) == []
+        assert re.search(r"path=/log\.tar direction=upload bytes=500000 .*result=ok", server.log()), server.log()
         assert_exact(server, user)
