@@ -122,10 +122,20 @@ class HookRunner:
         return True
 
     def close(self, wait: float = 5.0) -> None:
-        """Stop the workers after the events already queued (waiting at most `wait` seconds in all)."""
+        """At shutdown: drop the events still queued (logged with their count), let the workers finish the
+        hooks they run for at most `wait` seconds in all; a hook still running then is left to finish."""
+        dropped = 0
+        while True:
+            try:
+                if self._queue.get_nowait() is not None:
+                    dropped += 1
+            except queue.Empty:
+                break
+        if dropped:
+            log.warning("shutting down: %d queued hook run(s) dropped", dropped)
         for _ in self._threads:
             try:
-                self._queue.put(None, timeout=wait)
+                self._queue.put_nowait(None)  # the queue was just emptied, and only the loop fills it
             except queue.Full:
                 break
         deadline = time.monotonic() + wait

@@ -354,3 +354,44 @@ def test_atomic_resume_with_lftp_put_continue(tmp_path, host_keys_dir):
         assert temporaries(user.home) == []
         assert re.search(r"path=/log\.tar direction=upload bytes=500000 .*result=ok", server.log()), server.log()
         assert_exact(server, user)
+
+
+@pytest.mark.parametrize("mode", ["standard", "atomic", "atomic-resume"])
+def test_what_another_session_sees_during_an_openssh_sftp_put(tmp_path, host_keys_dir, mode):
+    """OpenSSH `sftp put` replacing a file, slowed down (-l): another session looks while it runs."""
+    with serving(tmp_path, host_keys_dir, "--upload-mode", mode) as server:
+        user = server.add_user("ned", password=None, quota="20MiB", key=True)
+        old = b"old contract\n" * 1000
+        (user.home / "contract.pdf").write_bytes(old)
+        server.cli("quota", "scan", user.name)
+        local = tmp_path / "contract.pdf"
+        local.write_bytes(os.urandom(3_000_000))
+        cmd = ["sftp", "-P", str(server.port), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+               "-i", str(user.key_path), "-l", "8000", *server.ssh_opts(), "-b", "-", f"{user.name}@{server.host}"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        assert proc.stdin is not None
+        proc.stdin.write(f"put {local} contract.pdf\n")
+        proc.stdin.close()
+        try:
+            def written() -> int:
+                return max((p.stat().st_size for p in user.home.iterdir() if p.name != "contract.pdf" or
+                            mode == "standard"), default=0)
+            wait_for(lambda: written() > 200_000, 30)
+
+            async def peek() -> tuple[int, list[str]]:
+                async with server.sftp(user) as other:
+                    return (await other.stat("contract.pdf")).size or 0, sorted(await other.listdir("."))
+
+            size, listing = run(peek())
+            assert listing == [".", "..", "contract.pdf"]
+            if mode == "standard":
+                assert size != len(old)  # the half-written file, under its name
+            else:
+                assert size == len(old)  # the old file until the upload completes
+                assert (user.home / "contract.pdf").read_bytes() == old
+        finally:
+            assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        assert (user.home / "contract.pdf").read_bytes() == local.read_bytes()
+        assert temporaries(user.home) == []
+        assert_exact(server, user)

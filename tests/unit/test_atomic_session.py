@@ -201,6 +201,8 @@ def test_hook_queue_is_bounded_and_overflow_is_dropped():
     assert [runner.fire(ev) for _ in range(5)] == [True, True, True, False, False]
     assert not runner.fire(HookEvent("delete", "ana", "/f", "/h/f", 0, "x"))  # no hook for it: nothing queued
     assert runner.wants("upload") and not runner.wants("download")
+    runner.close(wait=0)  # shutdown drops what is still queued
+    assert runner._queue.empty()
     assert parse_command("/usr/bin/mover --to 'a dir'") == ["/usr/bin/mover", "--to", "a dir"]
     with pytest.raises(ValueError, match="cannot split"):
         parse_command("'open")
