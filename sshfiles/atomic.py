@@ -69,10 +69,11 @@ def parse_mode(text: str) -> str:
 
 def split_name(path: bytes | str) -> tuple[bytes, bytes] | None:
     """A client path as (directory part, last name), lexically; None if it does not name a file
-    (empty, '.', '..', a trailing slash): such paths take the standard route and its errors."""
+    (empty, '.', '..', a trailing slash) or has a reserved component: such paths take the standard
+    route and its errors (for a reserved name: no such file)."""
     raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else bytes(path)
-    if not raw or raw.endswith(b"/"):
-        return None
+    if not raw or raw.endswith(b"/") or b"/" + _PREFIX in b"/" + raw:
+        return None  # (a client path naming a reserved entry anywhere never leads to a ServerPath)
     head, _, name = raw.rpartition(b"/")
     if name in (b"", b".", b".."):
         return None

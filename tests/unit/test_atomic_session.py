@@ -184,7 +184,7 @@ def test_temporary_names_and_modes():
     assert atomic.split_name(b"a/b/c") == (b"a/b/", b"c")
     assert atomic.split_name("/c") == (b"/", b"c")
     assert atomic.split_name(b"c") == (b"", b"c")
-    for bad in (b"", b"dir/", b".", b"a/..", b"/"):
+    for bad in (b"", b"dir/", b".", b"a/..", b"/", b".sshfiles-upload-p-x", b"/.sshfiles-upload-d/x"):
         assert atomic.split_name(bad) is None
     assert atomic.partial_path(b"x/y") == b"x/" + atomic.RESERVED_PREFIX.encode() + b"p-y"
     long = atomic.partial_path(b"n" * 250)
@@ -206,3 +206,20 @@ def test_hook_queue_is_bounded_and_overflow_is_dropped():
     assert parse_command("/usr/bin/mover --to 'a dir'") == ["/usr/bin/mover", "--to", "a dir"]
     with pytest.raises(ValueError, match="cannot split"):
         parse_command("'open")
+
+
+def test_a_reserved_directory_is_not_reached_through_the_partial_fallback(env):
+    make, _store, home = env
+    s = make("atomic-resume")
+    hidden = home / (atomic.RESERVED_PREFIX + "d")  # only an admin could make one
+    hidden.mkdir()
+    (hidden / "x").write_bytes(b"x")
+    (hidden / (atomic.RESERVED_PREFIX + "p-y")).write_bytes(b"partial")
+    for path in (hidden.name + "/x", hidden.name + "/y", "/" + hidden.name + "/y"):
+        with pytest.raises(FileNotFoundError):
+            s.stat(path)
+        with pytest.raises(FileNotFoundError):
+            s.open(path, os.O_RDONLY)
+        with pytest.raises(FileNotFoundError):
+            s.open(path, os.O_RDWR)
+    assert [n for n, _ in s.listdir("/") if n not in (b".", b"..")] == []
