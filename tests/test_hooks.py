@@ -15,12 +15,10 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerHandle, make_server
-from test_atomic_uploads import interrupted_paramiko_upload, paramiko_client, temporaries, wait_for
+from test_atomic_uploads import interrupted_paramiko_upload, paramiko_client, serving, temporaries, wait_for
 from test_quota import assert_ledger_matches_disk, run
 
 from sshfiles.hooks import HOOK_QUEUE, HOOK_WORKERS
@@ -32,16 +30,6 @@ with open(sys.argv[1], "a") as f:
     f.write(json.dumps(facts, sort_keys=True) + "\\n")
 print("hook saw", facts["SSHFILES_PATH"], "\\x1b[31mred")
 """
-
-
-@contextlib.contextmanager
-def serving(tmp_path: Path, host_keys_dir: Path, *args: str) -> Iterator[ServerHandle]:
-    h = make_server(tmp_path, host_keys_dir, tuple(args))
-    h.start()
-    try:
-        yield h
-    finally:
-        h.stop()
 
 
 def recorder(tmp_path: Path) -> tuple[str, Path]:
