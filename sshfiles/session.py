@@ -321,6 +321,13 @@ class UserSession:
         if resumable and not atomic.claim(key):
             self._close_fd(fd)
             raise OSError(errno.EBUSY, "Another upload of this file is in progress")
+        if resumable and flags & os.O_EXCL and not trunc:
+            try:  # an exclusive create is a new file: it never continues an old partial
+                self._truncate_fd(fd, 0)
+            except BaseException:
+                atomic.unclaim(key)
+                self._close_fd(fd)
+                raise
         return fd, Upload(temp, path, resumable, bool(flags & os.O_EXCL), key), shown
 
     def _finish_upload(self, f: FileHandle, fd: int) -> OSError | None:

@@ -223,3 +223,15 @@ def test_a_reserved_directory_is_not_reached_through_the_partial_fallback(env):
         with pytest.raises(FileNotFoundError):
             s.open(path, os.O_RDWR)
     assert [n for n, _ in s.listdir("/") if n not in (b".", b"..")] == []
+
+
+def test_an_exclusive_create_starts_a_partial_over(env):
+    make, store, home = env
+    s = make("atomic-resume")
+    (home / (atomic.RESERVED_PREFIX + "p-n")).write_bytes(b"stale partial")
+    s.ledger.store.set_usage("ana", 13, 1)
+    f = s.open("n", W | os.O_EXCL)
+    s.write(f, 0, b"new")
+    s.close_file(f)
+    assert names(home) == ["n"] and (home / "n").read_bytes() == b"new"
+    in_step(store, s, home)
