@@ -166,7 +166,9 @@ _DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate
                      "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms",
                      # the per-session resource limits (session.py, hashing.py, asyncssh_seam.py)
                      "max_handles_per_session", "max_handles_per_user", "reply_buffer_limit", "max_hash_bytes",
-                     "hash_workers", "hash_per_user_active", "hash_per_user_waiting")
+                     "hash_workers", "hash_per_user_active", "hash_per_user_waiting",
+                     # atomic uploads and hooks (atomic.py, hooks.py)
+                     "upload_mode", "on_upload", "on_download", "on_delete", "on_rename", "hook_timeout")
 
 
 def _model_options(names: tuple[str, ...]) -> Any:
@@ -437,6 +439,27 @@ def user_quota(obj: Context, name: str, size: str, files_text: str | None) -> No
     limit = entries_limit(acct.quota, acct.max_entries)
     files = "unlimited files" if limit is None else f"{limit} files and directories"
     click.echo(f"quota of {name} set to {format_size(quota)}, {files}{note}")
+
+
+@user.command("upload-mode")
+@click.argument("name")
+@click.argument("mode")
+@click.pass_obj
+def user_upload_mode(obj: Context, name: str, mode: str) -> None:
+    """Set how NAME's uploads become visible: standard, atomic, atomic-resume, or 'default' (the
+    server's --upload-mode). Applies to the sessions (channels) opened after it, with no restart."""
+    from .atomic import parse_mode
+
+    if mode.strip().lower() == "default":
+        obj.store.set_upload_mode(name, None)
+        click.echo(f"upload mode of {name}: the server's default (--upload-mode)")
+        return
+    try:
+        value = parse_mode(mode)
+    except ValueError as exc:
+        fail(f"bad upload mode: {exc}")
+    obj.store.set_upload_mode(name, value)
+    click.echo(f"upload mode of {name}: {value}")
 
 
 @user.group("key", cls=_Group)

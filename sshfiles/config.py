@@ -148,6 +148,19 @@ class ServeConfig:
     legacy_algorithms: bool = field(default=False, metadata=_meta(
         bool, "Also offer SHA-1 ssh-rsa, the NIST ECDH curves, ECDSA host keys and finite-field DH, for old "
         "clients that need them (weaker; off by default)."))
+    # -- atomic uploads (atomic.py) and hooks (hooks.py), README "Atomic uploads" and "Hooks" --
+    upload_mode: str = field(default="standard", metadata=_meta(
+        str, "How uploads become visible: standard (written in place), atomic (under a hidden temporary "
+        "name, renamed onto the name when the upload completes; a failed one is removed) or atomic-resume "
+        "(as atomic, but a failed upload's partial is kept for a resume); per user: `user upload-mode`."))
+    on_upload: str = field(default="", metadata=_meta(
+        str, "Command run (no shell; argv split like a shell would) after each completed upload, with the "
+        "facts in SSHFILES_* environment variables."))
+    on_download: str = field(default="", metadata=_meta(str, "Command run after each completed download."))
+    on_delete: str = field(default="", metadata=_meta(str, "Command run after each file removal."))
+    on_rename: str = field(default="", metadata=_meta(str, "Command run after each rename."))
+    hook_timeout: float = field(default=30.0, metadata=_meta(
+        float, "Seconds a hook may run before it is killed.", positive=True))
 
     # -- per-session resource limits (session.py, hashing.py, asyncssh_seam.py) --
     max_handles_per_session: int = field(default=0, metadata=_meta(
@@ -203,7 +216,19 @@ def _parse_exempt(text: str) -> object:
     return parse_cidrs(text)
 
 
-_PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt}  # str settings with a syntax
+def _parse_upload_mode(text: str) -> object:
+    from .atomic import parse_mode
+    return parse_mode(text)
+
+
+def _parse_hook(text: str) -> object:
+    from .hooks import parse_command
+    return parse_command(text)
+
+
+_PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt,  # str settings with a syntax
+           "upload_mode": _parse_upload_mode, "on_upload": _parse_hook, "on_download": _parse_hook,
+           "on_delete": _parse_hook, "on_rename": _parse_hook}
 
 
 def _settings() -> dict[str, Setting]:

@@ -27,6 +27,12 @@ home root's mode is not the user's to change; and when the server runs as
 root, which ignores permission bits, the jail refuses what the kernel would
 refuse an unprivileged owner (`Jail.enforce_owner_bits`), so a file the user
 made read-only stays read-only.
+
+Names are reserved here too: a path with a component starting with `RESERVED_PREFIX` (the
+temporary files of atomic uploads, atomic.py) does not exist for a client -- every lookup
+through the jail answers ``ENOENT`` and listings skip such entries -- unless the server itself
+names it with a `ServerPath`.  One check in the one gate, so no protocol or operation can reach
+an upload in progress by its temporary name.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import RESERVED_PREFIX, ServerPath
+
 __all__ = ["Jail", "JailError", "normalize", "openat2_available", "sanitize_mode", "secure_homes"]
 
 log = logging.getLogger("sshfiles.jail")
@@ -53,6 +61,9 @@ _SYS_OPENAT2 = 437  # the same number on every Linux architecture (generic table
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
 _RENAME_NOREPLACE = 1
+
+_RESERVED = RESERVED_PREFIX.encode()
+_RESERVED_COMPONENT = b"/" + _RESERVED
 
 
 class _OpenHow(ctypes.Structure):
@@ -139,6 +150,8 @@ def _relative(vpath: bytes | str) -> bytes:
     if b"\x00" in vpath:
         raise JailError(errno.EINVAL, "Invalid path")
     rel = vpath.lstrip(b"/")
+    if _RESERVED in vpath and not isinstance(vpath, ServerPath) and _RESERVED_COMPONENT in b"/" + rel:
+        raise FileNotFoundError(errno.ENOENT, "No such file")  # a reserved name does not exist for a client
     return rel or b"."
 
 
@@ -288,6 +301,10 @@ class Jail:
             return host[len(self._root_host.rstrip("/")):]
         # The home itself was moved while we held it; never reveal the host path.
         raise JailError(errno.ENOENT, "No such file")
+
+    def host_path(self, vpath: str) -> str:
+        """The host path of a virtual path (for the admin's hooks only: never sent to a client)."""
+        return self._root_host.rstrip("/") + "/" + normalize(vpath).lstrip("/")
 
     # -- metadata -----------------------------------------------------------
 
@@ -565,6 +582,8 @@ class DirEntries(Iterator[tuple[bytes, os.stat_result]]):
         if self._scan is None:
             self._scan = os.scandir(self._fd)  # dups the fd; entries are lstat'ed relative to ours
         for entry in self._scan:
+            if entry.name.startswith(RESERVED_PREFIX):
+                continue  # an upload in progress (atomic.py): not there until it completes
             try:
                 return os.fsencode(entry.name), entry.stat(follow_symlinks=False)
             except FileNotFoundError:

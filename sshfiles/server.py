@@ -37,13 +37,15 @@ from asyncssh import SSHReader, SSHWriter
 
 from . import hashing, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
+from .atomic import cleanup_homes
 from .config import ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
+from .hooks import HookRunner
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
 from .permissions import PermissionRules
-from .quota import QuotaManager, reconcile_dead_owners
+from .quota import QuotaManager, reconcile_dead_owners, rescan_user
 from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
@@ -146,6 +148,9 @@ class SshfilesService:
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
         self._load_bans()  # before the first connection: a banned source is refused from the start
+        # One pool per process (a worker builds its own after the fork): hooks run in its threads.
+        self.hooks = HookRunner({"upload": config.on_upload, "download": config.on_download,
+                                 "delete": config.on_delete, "rename": config.on_rename}, config.hook_timeout)
 
     def _load_bans(self) -> None:
         try:
@@ -218,7 +223,8 @@ class SshfilesService:
                 c.end("source banned by the administrator")
 
     def close(self) -> None:
-        """After `quotas.drain` (which `_serve` awaits): close the store threads and the store."""
+        """After `quotas.drain` (which `_serve` awaits): stop the hooks, close the store threads and the store."""
+        self.hooks.close(wait=2.0)  # hooks already queued get a moment; the rest are dropped
         self.store_worker.close()  # runs whatever is still queued first
         if self.quotas.in_sync():
             # A clean stop leaves no row behind (presence marks included): the next start must not
@@ -424,7 +430,8 @@ class _ChannelSession(ChannelSessionBase):
         log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username), self._auth.peer,
                  esc(command), self._auth.cid)
         try:
-            handler = run_scp(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
+            handler = run_scp(JailedSFTPServer(chan, session, input_ended=stdin.at_eof), command, stdin, stdout,
+                              stderr)
             if handler is not None:
                 await handler
         finally:
@@ -803,7 +810,9 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.account = acct  # a home, quota or permission change applies to each new channel
         session = UserSession(acct.name, acct.home, self.service.quotas.ledger(acct.name), self.peer,
                               on_close=self._session_closed, conn_id=self.cid, permissions=self.perm_rules,
-                              own_uploads=self.own_uploads)
+                              own_uploads=self.own_uploads,
+                              upload_mode=acct.upload_mode or self.service.config.upload_mode,
+                              hooks=self.service.hooks)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session
@@ -1121,6 +1130,16 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:
+    """Before anything listens: remove what atomic uploads of a previous run left (atomic.py), keep
+    atomic-resume partials younger than atomic.PARTIAL_MAX_AGE, and rescan the users concerned."""
+    users = [(a.name, a.home, a.upload_mode or config.upload_mode) for a in store.list_users()]
+    for name in cleanup_homes(u for u in users if u[2] != "standard"):
+        before, after = rescan_user(store, name)
+        log.info("removed upload temporaries of %s left by an earlier run: usage %d -> %d bytes",
+                 esc(name), before, after)
+
+
 def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
     configure_logging()
@@ -1134,6 +1153,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
     repaired = reconcile_dead_owners(store)
     if repaired:
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")
+    _clean_upload_temporaries(store, config)
     store.close()
     offered = {p.public_data for p in _offered_host_keys(config, ensure_host_keys(config.keys_dir))}
     for key in ensure_host_keys(config.keys_dir):

@@ -31,6 +31,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from . import atomic
+from .atomic import ServerPath, Upload
+from .hooks import HookEvent, HookRunner
 from .jail import DirEntries, Jail, normalize
 from .logsafe import esc
 from .permissions import PermissionRules, allowed, governs
@@ -124,6 +127,8 @@ class FileHandle:
     rev: int = -1
     may_read: bool = True
     may_write: bool = True
+    upload: Upload | None = None  # written under a temporary name, renamed onto vpath at close (atomic.py)
+    interrupted: bool = False     # the adapter saw its channel go before the close (SCP)
 
 
 class DirHandle:
@@ -174,8 +179,11 @@ class UserSession:
 
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
                  on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-",
-                 permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None) -> None:
+                 permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None,
+                 upload_mode: str = "standard", hooks: HookRunner | None = None) -> None:
         self.username = username
+        self.upload_mode = upload_mode  # atomic.MODES: how this session's uploads become visible
+        self.hooks = hooks
         self.peer = peer
         # The user's per-directory rules as this process last read them; the server's watcher
         # replaces them when the store's revision moves (`set_permissions`), never a store read here.
@@ -352,8 +360,13 @@ class UserSession:
         asked_excl = bool(flags & os.O_EXCL)
         flags, trunc, fresh = self._open_rules(path, flags, trunc)
         self._take_handle()
+        upload: Upload | None = None
+        shown: str | None = None
         try:
-            fd = await self._open_fd(path, flags, perms)
+            if self.upload_mode == "standard":
+                fd = await self._open_fd(path, flags, perms)
+            else:
+                fd, upload, shown = await self._open_atomic(path, flags, trunc, perms)
         except FileExistsError:
             self._give_handle()
             if asked_excl:
@@ -367,6 +380,8 @@ class UserSession:
         try:
             vpath = self.jail.virtual_path(fd)
             self._check_opened(vpath, path, flags)
+            if shown is not None:  # opened a temporary or partial: it stands for the name the client gave
+                vpath = posixpath.join(posixpath.dirname(vpath), shown)
             if writable:
                 self.ledger.write_handles += 1
                 counted = True
@@ -375,6 +390,8 @@ class UserSession:
         except BaseException:
             if counted:
                 self.ledger.write_handles -= 1
+            if upload is not None:
+                self._drop_upload(upload)
             self._close_fd(fd)
             self._give_handle()
             raise
@@ -382,21 +399,127 @@ class UserSession:
             self._own[vpath] = None
             if len(self._own) > OWN_UPLOADS:
                 del self._own[next(iter(self._own))]
-        return FileHandle(fd, vpath, writable, append, fresh=fresh)
+        return FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload)
 
     def close_file(self, f: FileHandle) -> None:
-        """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last."""
+        """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last.
+
+        An atomic upload is renamed onto its name first (or its temporary dropped, see
+        `_finish_upload`); a completed transfer then fires its hook.  A rename that fails is the
+        CLOSE's error, after the handle is closed all the same."""
         if f.fd < 0:
             return
         fd, f.fd = f.fd, -1
+        error: OSError | None = None
         try:
             if f.writable:
                 self.ledger.write_handles -= 1
+                if f.upload is not None:
+                    error = self._finish_upload(f, fd)
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
             self._give_handle()
             self._close_fd(fd)
             self.log_transfer(f)
+        self._transfer_hook(f)
+        if error is not None:
+            raise error
+
+    # -- atomic uploads (atomic.py) -----------------------------------------------
+
+    async def _open_atomic(self, path: bytes | str, flags: int, trunc: bool,
+                     perms: int) -> tuple[int, Upload | None, str | None]:
+        """Open for an atomic mode: (fd, the upload if written under a temporary, the name shown).
+
+        A new file (O_CREAT) or a replaced one (TRUNC) is written under a temporary next to it; an
+        existing file opened without TRUNC (an append too) is written in place, as in standard
+        mode. In atomic-resume, while no file has the name, the name stands for its partial: a
+        read opens it, a write without TRUNC (an append too: OpenSSH's reput) continues it.
+        """
+        resumable = self.upload_mode == "atomic-resume"
+        partial = atomic.partial_path(path) if resumable else None
+        parts = atomic.split_name(path)
+        shown = None if parts is None else os.fsdecode(parts[1])
+        if (flags & os.O_ACCMODE) == os.O_RDONLY:
+            try:
+                return await self._open_fd(path, flags, perms), None, None
+            except FileNotFoundError:
+                if partial is None:
+                    raise
+                return await self._open_fd(partial, flags & ~os.O_CREAT, perms), None, shown
+        temp = partial if resumable else atomic.temp_path(path)
+        if temp is None:
+            return await self._open_fd(path, flags, perms), None, None
+        try:
+            st = self.jail.lstat_entry(path)
+        except OSError:
+            st = None  # (a missing directory and the like: the standard route says so)
+            temp = None
+        if temp is None or (st is not None and not stat.S_ISREG(st.st_mode)) or (st is not None and not trunc):
+            return await self._open_fd(path, flags, perms), None, None  # in place (or its error)
+        if st is not None and flags & os.O_EXCL:
+            raise FileExistsError(errno.EEXIST, "File exists")
+        if st is not None and not st.st_mode & stat.S_IWUSR:
+            raise PermissionError(errno.EACCES, "Permission denied (the file is read-only)")
+        if st is None and not flags & os.O_CREAT and not resumable:
+            raise FileNotFoundError(errno.ENOENT, "No such file")
+        tflags = flags & ~os.O_EXCL
+        if st is not None:
+            tflags |= os.O_CREAT  # a replacement is a new file under the temporary name
+        fd = await self._open_fd(temp, tflags, perms)
+        st_temp = os.fstat(fd)
+        key = (st_temp.st_dev, st_temp.st_ino)
+        if resumable and not atomic.claim(key):
+            self._close_fd(fd)
+            raise OSError(errno.EBUSY, "Another upload of this file is in progress")
+        if resumable and flags & os.O_EXCL and not trunc:
+            try:  # an exclusive create is a new file: it never continues an old partial
+                await self._truncate_fd(fd, 0)
+            except BaseException:
+                atomic.unclaim(key)
+                self._close_fd(fd)
+                raise
+        return fd, Upload(temp, path, resumable, bool(flags & os.O_EXCL), key), shown
+
+    def _finish_upload(self, f: FileHandle, fd: int) -> OSError | None:
+        """At the close of an atomic upload: rename its temporary onto the name if the upload
+        completed (replacing a file credits it, exactly as a posix-rename), else drop it (atomic)
+        or keep it for a resume (atomic-resume). Returns the rename's error, if any."""
+        up, f.upload = f.upload, None
+        assert up is not None
+        error = None
+        if f.failed is None and not (f.interrupted or self.interrupted):
+            try:
+                st = self.jail.lstat_entry(up.temp)
+                if st is None or (st.st_dev, st.st_ino) != up.key:  # another worker restarted the partial
+                    raise OSError(errno.EBUSY, "Another upload of this file replaced this one")
+                if up.exclusive:
+                    with self._namespace():
+                        self.jail.rename(up.temp, up.target, replace=False)
+                else:
+                    self._rename_over(up.temp, up.target)
+            except OSError as exc:
+                error = exc
+                f.failed = exc.strerror or "the upload could not be renamed onto its name"
+            else:
+                if up.resumable:
+                    atomic.unclaim(up.key)
+                return None
+        self._drop_upload(up)
+        return error
+
+    def _drop_upload(self, up: Upload) -> None:
+        """An upload that did not complete: atomic removes its temporary (crediting it), atomic-resume keeps it."""
+        if up.resumable:
+            atomic.unclaim(up.key)
+            return
+        try:
+            self._remove(up.temp)
+        except OSError as exc:
+            log.warning("cannot remove an upload temporary of %s: %s", esc(self.username), esc(exc.strerror))
+
+    def _partial_of(self, path: bytes | str) -> ServerPath | None:
+        return atomic.partial_path(path) if self.upload_mode == "atomic-resume" else None
 
     def open_for_hash(self, path: bytes | str) -> int:
         """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`.
@@ -675,14 +798,28 @@ class UserSession:
             d, vpath = self._where(path, follow)
             if vpath != "/" and not allowed(self.perms.rules, d, "list"):
                 try:
-                    st = self.jail.stat(path, follow=follow)
+                    st = self._stat_entry(path, follow)
                 except OSError:
                     st = None
                 if st is None or not (stat.S_ISDIR(st.st_mode) or vpath in self._own):
                     self._require(d, "list")
                 assert st is not None
                 return st
-        return self.jail.stat(path, follow=follow)
+        return self._stat_entry(path, follow)
+
+    def _stat_entry(self, path: bytes | str, follow: bool) -> os.stat_result:
+        """A name's attributes; in atomic-resume, a name with no file shows its partial (resumes need its size)."""
+        try:
+            return self.jail.stat(path, follow=follow)
+        except FileNotFoundError:
+            partial = self._partial_of(path)
+            if partial is None:
+                raise
+            try:
+                return self.jail.stat(partial, follow=False)
+            except OSError:
+                pass
+            raise
 
     def realpath(self, path: bytes | str) -> str:
         """The canonical name; inside a directory the user may not `list`, the lexical one (the
@@ -774,6 +911,11 @@ class UserSession:
 
     def remove(self, path: bytes | str) -> None:
         self._check(path, "delete")
+        self._remove(path)
+        if self.hooks is not None and self.hooks.wants("delete"):
+            self._fire("delete", self._named(path), 0)
+
+    def _remove(self, path: bytes | str) -> None:
         with self._namespace():
             held = self._held(path)
             try:
@@ -791,6 +933,7 @@ class UserSession:
         self._check_rename(old, new)
         with self._namespace():
             self.jail.rename(old, new, replace=False)
+        self._rename_hook(old, new)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
         """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them).
@@ -798,7 +941,11 @@ class UserSession:
         Replacing needs `overwrite` where `new` is; without it this is the classic rename."""
         if self._check_rename(old, new):
             self._rename_no_overwrite(old, new)
-            return
+        else:
+            self._rename_over(old, new)
+        self._rename_hook(old, new)
+
+    def _rename_over(self, old: bytes | str, new: bytes | str) -> None:
         with self._namespace():
             held = self._held(new)
             try:
@@ -838,6 +985,35 @@ class UserSession:
                 raise PermissionError(errno.EACCES, "Permission denied: the target exists and there is no "
                                       "overwrite permission there") from None
 
+    # -- hooks (hooks.py): fired after an operation completed, never waited for --------------
+
+    def _named(self, path: bytes | str) -> str:
+        """The virtual path of a name: its directory as resolved now, plus the name (which may be gone)."""
+        parts = atomic.split_name(path)
+        if parts is None:
+            return self.jail.realpath(path)
+        head, name = parts
+        return posixpath.join(self.jail.realpath(head or b"."), os.fsdecode(name))
+
+    def _fire(self, event: str, vpath: str, nbytes: int, target: str = "") -> None:
+        assert self.hooks is not None
+        self.hooks.fire(HookEvent(event, self.username, vpath, self.jail.host_path(vpath), nbytes, self.peer,
+                                  target, self.jail.host_path(target) if target else ""))
+
+    def _rename_hook(self, old: bytes | str, new: bytes | str) -> None:
+        if self.hooks is not None and self.hooks.wants("rename"):
+            self._fire("rename", self._named(old), 0, self._named(new))
+
+    def _transfer_hook(self, f: FileHandle) -> None:
+        """After a completed upload (every writable handle closed without an error or an interruption;
+        in atomic modes after the rename) or download (a read handle that read something)."""
+        if self.hooks is None or f.failed is not None or f.interrupted or self.interrupted:
+            return
+        if f.writable and self.hooks.wants("upload"):
+            self._fire("upload", f.vpath, f.bytes_written)
+        elif not f.writable and f.bytes_read and self.hooks.wants("download"):
+            self._fire("download", f.vpath, f.bytes_read)
+
     # -- log --------------------------------------------------------------------
 
     def log_transfer(self, f: FileHandle) -> None:
@@ -848,7 +1024,7 @@ class UserSession:
         if f.failed:
             result = esc(f"failed: {f.failed}")
         else:
-            result = "interrupted" if self.interrupted else "ok"
+            result = "interrupted" if self.interrupted or f.interrupted else "ok"
         log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s conn=%s",
                  esc(self.username), esc(f.vpath), direction, nbytes, time.monotonic() - f.opened, result,
                  self.conn_id)

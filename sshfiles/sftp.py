@@ -18,7 +18,7 @@ import asyncio
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncssh
 from asyncssh import (
@@ -95,10 +95,13 @@ class DirListing(AsyncIterator[SFTPName]):
 class JailedSFTPServer(asyncssh.SFTPServer):
     """One channel's SFTP (and SCP) verbs, each a call on the user's session."""
 
-    def __init__(self, chan: asyncssh.SSHServerChannel, session: UserSession) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel, session: UserSession,
+                 input_ended: Callable[[], bool] | None = None) -> None:
         super().__init__(chan)
         self.session = session
         self.user = session.username
+        # SCP only: whether the client's input ended (EOF): a file closed then was cut short.
+        self._input_ended = input_ended
 
     # -- names ----------------------------------------------------------------
 
@@ -132,7 +135,13 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             raise
 
     def close(self, file_obj: object) -> None:
-        self.session.close_file(_handle(file_obj))
+        f = _handle(file_obj)
+        if self.channel.is_closing() or (self._input_ended is not None and self._input_ended()):
+            # asyncssh's SCP closes its file in a `finally` also when the client's data stopped
+            # mid-file (EOF: a killed scp's ssh sends one; or the connection dropped). A complete
+            # file is followed by its status byte, still unread here, so EOF now means cut short.
+            f.interrupted = True
+        self.session.close_file(f)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)

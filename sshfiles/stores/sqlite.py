@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS users (
     auth_rev INTEGER NOT NULL DEFAULT 0,
     entries INTEGER NOT NULL DEFAULT 0,
     max_entries INTEGER,
-    perm_rev INTEGER NOT NULL DEFAULT 0
+    perm_rev INTEGER NOT NULL DEFAULT 0,
+    upload_mode TEXT
 );
 CREATE TABLE IF NOT EXISTS keys (
     user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS permissions (
     PRIMARY KEY (user, path)
 );
 """
-_SCHEMA_VERSION = "4"
+_SCHEMA_VERSION = "5"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
@@ -90,8 +91,10 @@ _MIGRATIONS: dict[str, list[str]] = {
     "3": ["CREATE TABLE IF NOT EXISTS permissions (user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, "
           "path TEXT NOT NULL, perms TEXT NOT NULL, PRIMARY KEY (user, path))",
           "ALTER TABLE users ADD COLUMN perm_rev INTEGER NOT NULL DEFAULT 0"],
+    # v5: per-user upload mode (atomic.py; NULL = the server's --upload-mode).
+    "4": ["ALTER TABLE users ADD COLUMN upload_mode TEXT"],
 }
-_NEXT_VERSION = {"1": "2", "2": "3", "3": "4"}
+_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5"}
 
 
 class SQLiteAccountStore:
@@ -236,7 +239,7 @@ class SQLiteAccountStore:
 
     def get_user(self, name: str) -> Account | None:
         rows = self._query("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries, "
-                           "perm_rev FROM users WHERE name=?", (name,))
+                           "perm_rev, upload_mode FROM users WHERE name=?", (name,))
         if not rows:
             return None
         acct = Account(*rows[0])
@@ -461,6 +464,10 @@ class SQLiteAccountStore:
     def set_max_entries(self, name: str, max_entries: int | None) -> None:
         """None: the default for the user's byte quota; UNLIMITED_ENTRIES: no limit."""
         self._update_user("UPDATE users SET max_entries=? WHERE name=?", (max_entries, name), name)
+
+    def set_upload_mode(self, name: str, mode: str | None) -> None:
+        """A user's upload mode (atomic.MODES), or None for the server's default."""
+        self._update_user("UPDATE users SET upload_mode=? WHERE name=?", (mode, name), name)
 
     def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
         """(quota, max_entries as stored, entries) in one read."""

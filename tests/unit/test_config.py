@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
     "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
     "max_sessions_per_user": 64, "max_channels_per_connection": 10, "legacy_algorithms": False,
+    "upload_mode": "standard", "on_upload": "", "on_download": "", "on_delete": "", "on_rename": "",
+    "hook_timeout": 30.0,
     "max_handles_per_session": 0, "max_handles_per_user": 0, "reply_buffer_limit": 4194304,
     "max_hash_bytes": 64 << 30, "hash_workers": 2, "hash_per_user_active": 2, "hash_per_user_waiting": 16,
 }
@@ -64,6 +66,27 @@ TOML_PARSED.update(max_startups="7:8:9", per_source_max_startups=3, per_source_r
                    max_channels_per_connection=3, legacy_algorithms=True,
                    max_handles_per_session=3, max_handles_per_user=3, reply_buffer_limit=65538, max_hash_bytes=3,
                    hash_workers=3, hash_per_user_active=3, hash_per_user_waiting=3)
+
+# Atomic uploads and hooks.
+FLAG.update(upload_mode="atomic", on_upload="/f/up", on_download="/f/down", on_delete="/f/del",
+            on_rename="/f/ren", hook_timeout=1.0)
+ENV.update(upload_mode="atomic-resume", on_upload="/e/up 'a b'", on_download="/e/down", on_delete="/e/del",
+           on_rename="/e/ren", hook_timeout="2")
+ENV_PARSED.update(upload_mode="atomic-resume", on_upload="/e/up 'a b'", on_download="/e/down",
+                  on_delete="/e/del", on_rename="/e/ren", hook_timeout=2.0)
+TOML.update(upload_mode="standard", on_upload="/t/up", on_download="/t/down", on_delete="/t/del",
+            on_rename="/t/ren", hook_timeout=3)
+TOML_PARSED.update(upload_mode="standard", on_upload="/t/up", on_download="/t/down", on_delete="/t/del",
+                   on_rename="/t/ren", hook_timeout=3.0)
+
+
+def test_upload_mode_and_hook_commands_are_checked_naming_the_source() -> None:
+    with pytest.raises(ConfigError, match="--upload-mode: expected one of standard, atomic, atomic-resume"):
+        resolve({"upload_mode": "atomik"}, {}, {})
+    with pytest.raises(ConfigError, match="SSHFILES_ON_UPLOAD: cannot split"):
+        resolve({}, {"SSHFILES_ON_UPLOAD": "/bin/echo 'unclosed"}, {})
+    with pytest.raises(ConfigError, match="key hook_timeout"):
+        resolve({}, {}, {"hook_timeout": 0})
 
 
 def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:

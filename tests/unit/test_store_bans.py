@@ -24,7 +24,7 @@ def test_ban_unban_list_and_a_later_ban_never_shortens(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_v2_store_is_migrated_to_v3_with_its_accounts(tmp_path: Path) -> None:
+def test_a_v2_store_is_migrated_to_the_current_version_with_its_accounts(tmp_path: Path) -> None:
     store = open_store(accounts_dir=tmp_path)
     store.add_user("alice", str(tmp_path / "alice"), None, None)
     store.close()
@@ -32,6 +32,7 @@ def test_a_v2_store_is_migrated_to_v3_with_its_accounts(tmp_path: Path) -> None:
     db.execute("DROP TABLE bans")
     db.execute("DROP TABLE permissions")  # and what later versions added (v4)
     db.execute("ALTER TABLE users DROP COLUMN perm_rev")
+    db.execute("ALTER TABLE users DROP COLUMN upload_mode")  # (v5)
     db.execute("UPDATE meta SET value='2' WHERE key='schema'")
     db.commit()
     db.close()
@@ -54,6 +55,7 @@ def test_a_v3_store_gains_permissions(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "accounts.db")
     db.execute("DROP TABLE permissions")
     db.execute("ALTER TABLE users DROP COLUMN perm_rev")
+    db.execute("ALTER TABLE users DROP COLUMN upload_mode")  # (v5)
     db.execute("UPDATE meta SET value='3' WHERE key='schema'")
     db.commit()
     db.close()
