@@ -163,6 +163,8 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
 _DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
                      "ban_threshold", "ban_window", "ban_time", "ban_max", "ban_exempt",
                      "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms")
+# Settings for running it as a daemon (logs, metrics), from the model too.
+_OPS_SETTINGS = ("log_format", "log_file", "metrics_listen")
 
 
 def _model_options(names: tuple[str, ...]) -> Any:
@@ -186,6 +188,7 @@ def _model_options(names: tuple[str, ...]) -> Any:
 @click.option("--idle-timeout", type=float, default=None, help=_help("idle_timeout"))
 @click.option("--grace", type=float, default=None, help=_help("grace"))
 @_model_options(_DEFENCE_SETTINGS)
+@_model_options(_OPS_SETTINGS)
 @click.pass_obj
 def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
@@ -199,7 +202,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
 
     config = obj.settings(host=host, port=port, workers=workers, login_timeout=login_timeout,
                           max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
-    configure_logging()  # before the first line we may log (home mode corrections)
+    configure_logging(config)  # before the first line we may log (home mode corrections)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)

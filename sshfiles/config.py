@@ -27,6 +27,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .metrics import parse_listen
+
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "load_toml", "parse_startups", "resolve"]
 
 _ENV_PREFIX = "SSHFILES_"
@@ -148,6 +150,13 @@ class ServeConfig:
     legacy_algorithms: bool = field(default=False, metadata=_meta(
         bool, "Also offer SHA-1 ssh-rsa, the NIST ECDH curves, ECDSA host keys and finite-field DH, for old "
         "clients that need them (weaker; off by default)."))
+    # -- running as a daemon: logs (audit.py), metrics --
+    log_format: str = field(default="text", metadata=_meta(
+        str, "Log format: text (one key=value line per event) or json (one JSON object per line)."))
+    log_file: str = field(default="", metadata=_meta(
+        str, "Append the log to this file instead of stderr; SIGHUP reopens it (for logrotate)."))
+    metrics_listen: str = field(default="", metadata=_meta(
+        str, "Serve Prometheus metrics and /healthz on HOST:PORT, e.g. 127.0.0.1:9122 (empty: off)."))
 
     def __post_init__(self) -> None:
         for s in SETTINGS.values():
@@ -184,7 +193,15 @@ def _parse_exempt(text: str) -> object:
     return parse_cidrs(text)
 
 
-_PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt}  # str settings with a syntax
+def _parse_log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"must be text or json, got {text!r}")
+    return text
+
+
+# str settings with a syntax
+_PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt, "log_format": _parse_log_format,
+           "metrics_listen": parse_listen}
 
 
 def _settings() -> dict[str, Setting]:

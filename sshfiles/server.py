@@ -23,9 +23,10 @@ import ctypes
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,13 +36,13 @@ from typing import Any
 import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
-from . import passwords
+from . import audit, metrics, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
 from .config import ServeConfig, parse_startups
 from .defence import Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
-from .logsafe import LogSafeFormatter, esc
+from .logsafe import esc
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
@@ -164,8 +165,8 @@ class SshfilesService:
         ban = self.defender.record(source, event)
         if ban is None:
             return
-        log.warning("banned source=%s for %d s (strike %d, last event %s)", source, round(ban.until - time.time()),
-                    ban.strikes, event)
+        audit.event("banned", source=source, seconds=round(ban.until - time.time()), strikes=ban.strikes,
+                    cause=event, level=logging.WARNING)
         for c in list(self.connections):
             if c.source == source and c.account is None and c.ended is None:
                 c.end("source banned")
@@ -175,9 +176,10 @@ class SshfilesService:
         with self._watch_lock:
             if self._watch_store is None:
                 self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
-            for b in new:
-                self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
-            return self._watch_store.bans()
+            with metrics.store_timer("bans"):
+                for b in new:
+                    self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
+                return self._watch_store.bans()
 
     async def sync_bans(self) -> None:
         new = [Ban(b.source, b.until, b.reason, b.strikes) for b in self.defender.take_new_bans()]
@@ -216,7 +218,8 @@ class SshfilesService:
         with self._watch_lock:
             if self._watch_store is None:
                 self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
-            return self._watch_store.auth_states(names)
+            with metrics.store_timer("watch"):
+                return self._watch_store.auth_states(names)
 
     async def watch(self) -> None:
         """Every WATCH_INTERVAL: end stale and idle connections, share bans (until cancelled)."""
@@ -343,8 +346,7 @@ class _ChannelSession(ChannelSessionBase):
                        stderr: SSHWriter[bytes]) -> None:
         session = self._auth.new_session()
         self._auth.running += 1
-        log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username), self._auth.peer,
-                 esc(command), self._auth.cid)
+        audit.event("exec", self._auth, command=command)
         try:
             handler = run_scp(JailedSFTPServer(chan, session), command, stdin, stdout, stderr)
             if handler is not None:
@@ -361,8 +363,7 @@ class _ChannelSession(ChannelSessionBase):
             if not command:
                 stderr.write(b"This server offers SFTP only: connect with sftp, scp or sshfiles-cli.\r\n")
             else:
-                log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username),
-                         self._auth.peer, esc(command), self._auth.cid)
+                audit.event("exec", self._auth, command=command)
                 session = self._auth.new_session()
                 try:
                     status = await run_exec(command, session, stdout, stderr, stdin)
@@ -477,7 +478,13 @@ class _ConnectionHandler(asyncssh.SSHServer):
             session.interrupted = True
         self.service.connections.discard(self)
         if self.account is not None:
+            metrics.session_ended()
             log.info("logout user=%s source=%s conn=%s", esc(self.username), self.peer, self.cid)
+
+    @property
+    def conn_id(self) -> str:
+        """The connection id as `audit.Actor` names it (the log's ``conn=``)."""
+        return self.cid
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -556,12 +563,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
         if ok and acct is not None:
             self._validated[username] = (acct, method)
             if method == "password":  # a right password completes the authentication
-                log.info("login user=%s source=%s method=%s result=ok conn=%s", esc(username), self.peer, method,
-                         self.cid)
+                audit.event("login", self, user=username, method=method, result="ok")
             return True
         self.failures += 1
-        log.info("login user=%s source=%s method=%s result=%s conn=%s", esc(username), self.peer, method,
-                 result, self.cid)
+        audit.event("login", self, user=username, method=method, result=result)
         if not query:
             # A key the client merely offers (a query: OpenSSH tries each key in its agent) is not a
             # guess; a wrong password, a refused or an abandoned check is.
@@ -646,9 +651,9 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.account = acct
         self.auth_rev = acct.auth_rev
         self.touch()
+        metrics.session_started()
         if method == "publickey":
-            log.info("login user=%s source=%s method=publickey result=ok conn=%s", esc(username), self.peer,
-                     self.cid)
+            audit.event("login", self, method="publickey", result="ok")
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -778,20 +783,10 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     return acceptor, service
 
 
-def configure_logging() -> None:
-    """Our log is the product's log; asyncssh's per-packet chatter stays at warnings.
-
-    The formatter escapes control characters a library might log raw; our own
-    lines escape every client-supplied value themselves (logsafe.esc).
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogSafeFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-    root = logging.getLogger()
-    if not any(getattr(h, "_sshfiles", False) for h in root.handlers):
-        handler._sshfiles = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+def configure_logging(config: ServeConfig | None = None) -> None:
+    """Our log is the product's log (stderr or --log-file, text or JSON: audit.configure);
+    asyncssh's per-packet chatter stays at warnings."""
+    audit.configure(config.log_format if config else "text", config.log_file if config else "")
 
 
 def _listening_socket(config: ServeConfig) -> socket.socket:
@@ -808,6 +803,55 @@ def _listening_socket(config: ServeConfig) -> socket.socket:
     return sock
 
 
+HEALTH_STORE_TIMEOUT = 1.0  # /healthz: a store that cannot begin a write within this long is unhealthy
+
+
+class _Health:
+    """``/healthz``: healthy while the listener accepts, `alive` has no complaint (workers running,
+    not stopping) and the store can take a write. Runs in the metrics HTTP threads, on its own store
+    connection (never the event loop's), one probe at a time."""
+
+    def __init__(self, config: ServeConfig, sock: socket.socket, alive: Callable[[], str | None]) -> None:
+        self._sock = sock
+        self._alive = alive
+        self._store = open_store(accounts_dir=config.accounts_dir, busy_timeout=HEALTH_STORE_TIMEOUT)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        try:
+            if not self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                return "not listening"
+        except OSError:
+            return "not listening"
+        problem = self._alive()
+        if problem is not None:
+            return problem
+        with self._lock:
+            try:
+                self._store.check()
+            except AccountError as exc:
+                return str(exc)
+        return None
+
+
+def _start_metrics(config: ServeConfig, sock: socket.socket, alive: Callable[[], str | None]) -> None:
+    """Serve /metrics and /healthz (metrics.serve) and say where (port 0 picks a free one)."""
+    listen = metrics.parse_listen(config.metrics_listen)
+    assert listen is not None
+    _, port = metrics.serve(listen[0], listen[1], _Health(config, sock, alive))
+    log.info("metrics listening on %s port %d (/metrics, /healthz)", listen[0], port)
+
+
+def _on_hangup() -> None:
+    """SIGHUP: reopen the log file (logrotate has moved it away)."""
+    try:
+        audit.reopen()
+    except OSError as exc:
+        log.error("SIGHUP: cannot reopen the log file: %s", exc.strerror or exc)
+        return
+    log.info("SIGHUP: log file reopened")
+
+
 async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
 
@@ -817,6 +861,11 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
     forwarded by the parent, and must not count as a second signal.
     """
     acceptor, service = await start_server(config, sock=sock)
+    if config.metrics_listen:
+        metrics.enable()
+        if not worker:
+            _start_metrics(config, sock, lambda: "stopping" if service.stopping else None)
+    lag = asyncio.create_task(metrics.watch_loop_lag())
     stop = asyncio.Event()
     force = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -834,6 +883,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
 
     for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker else (signal.SIGINT, signal.SIGTERM)):
         loop.add_signal_handler(sig, _on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, _on_hangup)
     watcher = asyncio.create_task(service.watch())
     try:
         await stop.wait()
@@ -843,6 +893,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
             await service.shutdown(force)
         finally:
             watcher.cancel()
+            lag.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(acceptor.wait_closed(), 2)  # 3.12+ waits for connections: bounded
             service.close()
@@ -858,7 +909,8 @@ def _event_loop_policy() -> None:
 
 _PR_SET_PDEATHSIG = 1
 FORCE_SIGNAL = signal.SIGUSR1  # parent -> worker: the admin signalled twice, stop now
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Blocked across fork (see _spawn); SIGHUP too, or a new worker could run the parent's forwarding handler.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _die_with_parent(parent: int) -> None:
@@ -880,8 +932,10 @@ def _run_worker(config: ServeConfig, sock: socket.socket, parent: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until _serve installs its own handler
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
+        metrics.close_inherited_server()
         asyncio.run(_serve(config, sock, worker=True))
         code = 0
     except BaseException:
@@ -955,9 +1009,18 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
 
+    def _on_hangup_parent(_signum: int, _frame: object) -> None:
+        _on_hangup()
+        for child in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGHUP)
+
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_hangup_parent)
+    if config.metrics_listen:
+        _start_metrics(config, sock, lambda: None if children else "no worker running")
     for _ in range(config.workers):
         _spawn()
     while True:
@@ -985,6 +1048,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
         started = children.pop(pid, None)
         if started is None:
             continue
+        metrics.mark_dead(pid)
         how = _describe_status(status)
         if signals:
             log.info("worker %d %s", pid, how)
@@ -1007,7 +1071,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
 
 def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
-    configure_logging()
+    configure_logging(config)
     os.umask(0o022)
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
@@ -1032,6 +1096,15 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
         announce("sshfiles stopped")
         return
     announce(f"sshfiles listening on {config.host} port {port} with {config.workers} workers")
-    _supervise(config, sock)
+    multiproc_dir = None
+    if config.metrics_listen:
+        # Before the first fork and before prometheus_client is imported (metrics.py's docstring).
+        multiproc_dir = tempfile.mkdtemp(prefix="sshfiles-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    try:
+        _supervise(config, sock)
+    finally:
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
     sock.close()
     announce("sshfiles stopped")

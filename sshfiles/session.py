@@ -29,9 +29,10 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from .jail import DirEntries, Jail
-from .logsafe import esc
+from . import audit, metrics
+from .jail import DirEntries, Jail, normalize
 from .quota import (
     MAX_FILE_SIZE,
     EntriesExceeded,
@@ -95,6 +96,7 @@ class FileHandle:
     bytes_read: int = 0
     bytes_written: int = 0
     failed: str | None = None
+    quota: bool = False  # `failed` is a quota refusal: the transfer's result is "quota"
 
 
 class DirHandle:
@@ -133,6 +135,20 @@ class SpaceInfo:
     entry_limit: int | None
     entries: int
     fs: os.statvfs_result
+
+
+def outcome(exc: BaseException | None) -> tuple[str, str | None]:
+    """An operation's audit ``result`` and ``error``: ok, denied (permissions), quota, or failed: REASON."""
+    if exc is None:
+        return "ok", None
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EDQUOT:
+            return "quota", reason
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "denied", reason
+        return f"failed: {reason}", None
+    return f"failed: {type(exc).__name__}", None
 
 
 class UserSession:
@@ -179,6 +195,30 @@ class UserSession:
             if self._on_close is not None:
                 self._on_close(self)
 
+    # -- audit ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _audited(self, name: str, path: bytes | str, **fields: Any) -> Iterator[None]:
+        """Log the operation in the body as one audit event: its virtual path, fields and outcome."""
+        try:
+            yield
+        except BaseException as exc:
+            result, error = outcome(exc)
+            audit.event(name, self, path=normalize(path), **fields, result=result, error=error)
+            raise
+        audit.event(name, self, path=normalize(path), **fields, result="ok")
+
+    @contextlib.contextmanager
+    def _audit_refusals(self, name: str, path: bytes | str, **fields: Any) -> Iterator[None]:
+        """Log the operation only if permissions or a quota refused it (reads are not audited)."""
+        try:
+            yield
+        except OSError as exc:
+            result, error = outcome(exc)
+            if result in ("denied", "quota"):
+                audit.event(name, self, path=normalize(path), **fields, result=result, error=error)
+            raise
+
     @contextlib.contextmanager
     def _namespace(self) -> Iterator[None]:
         """Hold the user's namespace lock (never across a store call or an await)."""
@@ -212,7 +252,8 @@ class UserSession:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
         self._take_handle()
         try:
-            fd = self._open_fd(path, flags, perms)
+            with self._audit_refusals("open", path, mode="write" if writable else "read"):
+                fd = self._open_fd(path, flags, perms)
         except BaseException:
             self._give_handle()
             raise
@@ -230,6 +271,7 @@ class UserSession:
             self._close_fd(fd)
             self._give_handle()
             raise
+        metrics.transfer_started()
         return FileHandle(fd, vpath, writable, append)
 
     def close_file(self, f: FileHandle) -> None:
@@ -242,6 +284,7 @@ class UserSession:
                 self.ledger.write_handles -= 1
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
+            metrics.transfer_ended()
             self._give_handle()
             self._close_fd(fd)
             self.log_transfer(f)
@@ -376,7 +419,8 @@ class UserSession:
                         self.ledger.uncharge(end - size)
                         raise
             except QuotaExceeded as exc:
-                f.failed = str(exc)
+                f.failed = exc.strerror
+                f.quota = True
                 raise
             try:
                 view = memoryview(data)
@@ -486,6 +530,29 @@ class UserSession:
     def futime(self, f: FileHandle, times: tuple[float, float]) -> None:
         os.utime(f.fd, times)
 
+    def setstat(self, path: bytes | str, *, size: int | None = None, mode: int | None = None,
+                times: tuple[float, float] | None = None, follow: bool = True) -> None:
+        """SFTP SETSTAT (and scp -p, chmod, touch): size, then mode, then times; one audit event
+        saying what was asked to change."""
+        with self._audited("setstat", path, **_changes(size, mode, times)):
+            if size is not None:
+                self.set_size(path, size, follow)
+            if mode is not None:
+                self.chmod(path, mode, follow)
+            if times is not None:
+                self.utime(path, times, follow)
+
+    def fsetstat(self, f: FileHandle, *, size: int | None = None, mode: int | None = None,
+                 times: tuple[float, float] | None = None) -> None:
+        """SFTP FSETSTAT: `setstat` on an open handle (the event names the path it was opened as)."""
+        with self._audited("setstat", f.vpath, **_changes(size, mode, times)):
+            if size is not None:
+                self.truncate(f, size)
+            if mode is not None:
+                self.fchmod(f, mode)
+            if times is not None:
+                self.futime(f, times)
+
     def space(self) -> SpaceInfo:
         """The user's quota and usage with the filesystem's numbers, for statvfs."""
         quota, used = self.ledger.state()
@@ -517,18 +584,24 @@ class UserSession:
         return self.jail.readlink(path)
 
     def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
-        self._charge_entry(path)
-        try:
-            self.jail.mkdir(path, mode)
-        except BaseException:
-            self.ledger.credit_entries(1)
-            raise
+        with self._audited("mkdir", path, mode=f"{mode & 0o7777:04o}"):
+            self._charge_entry(path)
+            try:
+                self.jail.mkdir(path, mode)
+            except BaseException:
+                self.ledger.credit_entries(1)
+                raise
 
     def rmdir(self, path: bytes | str) -> None:
-        self.jail.rmdir(path)
+        with self._audited("rmdir", path):
+            self.jail.rmdir(path)
         self.ledger.credit_entries(1)
 
     def remove(self, path: bytes | str) -> None:
+        with self._audited("remove", path):
+            self._remove(path)
+
+    def _remove(self, path: bytes | str) -> None:
         with self._namespace():
             held = self._held(path)
             try:
@@ -543,11 +616,15 @@ class UserSession:
 
     def rename(self, old: bytes | str, new: bytes | str) -> None:
         """SFTP's classic rename: fails if `new` exists."""
-        with self._namespace():
+        with self._audited("rename", old, to=normalize(new)), self._namespace():
             self.jail.rename(old, new, replace=False)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
         """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them)."""
+        with self._audited("rename", old, to=normalize(new), replace=True):
+            self._posix_rename(old, new)
+
+    def _posix_rename(self, old: bytes | str, new: bytes | str) -> None:
         with self._namespace():
             held = self._held(new)
             try:
@@ -564,20 +641,44 @@ class UserSession:
         self.ledger.credit_entries(1)
         self.ledger.credit(freed)
 
+    def refuse_link(self, kind: str, target: bytes | str, path: bytes | str) -> str:
+        """A symlink or hard link request: always refused (README Policies), and audited.
+
+        Returns the message for the adapter's refusal (SFTP answers OP_UNSUPPORTED)."""
+        message = f"{'Symbolic' if kind == 'symlink' else 'Hard'} links are not supported on this server"
+        audit.event(kind, self, path=normalize(path), target=os.fsdecode(target), result="denied", error=message)
+        return message
+
     # -- log --------------------------------------------------------------------
 
     def log_transfer(self, f: FileHandle) -> None:
+        """The transfer's one audit event, when its handle closes: result ok, quota (a write was
+        refused by the quota), failed: REASON, or interrupted (the connection ended with it open)."""
         if not (f.bytes_read or f.bytes_written or f.writable):
             return
         direction = "upload" if f.writable else "download"
         nbytes = f.bytes_written if f.writable else f.bytes_read
-        if f.failed:
-            result = esc(f"failed: {f.failed}")
+        error = None
+        if f.quota:
+            result, error = "quota", f.failed
+        elif f.failed:
+            result = f"failed: {f.failed}"
         else:
             result = "interrupted" if self.interrupted else "ok"
-        log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s conn=%s",
-                 esc(self.username), esc(f.vpath), direction, nbytes, time.monotonic() - f.opened, result,
-                 self.conn_id)
+        audit.event("transfer", self, path=f.vpath, direction=direction, bytes=nbytes,
+                    seconds=time.monotonic() - f.opened, result=result, error=error)
+
+
+def _changes(size: int | None, mode: int | None, times: tuple[float, float] | None) -> dict[str, object]:
+    """What a setstat asks to change, as audit fields."""
+    out: dict[str, object] = {}
+    if size is not None:
+        out["size"] = size
+    if mode is not None:
+        out["mode"] = f"{mode & 0o7777:04o}"
+    if times is not None:
+        out["atime"], out["mtime"] = int(times[0]), int(times[1])
+    return out
 
 
 __all__ += ["EntriesExceeded", "QuotaExceeded"]

@@ -127,6 +127,20 @@ class SQLiteAccountStore:
             raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
         if not row or row[0] != _SCHEMA_VERSION:
             raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)  # what `check` compares: the file we opened is still there
+
+    def check(self) -> None:
+        """Health probe (healthz): the database file we opened is still in place and a write
+        transaction can begin within the busy timeout; one generic line if not."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            raise AccountError("accounts store is missing") from None
+        if (st.st_dev, st.st_ino) != self._ident:
+            raise AccountError("accounts store was replaced")
+        with self._tx():
+            pass
 
     # -- bans (per-source defence) ----------------------------------------------------------
 

@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
     "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
     "max_sessions_per_user": 64, "max_channels_per_connection": 10, "legacy_algorithms": False,
+    "log_format": "text", "log_file": "", "metrics_listen": "",
 }
 
 # One valid value per setting for each layer, all different from each other and from the default.
@@ -52,6 +53,22 @@ TOML_PARSED.update(max_startups="7:8:9", per_source_max_startups=3, per_source_r
                    ban_threshold=3.0, ban_window=3.0, ban_time=3.0, ban_max=3.0,
                    ban_exempt="10.3.0.0/16, 2001:db8::/32", max_sessions_per_user=3,
                    max_channels_per_connection=3, legacy_algorithms=True)
+
+# Running as a daemon (log_format has a single non-default value, so its layers share it).
+FLAG.update(log_format="json", log_file="/f/log", metrics_listen="127.0.0.1:1")
+ENV.update(log_format="json", log_file="/e/log", metrics_listen="127.0.0.2:2")
+ENV_PARSED.update(log_format="json", log_file="/e/log", metrics_listen="127.0.0.2:2")
+TOML.update(log_format="json", log_file="/t/log", metrics_listen="[::1]:3")
+TOML_PARSED.update(log_format="json", log_file="/t/log", metrics_listen="[::1]:3")
+
+
+def test_log_format_and_metrics_listen_syntax_is_checked() -> None:
+    with pytest.raises(ConfigError, match="--log-format: must be text or json"):
+        resolve({"log_format": "xml"}, {}, {})
+    with pytest.raises(ConfigError, match="SSHFILES_METRICS_LISTEN"):
+        resolve({}, {"SSHFILES_METRICS_LISTEN": "9122"}, {})
+    with pytest.raises(ConfigError, match="key metrics_listen"):
+        resolve({}, {}, {"metrics_listen": "localhost:http"})
 
 
 def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:

@@ -360,3 +360,15 @@ def test_owners_and_drop_owner(store: AccountStore) -> None:
     assert store.owners() == ["live"]
     assert store.charged("alice") == 5 and store.charged("bob") == 0
     assert store.drop_owner("dead") == [] and store.drop_owner("never") == []
+
+
+def test_check_passes_on_a_working_store_and_fails_once_it_is_gone(open_store: OpenStore) -> None:
+    """healthz asks `check`: it must say no when the store cannot take a write any more."""
+    store = open_store()
+    store.check()
+    path = getattr(store, "path", None)
+    if path is None:  # pragma: no cover - a server backend tests this with its own outage
+        pytest.skip("no file to remove for this backend")
+    Path(path).rename(Path(str(path) + ".moved"))
+    with pytest.raises(AccountError):
+        store.check()
