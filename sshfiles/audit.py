@@ -182,8 +182,11 @@ def configure(log_format: str = "text", log_file: str = "") -> None:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-def reopen() -> None:
-    """Reopen the log file (logrotate moved it away); nothing to do when logging to stderr."""
+def reopen() -> bool:
+    """Reopen the log file (logrotate moved it away); False when logging to stderr (nothing to do)."""
+    done = False
     for h in _our_handlers():
         if isinstance(h, ReopenableFileHandler):
             h.reopen()
+            done = True
+    return done

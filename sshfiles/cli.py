@@ -34,9 +34,11 @@ class Context:
     usage error naming the flag, variable or key.
     """
 
-    def __init__(self, toml: dict[str, Any], toml_name: str, group_flags: dict[str, Any]) -> None:
+    def __init__(self, toml: dict[str, Any], toml_name: str, group_flags: dict[str, Any],
+                 toml_path: str | None = None) -> None:
         self.toml = toml
         self.toml_name = toml_name
+        self.toml_path = toml_path  # re-read by `reload_settings` (serve's SIGHUP)
         self.group_flags = group_flags
         base = self.settings()
         self.keys_dir = base.keys_dir
@@ -49,6 +51,11 @@ class Context:
             return resolve({**self.group_flags, **flags}, os.environ, self.toml, toml_name=self.toml_name)
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+
+    def reload_settings(self, **flags: Any) -> ServeConfig:
+        """The settings as at start, with the TOML file read again (for SIGHUP); ConfigError if bad."""
+        toml = load_toml(self.toml_path) if self.toml_path else {}
+        return resolve({**self.group_flags, **flags}, os.environ, toml, toml_name=self.toml_name)
 
     @property
     def store(self) -> AccountStore:
@@ -153,7 +160,7 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
     except ConfigError as exc:
         fail(str(exc))
     ctx.obj = Context(toml, config_path or "config file",
-                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir})
+                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir}, config_path)
 
 
 # -- serve ------------------------------------------------------------------------
@@ -200,8 +207,9 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     """
     from .server import configure_logging, run_server
 
-    config = obj.settings(host=host, port=port, workers=workers, login_timeout=login_timeout,
-                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
+    flags = dict(host=host, port=port, workers=workers, login_timeout=login_timeout,
+                 max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
+    config = obj.settings(**flags)
     configure_logging(config)  # before the first line we may log (home mode corrections)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
@@ -218,7 +226,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
             click.echo(f"connect with: sftp -P {port_} USER@{config.host}", err=True)
 
     try:
-        run_server(config, announce=announce)
+        run_server(config, announce=announce, reload=lambda: obj.reload_settings(**flags))
     except OSError as exc:
         fail(f"cannot listen on {config.host} port {config.port}: {exc.strerror or exc}")
     except RuntimeError as exc:

@@ -20,6 +20,7 @@ import asyncio
 import binascii
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from asyncssh import SSHReader, SSHWriter
 
 from . import audit, metrics, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
-from .config import ServeConfig, parse_startups
+from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
@@ -193,6 +194,37 @@ class SshfilesService:
         for c in list(self.connections):  # a ban added elsewhere (CLI, another worker) ends pre-auth ones
             if c.account is None and c.ended is None and self.defender.banned(c.source, now):
                 c.end("source banned")
+
+    # -- reload (SIGHUP) -------------------------------------------------------------------------
+
+    def apply_config(self, new: ServeConfig) -> tuple[list[str], list[str]]:
+        """Make `new` the running config, except what needs a restart; returns (changes, ignored).
+
+        Limits are read from `self.config` where they are used (a new channel, the watcher's
+        next round, the next password check), so they apply from now on; the admission and ban
+        parameters are updated in place (their live counts and scores stay). Listener options
+        (algorithms, login timeout, host keys) are the caller's: `acceptor.update`.
+        """
+        old = self.config
+        changes, ignored = [], []
+        for name in SETTINGS:
+            before, after = getattr(old, name), getattr(new, name)
+            if before != after:
+                if name in RESTART_ONLY:
+                    ignored.append(name)
+                else:
+                    changes.append(f"{name} {_shown(before)} -> {_shown(after)}")
+        effective = dataclasses.replace(new, **{n: getattr(old, n) for n in RESTART_ONLY})
+        self.config = effective
+        adm = self.admission
+        adm.start, adm.rate, adm.full = parse_startups(effective.max_startups)
+        adm.per_source, adm.per_source_rate = effective.per_source_max_startups, effective.per_source_rate
+        adm.burst = max(1, effective.per_source_burst)
+        d = self.defender
+        d.threshold, d.window = effective.ban_threshold, effective.ban_window
+        d.ban_time, d.ban_max = effective.ban_time, effective.ban_max
+        d.exempt = list(parse_cidrs(effective.ban_exempt))
+        return changes, ignored
 
     def close(self) -> None:
         self.quotas.settle_all()
@@ -842,17 +874,70 @@ def _start_metrics(config: ServeConfig, sock: socket.socket, alive: Callable[[],
     log.info("metrics listening on %s port %d (/metrics, /healthz)", listen[0], port)
 
 
-def _on_hangup() -> None:
-    """SIGHUP: reopen the log file (logrotate has moved it away)."""
+#: Settings a SIGHUP cannot change (the listening socket, the process count, where the state lives):
+#: a changed value is reported and ignored until the next start.
+RESTART_ONLY = ("host", "port", "workers", "accounts_dir", "homes_dir", "metrics_listen")
+
+#: Re-reads the settings the way `serve` read them at start (flags, environment, the TOML file again).
+Reloader = Callable[[], ServeConfig]
+
+
+def _shown(value: object) -> str:
+    return esc(str(value)) if value != "" else '""'
+
+
+def _reopen_log() -> str:
+    """Reopen the log file (logrotate moved it away); a few words for the SIGHUP line ("" on stderr)."""
     try:
-        audit.reopen()
+        return "log file reopened" if audit.reopen() else ""
     except OSError as exc:
-        log.error("SIGHUP: cannot reopen the log file: %s", exc.strerror or exc)
-        return
-    log.info("SIGHUP: log file reopened")
+        return f"cannot reopen the log file: {exc.strerror or exc}"
 
 
-async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False) -> None:
+def _read_reload(reload: Reloader) -> tuple[ServeConfig, list[asyncssh.SSHKey]]:
+    """In a thread: the new settings and the host keys they name (file reads, maybe key generation)."""
+    config = reload()
+    return config, ensure_host_keys(config.keys_dir)
+
+
+async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor, reload: Reloader | None,
+                  host_keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKey]:
+    """SIGHUP in a serving process: reload settings and host keys without touching live sessions.
+
+    Everything read from disk is read in a thread; a bad new config (or unreadable host keys) keeps
+    the running one. Logs one line saying what changed. Returns the host keys now offered.
+    """
+    reopened = _reopen_log()
+    if reload is None:
+        log.info("SIGHUP: %s", reopened or "nothing to reload")
+        return host_keys
+    try:
+        new, new_keys = await asyncio.to_thread(_read_reload, reload)
+    except (ConfigError, OSError, ValueError, asyncssh.KeyImportError) as exc:
+        log.error("SIGHUP: config not reloaded, keeping the running one: %s", " ".join(str(exc).split()))
+        return host_keys
+    changes, ignored = service.apply_config(new)
+    old_fps = sorted(k.get_fingerprint("sha256") for k in host_keys)
+    new_fps = sorted(k.get_fingerprint("sha256") for k in new_keys)
+    if old_fps != new_fps:
+        changes.append("host keys " + ", ".join(k.get_fingerprint("sha256") for k in new_keys))
+    config = service.config
+    acceptor.update(**_server_options(config, new_keys))  # new connections only; live ones keep theirs
+    try:
+        audit.configure(config.log_format, config.log_file)
+    except OSError as exc:
+        changes.append(f"log settings not applied ({exc.strerror or exc})")
+    parts = [("reloaded: " + "; ".join(changes)) if changes else "config unchanged"]
+    if reopened:
+        parts.append(reopened)
+    if ignored:
+        parts.append("needs a restart, not applied: " + ", ".join(ignored))
+    log.info("SIGHUP: %s", "; ".join(parts))
+    return new_keys
+
+
+async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
+                 reload: Reloader | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
 
     A worker drains on SIGTERM and cuts on FORCE_SIGNAL, which only its parent
@@ -883,7 +968,25 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
 
     for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker else (signal.SIGINT, signal.SIGTERM)):
         loop.add_signal_handler(sig, _on_signal, sig)
+    host_keys = ensure_host_keys(config.keys_dir)
+    reloading: list[asyncio.Task[None]] = []
+
+    async def _do_reload() -> None:
+        nonlocal host_keys
+        try:
+            host_keys = await _reload(service, acceptor, reload, host_keys)
+        except Exception:
+            log.exception("SIGHUP: reload failed; the running config stays")
+
+    def _on_hangup() -> None:
+        reloading[:] = [t for t in reloading if not t.done()]
+        if not reloading:  # one reload at a time; a SIGHUP during one is covered by it
+            reloading.append(asyncio.create_task(_do_reload()))
+
     loop.add_signal_handler(signal.SIGHUP, _on_hangup)
+    if _early_hangups:
+        _early_hangups.clear()
+        _on_hangup()
     watcher = asyncio.create_task(service.watch())
     try:
         await stop.wait()
@@ -907,6 +1010,7 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+_early_hangups: list[int] = []  # SIGHUPs a new worker got before it could reload (see _run_worker)
 _PR_SET_PDEATHSIG = 1
 FORCE_SIGNAL = signal.SIGUSR1  # parent -> worker: the admin signalled twice, stop now
 # Blocked across fork (see _spawn); SIGHUP too, or a new worker could run the parent's forwarding handler.
@@ -925,18 +1029,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _run_worker(config: ServeConfig, sock: socket.socket, parent: int) -> None:
+def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: Reloader | None = None) -> None:
     """The body of a forked worker; never returns.  A crash logs its traceback and exits 1."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until _serve installs its own handler
+        # A SIGHUP before _serve installs its handler (a worker just started) is kept, not lost.
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: _early_hangups.append(1))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
         metrics.close_inherited_server()
-        asyncio.run(_serve(config, sock, worker=True))
+        asyncio.run(_serve(config, sock, worker=True, reload=reload))
         code = 0
     except BaseException:
         log.exception("worker %d crashed", os.getpid())
@@ -967,7 +1072,7 @@ def _reconcile(config: ServeConfig) -> list[str]:
         store.close()
 
 
-def _supervise(config: ServeConfig, sock: socket.socket) -> None:
+def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None = None) -> None:
     """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
 
     It blocks in os.wait for any child and replaces a dead worker after a backoff
@@ -989,7 +1094,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
         try:
             pid = os.fork()
             if pid == 0:
-                _run_worker(config, sock, parent)
+                _run_worker(config, sock, parent, reload)
             children[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -1010,7 +1115,15 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
                 os.kill(child, signal.SIGKILL)
 
     def _on_hangup_parent(_signum: int, _frame: object) -> None:
-        _on_hangup()
+        """Reopen (and re-set) its own log, then forward: each worker reloads and logs for itself."""
+        reopened = _reopen_log()
+        try:
+            new = reload() if reload is not None else None
+            if new is not None:
+                audit.configure(new.log_format, new.log_file)
+            log.info("SIGHUP: %sforwarding to %d workers", f"{reopened}; " if reopened else "", len(children))
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: config not reloaded, keeping the running one: %s", " ".join(str(exc).split()))
         for child in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)
@@ -1069,8 +1182,9 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
-    """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
+def run_server(config: ServeConfig, announce: Callable[[str], None] = print, reload: Reloader | None = None) -> None:
+    """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes; SIGHUP calls `reload`
+    for the new settings (see `_reload`)."""
     configure_logging(config)
     os.umask(0o022)
     if not openat2_available():
@@ -1092,7 +1206,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
     _event_loop_policy()
     if config.workers == 1:
         announce(f"sshfiles listening on {config.host} port {port}")
-        asyncio.run(_serve(config, sock))
+        asyncio.run(_serve(config, sock, reload=reload))
         announce("sshfiles stopped")
         return
     announce(f"sshfiles listening on {config.host} port {port} with {config.workers} workers")
@@ -1102,7 +1216,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
         multiproc_dir = tempfile.mkdtemp(prefix="sshfiles-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     try:
-        _supervise(config, sock)
+        _supervise(config, sock, reload)
     finally:
         if multiproc_dir is not None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)

@@ -155,7 +155,7 @@ def test_log_file_is_reopened_on_sighup(tmp_path: Path, host_keys_dir: Path) -> 
         assert _wait(lambda: rotated.read_text().count("login user=rot") == 2)
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGHUP)  # the supervisor forwards it to its workers
-        assert _wait(lambda: log_file.exists() and log_file.read_text().count("log file reopened") >= 3)
+        assert _wait(lambda: log_file.exists() and log_file.read_text().count("log file reopened") >= 3)  # parent + 2 workers
         for _ in range(4):  # connections spread over both workers
             asyncio.run(login())
         assert _wait(lambda: log_file.read_text().count("login user=rot") == 4)
