@@ -21,7 +21,15 @@ from . import __version__, passwords
 from .config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
 from .jail import secure_homes
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
-from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
+from .stores import (
+    UNLIMITED_ENTRIES,
+    AccountError,
+    AccountStore,
+    LiveSession,
+    StoredKey,
+    open_store,
+    validate_username,
+)
 from .units import format_size, parse_size
 
 DEFAULT_USER = "sftpuser"
@@ -527,6 +535,64 @@ def ban_remove(obj: Context, address: str) -> None:
     if not obj.store.unban(source):
         fail(f"{source} is not banned")
     click.echo(f"unbanned {source}")
+
+
+# -- status, kick ------------------------------------------------------------------
+
+
+def _live(store: AccountStore) -> list[LiveSession]:
+    """Rows of running server processes only (a crashed one's rows wait for its reconciliation)."""
+    alive: dict[str, bool] = {}
+    rows = []
+    for row in store.live_sessions():
+        if row.owner not in alive:
+            alive[row.owner] = store.owner_alive(row.owner)
+        if alive[row.owner]:
+            rows.append(row)
+    return rows
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per session (stable field names).")
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """Who is connected now: user, source, connection id, worker pid, since, current transfers.
+
+    Every server process writes its logged-in connections to the store once a second, so this is at
+    most about a second old.
+    """
+    import json
+
+    from .logsafe import esc
+    rows = _live(obj.store)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps({"user": r.user, "source": r.source, "conn": r.conn, "pid": r.pid,
+                                   "since": _when(r.since), "doing": esc(r.doing, quote=False)}))
+        return
+    if not rows:
+        click.echo("no sessions")
+        return
+    table = [("USER", "SOURCE", "CONN", "PID", "SINCE", "DOING")]
+    table += [(r.user, r.source, r.conn, str(r.pid), _when(r.since), esc(r.doing, quote=False) or "-")
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def kick(obj: Context, name: str) -> None:
+    """End every session of user NAME, on every server process, within about a second.
+
+    The user may log in again (to keep them out: `user disable`). Works like a credential change:
+    each process's session watcher sees the account's revision move and ends its connections.
+    """
+    obj.store.kick_user(name)
+    count = sum(1 for r in _live(obj.store) if r.user == name)
+    click.echo(f"kicked {name}: {count} session{'s' if count != 1 else ''} will end within about a second")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,7 +47,8 @@ from .logsafe import esc
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
-from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
+from .stores import Account, AccountError, AccountStore, Ban, LiveSession, open_store, validate_username
+from .units import format_size
 
 __all__ = ["SshfilesService", "configure_logging", "ensure_host_keys", "run_server"]
 
@@ -138,6 +139,7 @@ class SshfilesService:
                                  parse_cidrs(config.ban_exempt))
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
+        self._synced_sessions: list[LiveSession] = []  # what the store last got (sync_sessions)
         self._load_bans()  # before the first connection: a banned source is refused from the start
 
     def _load_bans(self) -> None:
@@ -243,6 +245,35 @@ class SshfilesService:
             finally:
                 self._watch_lock.release()
 
+    # -- live sessions (sshfiles status) -------------------------------------------------------
+
+    def live_sessions(self) -> list[LiveSession]:
+        """This process's logged-in connections as status rows (computed on the loop: no I/O)."""
+        pid = os.getpid()
+        return sorted((LiveSession(c.cid, self.owner, pid, c.username, c.peer, c.login_time, c.doing())
+                       for c in self.connections if c.account is not None and c.ended is None),
+                      key=lambda r: r.conn)
+
+    def _write_sessions(self, rows: list[LiveSession]) -> None:
+        """Runs in the watcher's thread, on its own store connection."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+            with metrics.store_timer("sessions"):
+                self._watch_store.set_sessions(self.owner, rows)
+
+    async def sync_sessions(self) -> None:
+        """Write this process's rows when they changed (at most once per watcher round, off the loop)."""
+        rows = self.live_sessions()
+        if rows == self._synced_sessions:
+            return
+        try:
+            await asyncio.to_thread(self._write_sessions, rows)
+        except AccountError as exc:
+            log.error("accounts store error writing live sessions: %s", exc)
+            return
+        self._synced_sessions = rows
+
     # -- the session watcher -------------------------------------------------------------------
 
     def _auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]:
@@ -265,6 +296,10 @@ class SshfilesService:
                 await self.sync_bans()
             except Exception:
                 log.exception("ban sync round failed")
+            try:
+                await self.sync_sessions()
+            except Exception:
+                log.exception("live session sync round failed")
 
     async def check_connections(self) -> None:
         """End the connections whose account vanished, is disabled, changed credentials, or idled out."""
@@ -444,6 +479,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.sessions: set[UserSession] = set()  # open sessions of this connection's channels
         self.running = 0             # exec and scp channels in progress
         self.last_activity = time.monotonic()
+        self.login_time = 0.0          # epoch seconds of the completed authentication
         self.ended: str | None = None  # why the server ended this connection, once it did
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -517,6 +553,18 @@ class _ConnectionHandler(asyncssh.SSHServer):
     def conn_id(self) -> str:
         """The connection id as `audit.Actor` names it (the log's ``conn=``)."""
         return self.cid
+
+    def doing(self) -> str:
+        """What `sshfiles status` says the connection is doing: its open transfers, raw (escaped on display)."""
+        parts = []
+        for session in self.sessions:
+            for f in session.open_files:
+                done = f.bytes_written if f.writable else f.bytes_read
+                parts.append(f"{'upload' if f.writable else 'download'} {f.vpath} {format_size(done)}")
+        if not parts and self.running:
+            parts.append("command")
+        parts.sort()
+        return ", ".join(parts[:4]) + (f" (+{len(parts) - 4} more)" if len(parts) > 4 else "")
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -683,6 +731,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.account = acct
         self.auth_rev = acct.auth_rev
         self.touch()
+        self.login_time = time.time()
         metrics.session_started()
         if method == "publickey":
             audit.event("login", self, method="publickey", result="ok")

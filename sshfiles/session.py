@@ -84,7 +84,7 @@ COPY_CHUNK = 1024 * 1024
 DIR_BATCH = 128
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a session keeps its open handles in a set
 class FileHandle:
     """A file one session has open (an SFTP handle, an SCP transfer)."""
 
@@ -182,6 +182,7 @@ class UserSession:
         self._on_close = on_close
         self._closed = False
         self.handles = 0  # open FileHandles and DirHandles of this session (MAX_HANDLES_PER_SESSION)
+        self.open_files: set[FileHandle] = set()  # what `sshfiles status` shows the session doing
 
     def close(self) -> None:
         if not self._closed:
@@ -272,7 +273,9 @@ class UserSession:
             self._give_handle()
             raise
         metrics.transfer_started()
-        return FileHandle(fd, vpath, writable, append)
+        f = FileHandle(fd, vpath, writable, append)
+        self.open_files.add(f)
+        return f
 
     def close_file(self, f: FileHandle) -> None:
         """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last."""
@@ -284,6 +287,7 @@ class UserSession:
                 self.ledger.write_handles -= 1
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
+            self.open_files.discard(f)
             metrics.transfer_ended()
             self._give_handle()
             self._close_fd(fd)

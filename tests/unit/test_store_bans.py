@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from sshfiles.stores import open_store
+from sshfiles.stores.sqlite import _SCHEMA_VERSION
 
 
 def test_ban_unban_list_and_a_later_ban_never_shortens(tmp_path: Path) -> None:
@@ -40,5 +41,5 @@ def test_a_v2_store_is_migrated_to_v3_with_its_accounts(tmp_path: Path) -> None:
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "accounts.db")
-    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (_SCHEMA_VERSION,)  # and on to the current version
     db.close()
