@@ -45,6 +45,7 @@ from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import esc
 from .quota import QuotaManager, reconcile_dead_owners
+from .sdnotify import notify
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
 from .stores import Account, AccountError, AccountStore, Ban, LiveSession, open_store, validate_username
@@ -1008,6 +1009,8 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
         name = signal.Signals(signum).name
         if not stop.is_set():
             log.info("%s: stopping", name)
+            if not worker:
+                notify("STOPPING=1", f"STATUS=stopping: transfers may finish for {config.grace:g} s")
             stop.set()
             if signum != FORCE_SIGNAL:
                 return
@@ -1036,6 +1039,9 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
     if _early_hangups:
         _early_hangups.clear()
         _on_hangup()
+    if not worker:
+        notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]}",
+               f"MAINPID={os.getpid()}")
     watcher = asyncio.create_task(service.watch())
     try:
         await stop.wait()
@@ -1151,6 +1157,7 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
     def _on_signal(signum: int, _frame: object) -> None:
         if not signals:
             log.info("%s: stopping %d workers", signal.Signals(signum).name, len(children))
+            notify("STOPPING=1", f"STATUS=stopping {len(children)} workers")
             signal.setitimer(signal.ITIMER_REAL, config.grace + WORKER_STOP_EXTRA)
         signals.append(signum)
         for child in list(children):
@@ -1185,6 +1192,8 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
         _start_metrics(config, sock, lambda: None if children else "no worker running")
     for _ in range(config.workers):
         _spawn()
+    notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]} with {config.workers} "
+           "workers", f"MAINPID={parent}")
     while True:
         if signals:
             respawn_at.clear()
