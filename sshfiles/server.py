@@ -548,7 +548,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.service.connections.discard(self)
         if self.account is not None:
             metrics.session_ended()
-            log.info("logout user=%s source=%s conn=%s", esc(self.username), self.peer, self.cid)
+            audit.event("logout", self)
 
     @property
     def conn_id(self) -> str:
@@ -596,8 +596,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         first = self.ended is None
         self.ended = reason
         if first and self.account is not None:
-            log.info("session ended user=%s source=%s reason=%s conn=%s", esc(self.username), self.peer,
-                     esc(reason), self.cid)
+            audit.event("session ended", self, reason=reason)
         if self.conn is not None:
             for handler in self.handlers:
                 server = handler.server
@@ -749,12 +748,11 @@ class _ConnectionHandler(asyncssh.SSHServer):
             return False
         limits = self.service.config
         if self.channels >= limits.max_channels_per_connection:
-            log.info("channel refused user=%s reason=max-channels-per-connection (%d) conn=%s",
-                     esc(self.username), limits.max_channels_per_connection, self.cid)
+            audit.event("channel refused", self, reason="max-channels-per-connection",
+                        limit=limits.max_channels_per_connection)
             return False
         if self.service.user_channels.get(self.username, 0) >= limits.max_sessions_per_user:
-            log.info("channel refused user=%s reason=max-sessions-per-user (%d) conn=%s",
-                     esc(self.username), limits.max_sessions_per_user, self.cid)
+            audit.event("channel refused", self, reason="max-sessions-per-user", limit=limits.max_sessions_per_user)
             return False
         try:
             acct = self.service.store.get_user(self.username)
