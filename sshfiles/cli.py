@@ -218,7 +218,10 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     flags = dict(host=host, port=port, workers=workers, login_timeout=login_timeout,
                  max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
     config = obj.settings(**flags)
-    configure_logging(config)  # before the first line we may log (home mode corrections)
+    try:
+        configure_logging(config)  # before the first line we may log (home mode corrections)
+    except OSError as exc:
+        fail(f"cannot open log file {config.log_file}: {exc.strerror or exc}")
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)

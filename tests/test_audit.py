@@ -214,6 +214,8 @@ def test_fail2ban_filter_matches_real_failed_logins_only(server: ServerHandle) -
     assert "10.9.9.9" not in hosts
 
 
-def test_bad_log_format_is_one_line_exit_2(server: ServerHandle) -> None:
+def test_bad_log_settings_are_one_line_errors(server: ServerHandle, tmp_path: Path) -> None:
     res = server.cli("serve", "--port", "0", "--log-format", "xml", check=False)
     assert res.returncode == 2 and "--log-format" in res.stderr and "Traceback" not in res.stderr
+    res = server.cli("serve", "--port", "0", "--log-file", str(tmp_path / "no" / "such" / "dir.log"), check=False)
+    assert res.returncode == 1 and "cannot open log file" in res.stderr and "Traceback" not in res.stderr
