@@ -90,8 +90,19 @@ def event(name: str, who: Actor | None = None, /, *, level: int = logging.INFO, 
     metrics.observe(name, ordered)
     if not log.isEnabledFor(level):
         return
-    message = " ".join([name, *(f"{k}={_text(v)}" for k, v in ordered.items())])
-    log.log(level, "%s", message, extra={"audit": {"event": name, **ordered}})
+    log.log(level, _Line(name, ordered), extra={"audit": {"event": name, **ordered}})
+
+
+class _Line:
+    """An event's text line, built only if a text formatter asks (JSON output never does)."""
+
+    __slots__ = ("fields", "name")
+
+    def __init__(self, name: str, fields: dict[str, object]) -> None:
+        self.name, self.fields = name, fields
+
+    def __str__(self) -> str:
+        return " ".join([self.name, *(f"{k}={_text(v)}" for k, v in self.fields.items())])
 
 
 class JsonFormatter(logging.Formatter):

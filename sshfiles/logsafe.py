@@ -50,7 +50,8 @@ def esc(value: object, quote: bool = True) -> str:
         text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = str(value)
-    text = _UNSAFE.sub(_escape_char, text)
+    if _UNSAFE.search(text) is not None:  # most values are plain: no copy for them
+        text = _UNSAFE.sub(_escape_char, text)
     if quote and (not text or _NEEDS_QUOTES.search(text)):
         text = '"' + text.replace('"', '\\"') + '"'
     return text
