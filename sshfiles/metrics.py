@@ -54,8 +54,8 @@ class _Metrics:
         self.loop_lag = Gauge("sshfiles_event_loop_lag_seconds", "How late the event loop last woke a "
                               f"{LAG_INTERVAL:g} s timer (worst live worker).", multiprocess_mode="livemax")
         self.store_seconds = Histogram("sshfiles_store_seconds", "Accounts store call latency by call "
-                                       "(watch: the session watcher's account check, bans: the ban sync, "
-                                       "check: the healthz probe).", ["op"],
+                                       "(login, channel: account reads; watch: the session watcher; bans: the "
+                                       "ban sync; sessions: status rows; check: the healthz probe).", ["op"],
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                                 5, 10, 30))
 

@@ -624,7 +624,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         except AccountError:
             return None
         try:
-            acct = self.service.store.get_user(username)
+            with metrics.store_timer("login"):
+                acct = self.service.store.get_user(username)
         except AccountError as exc:  # a corrupt or locked store: refuse, keep serving
             log.error("accounts store error: %s", exc)
             return None
@@ -755,7 +756,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
             audit.event("channel refused", self, reason="max-sessions-per-user", limit=limits.max_sessions_per_user)
             return False
         try:
-            acct = self.service.store.get_user(self.username)
+            with metrics.store_timer("channel"):
+                acct = self.service.store.get_user(self.username)
         except AccountError as exc:
             log.error("accounts store error: %s", exc)
             return False

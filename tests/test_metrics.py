@@ -120,6 +120,8 @@ def test_counters_move_by_exactly_what_clients_did(metrics_server: ServerHandle)
     assert ("sshfiles_bans_total", ()) in after
     # the watcher's ban sync asks the store every second: its latency is measured
     assert _wait(lambda: value(scrape(port), "sshfiles_store_seconds_count", op="bans") >= 1, 5)
+    assert value(after, "sshfiles_store_seconds_count", op="login") - \
+        value(before, "sshfiles_store_seconds_count", op="login") == 3  # one account read per password check
 
 
 def test_healthz_is_503_while_the_store_is_locked_or_gone(metrics_server: ServerHandle) -> None:
