@@ -14,25 +14,17 @@ import os
 import re
 import signal
 import socket
-import time
 from pathlib import Path
 
 import asyncssh
 import paramiko
 import pytest
 from conftest import ServerHandle, make_server
+from test_clients import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FILTER = ROOT / "contrib" / "fail2ban" / "filter.d" / "sshfiles.conf"
 
-
-def _wait(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 async def _user_session(server: ServerHandle, user, quota_user) -> None:
@@ -73,7 +65,7 @@ def test_json_audit_log_follows_one_user_and_holds_no_host_path(tmp_path: Path, 
         alice = server.add_user("alice")
         carol = server.add_user("carol", quota="10KiB")
         asyncio.run(asyncio.wait_for(_user_session(server, alice, carol), 60))
-        assert _wait(lambda: any(e.get("event") == "transfer" and e.get("user") == "carol"
+        assert wait_for(lambda: any(e.get("event") == "transfer" and e.get("user") == "carol"
                                  for e in _json_events(log_file)))
     finally:
         server.stop()
@@ -88,7 +80,7 @@ def test_json_audit_log_follows_one_user_and_holds_no_host_path(tmp_path: Path, 
     conn = login["conn"]
     assert login["method"] == "password" and login["result"] == "ok"
     assert re.fullmatch(r"127\.0\.0\.1:\d+", login["source"])
-    seq = [(e["event"], e.get("path"), e["result"]) for e in mine if e["event"] != "login"]
+    seq = [(e["event"], e.get("path"), e["result"]) for e in mine if e["event"] not in ("login", "logout")]
     assert seq == [
         ("mkdir", "/d", "ok"),
         ("transfer", "/d/a.txt", "ok"),
@@ -104,6 +96,7 @@ def test_json_audit_log_follows_one_user_and_holds_no_host_path(tmp_path: Path, 
         ("rmdir", "/nope", "failed: No such file or directory"),
     ], seq
     assert all(e["conn"] == conn and e["source"] == login["source"] for e in mine)
+    assert mine[-1]["event"] == "logout"  # the connection followed to its end
     by = {(e["event"], e.get("path"), e.get("mode"), e.get("size")): e for e in mine}
     assert ("setstat", "/d/a.txt", "0444", None) in by          # what changed
     assert ("setstat", "/d/a.txt", None, 10) in by
@@ -126,7 +119,7 @@ def test_text_audit_lines_and_client_text_escaped(server: ServerHandle) -> None:
             await sftp.rmdir("plain")
 
     asyncio.run(asyncio.wait_for(go(), 60))
-    assert _wait(lambda: "rmdir user=bob" in server.log())
+    assert wait_for(lambda: "rmdir user=bob" in server.log())
     log = server.log()
     assert re.search(r'INFO sshfiles\.audit\[\d+\]: mkdir user=bob source=127\.0\.0\.1:\d+ '
                      r'path="/new\\nlogin user=x result=ok" mode=0777 result=ok conn=\w+$', log, re.M), log
@@ -148,17 +141,17 @@ def test_log_file_is_reopened_on_sighup(tmp_path: Path, host_keys_dir: Path) -> 
                 pass
 
         asyncio.run(login())
-        assert _wait(lambda: "login user=rot" in log_file.read_text())
+        assert wait_for(lambda: "login user=rot" in log_file.read_text())
         rotated = tmp_path / "sshfiles.log.1"
         os.rename(log_file, rotated)
         asyncio.run(login())  # still written to the moved file until the signal
-        assert _wait(lambda: rotated.read_text().count("login user=rot") == 2)
+        assert wait_for(lambda: rotated.read_text().count("login user=rot") == 2)
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGHUP)  # the supervisor forwards it to its workers
-        assert _wait(lambda: log_file.exists() and log_file.read_text().count("log file reopened") >= 3)  # parent + 2 workers
+        assert wait_for(lambda: log_file.exists() and log_file.read_text().count("log file reopened") >= 3)  # parent + 2 workers
         for _ in range(4):  # connections spread over both workers
             asyncio.run(login())
-        assert _wait(lambda: log_file.read_text().count("login user=rot") == 4)
+        assert wait_for(lambda: log_file.read_text().count("login user=rot") == 4)
         assert server.proc.poll() is None
     finally:
         server.stop()
@@ -208,7 +201,7 @@ def test_fail2ban_filter_matches_real_failed_logins_only(server: ServerHandle) -
     attempt("127.0.0.3", "nosuchuser", "wrong")
     attempt("127.0.0.4", forged, "wrong")
     attempt("127.0.0.5", "alice", "right-password")
-    assert _wait(lambda: server.log().count("login user=") >= 4)
+    assert wait_for(lambda: server.log().count("login user=") >= 4)
     hosts = _fail2ban_hosts(server.log())
     assert sorted(hosts) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"], hosts
     assert "10.9.9.9" not in hosts

@@ -18,6 +18,7 @@ import asyncssh
 import pytest
 from conftest import ServerHandle, make_server
 from prometheus_client.parser import text_string_to_metric_families
+from test_clients import wait_for
 from test_quota_exact import lock_store
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -54,14 +55,6 @@ def scrape(port: int) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
-
-def _wait(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 @pytest.fixture
@@ -101,7 +94,7 @@ def test_counters_move_by_exactly_what_clients_did(metrics_server: ServerHandle)
     asyncio.run(asyncio.wait_for(clients(), 60))
     assert value(during["open"], "sshfiles_sessions_active") == 1
     assert value(during["open"], "sshfiles_transfers_active") == 1
-    assert _wait(lambda: value(scrape(port), "sshfiles_sessions_active") == 0)
+    assert wait_for(lambda: value(scrape(port), "sshfiles_sessions_active") == 0)
     after = scrape(port)
 
     def delta(name: str, **labels: str) -> float:
@@ -119,7 +112,7 @@ def test_counters_move_by_exactly_what_clients_did(metrics_server: ServerHandle)
     assert ("sshfiles_event_loop_lag_seconds", ()) in after
     assert ("sshfiles_bans_total", ()) in after
     # the watcher's ban sync asks the store every second: its latency is measured
-    assert _wait(lambda: value(scrape(port), "sshfiles_store_seconds_count", op="bans") >= 1, 5)
+    assert wait_for(lambda: value(scrape(port), "sshfiles_store_seconds_count", op="bans") >= 1, 5)
     assert value(after, "sshfiles_store_seconds_count", op="login") - \
         value(before, "sshfiles_store_seconds_count", op="login") == 3  # one account read per password check
 
@@ -164,7 +157,7 @@ def test_workers_metrics_are_summed_by_the_supervisor(tmp_path: Path, host_keys_
             await asyncio.gather(*(one(i) for i in range(4)))
 
         asyncio.run(asyncio.wait_for(all_clients(), 60))
-        assert _wait(lambda: value(scrape(port), "sshfiles_sessions_active") == 0)
+        assert wait_for(lambda: value(scrape(port), "sshfiles_sessions_active") == 0)
         after = scrape(port)
         pids = set(re.findall(r"\[(\d+)\]: login user=u\d", server.log()))
         assert value(after, "sshfiles_transfer_bytes_total", direction="upload") - \
