@@ -537,7 +537,9 @@ class UserSession:
     def setstat(self, path: bytes | str, *, size: int | None = None, mode: int | None = None,
                 times: tuple[float, float] | None = None, follow: bool = True) -> None:
         """SFTP SETSTAT (and scp -p, chmod, touch): size, then mode, then times; one audit event
-        saying what was asked to change."""
+        saying what was asked to change (none: nothing to do, nothing logged)."""
+        if size is None and mode is None and times is None:
+            return
         with self._audited("setstat", path, **_changes(size, mode, times)):
             if size is not None:
                 self.set_size(path, size, follow)
@@ -549,6 +551,8 @@ class UserSession:
     def fsetstat(self, f: FileHandle, *, size: int | None = None, mode: int | None = None,
                  times: tuple[float, float] | None = None) -> None:
         """SFTP FSETSTAT: `setstat` on an open handle (the event names the path it was opened as)."""
+        if size is None and mode is None and times is None:
+            return
         with self._audited("setstat", f.vpath, **_changes(size, mode, times)):
             if size is not None:
                 self.truncate(f, size)
