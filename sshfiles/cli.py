@@ -22,7 +22,15 @@ from .config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
 from .jail import secure_homes
 from .permissions import PRESETS, format_perms, normalize_rule_path, parse_perms
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
-from .stores import UNLIMITED_ENTRIES, AccountError, AccountStore, StoredKey, open_store, validate_username
+from .stores import (
+    UNLIMITED_ENTRIES,
+    AccountError,
+    AccountStore,
+    LiveSession,
+    StoredKey,
+    open_store,
+    validate_username,
+)
 from .units import format_size, parse_size
 
 DEFAULT_USER = "sftpuser"
@@ -35,9 +43,11 @@ class Context:
     usage error naming the flag, variable or key.
     """
 
-    def __init__(self, toml: dict[str, Any], toml_name: str, group_flags: dict[str, Any]) -> None:
+    def __init__(self, toml: dict[str, Any], toml_name: str, group_flags: dict[str, Any],
+                 toml_path: str | None = None) -> None:
         self.toml = toml
         self.toml_name = toml_name
+        self.toml_path = toml_path  # re-read by `reload_settings` (serve's SIGHUP)
         self.group_flags = group_flags
         base = self.settings()
         self.keys_dir = base.keys_dir
@@ -50,6 +60,11 @@ class Context:
             return resolve({**self.group_flags, **flags}, os.environ, self.toml, toml_name=self.toml_name)
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+
+    def reload_settings(self, **flags: Any) -> ServeConfig:
+        """The settings as at start, with the TOML file read again (for SIGHUP); ConfigError if bad."""
+        toml = load_toml(self.toml_path) if self.toml_path else {}
+        return resolve({**self.group_flags, **flags}, os.environ, toml, toml_name=self.toml_name)
 
     @property
     def store(self) -> AccountStore:
@@ -154,7 +169,7 @@ def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, acco
     except ConfigError as exc:
         fail(str(exc))
     ctx.obj = Context(toml, config_path or "config file",
-                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir})
+                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir}, config_path)
 
 
 # -- serve ------------------------------------------------------------------------
@@ -169,6 +184,8 @@ _DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate
                      "hash_workers", "hash_per_user_active", "hash_per_user_waiting",
                      # atomic uploads and hooks (atomic.py, hooks.py)
                      "upload_mode", "on_upload", "on_download", "on_delete", "on_rename", "hook_timeout")
+# Settings for running it as a daemon (logs, metrics), from the model too.
+_OPS_SETTINGS = ("log_format", "log_file", "metrics_listen")
 
 
 def _model_options(names: tuple[str, ...]) -> Any:
@@ -192,6 +209,7 @@ def _model_options(names: tuple[str, ...]) -> Any:
 @click.option("--idle-timeout", type=float, default=None, help=_help("idle_timeout"))
 @click.option("--grace", type=float, default=None, help=_help("grace"))
 @_model_options(_DEFENCE_SETTINGS)
+@_model_options(_OPS_SETTINGS)
 @click.pass_obj
 def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
@@ -203,9 +221,13 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     """
     from .server import configure_logging, run_server
 
-    config = obj.settings(host=host, port=port, workers=workers, login_timeout=login_timeout,
-                          max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
-    configure_logging()  # before the first line we may log (home mode corrections)
+    flags = dict(host=host, port=port, workers=workers, login_timeout=login_timeout,
+                 max_auth_tries=max_auth_tries, idle_timeout=idle_timeout, grace=grace, **defence)
+    config = obj.settings(**flags)
+    try:
+        configure_logging(config)  # before the first line we may log (home mode corrections)
+    except OSError as exc:
+        fail(f"cannot open log file {config.log_file}: {exc.strerror or exc}")
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)
@@ -221,7 +243,7 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
             click.echo(f"connect with: sftp -P {port_} USER@{config.host}", err=True)
 
     try:
-        run_server(config, announce=announce)
+        run_server(config, announce=announce, reload=lambda: obj.reload_settings(**flags))
     except OSError as exc:
         fail(f"cannot listen on {config.host} port {config.port}: {exc.strerror or exc}")
     except RuntimeError as exc:
@@ -610,6 +632,64 @@ def ban_remove(obj: Context, address: str) -> None:
     if not obj.store.unban(source):
         fail(f"{source} is not banned")
     click.echo(f"unbanned {source}")
+
+
+# -- status, kick ------------------------------------------------------------------
+
+
+def _live(store: AccountStore) -> list[LiveSession]:
+    """Rows of running server processes only (a crashed one's rows wait for its reconciliation)."""
+    alive: dict[str, bool] = {}
+    rows = []
+    for row in store.live_sessions():
+        if row.owner not in alive:
+            alive[row.owner] = store.owner_alive(row.owner)
+        if alive[row.owner]:
+            rows.append(row)
+    return rows
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per session (stable field names).")
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """Who is connected now: user, source, connection id, worker pid, since, current transfers.
+
+    Every server process writes its logged-in connections to the store once a second, so this is at
+    most about a second old.
+    """
+    import json
+
+    from .logsafe import esc
+    rows = _live(obj.store)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps({"user": r.user, "source": r.source, "conn": r.conn, "pid": r.pid,
+                                   "since": _when(r.since), "doing": esc(r.doing, quote=False)}))
+        return
+    if not rows:
+        click.echo("no sessions")
+        return
+    table = [("USER", "SOURCE", "CONN", "PID", "SINCE", "DOING")]
+    table += [(r.user, r.source, r.conn, str(r.pid), _when(r.since), esc(r.doing, quote=False) or "-")
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def kick(obj: Context, name: str) -> None:
+    """End every session of user NAME, on every server process, within about a second.
+
+    The user may log in again (to keep them out: `user disable`). Works like a credential change:
+    each process's session watcher sees the account's revision move and ends its connections.
+    """
+    obj.store.kick_user(name)
+    count = sum(1 for r in _live(obj.store) if r.user == name)
+    click.echo(f"kicked {name}: {count} session{'s' if count != 1 else ''} will end within about a second")
 
 
 if __name__ == "__main__":  # pragma: no cover

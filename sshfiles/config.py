@@ -27,6 +27,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .metrics import parse_listen
+
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "load_toml", "parse_startups", "resolve"]
 
 _ENV_PREFIX = "SSHFILES_"
@@ -181,6 +183,14 @@ class ServeConfig:
     hash_per_user_waiting: int = field(default=16, metadata=_meta(
         int, "Hash requests one user may have waiting; more are refused (try again).", minimum=0))
 
+    # -- running as a daemon: logs (audit.py), metrics --
+    log_format: str = field(default="text", metadata=_meta(
+        str, "Log format: text (one key=value line per event) or json (one JSON object per line)."))
+    log_file: str = field(default="", metadata=_meta(
+        str, "Append the log to this file instead of stderr; SIGHUP reopens it (for logrotate)."))
+    metrics_listen: str = field(default="", metadata=_meta(
+        str, "Serve Prometheus metrics and /healthz on HOST:PORT, e.g. 127.0.0.1:9122 (empty: off)."))
+
     def __post_init__(self) -> None:
         for s in SETTINGS.values():
             problem = _check(s, getattr(self, s.name))
@@ -226,9 +236,16 @@ def _parse_hook(text: str) -> object:
     return parse_command(text)
 
 
+def _parse_log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"must be text or json, got {text!r}")
+    return text
+
+
 _PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt,  # str settings with a syntax
            "upload_mode": _parse_upload_mode, "on_upload": _parse_hook, "on_download": _parse_hook,
-           "on_delete": _parse_hook, "on_rename": _parse_hook}
+           "on_delete": _parse_hook, "on_rename": _parse_hook, "log_format": _parse_log_format,
+           "metrics_listen": parse_listen}
 
 
 def _settings() -> dict[str, Setting]:

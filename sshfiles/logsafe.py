@@ -42,14 +42,17 @@ def _escape_char(m: re.Match[str]) -> str:
     return f"\\u{code:04x}"
 
 
-def esc(value: object) -> str:
-    """`value` as one printable, unambiguous log token (see the module docstring)."""
+def esc(value: object, quote: bool = True) -> str:
+    """`value` as one printable, unambiguous log token (see the module docstring).
+
+    ``quote=False`` skips the double quotes, for formats that delimit values themselves (JSON)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = str(value)
-    text = _UNSAFE.sub(_escape_char, text)
-    if not text or _NEEDS_QUOTES.search(text):
+    if _UNSAFE.search(text) is not None:  # most values are plain: no copy for them
+        text = _UNSAFE.sub(_escape_char, text)
+    if quote and (not text or _NEEDS_QUOTES.search(text)):
         text = '"' + text.replace('"', '\\"') + '"'
     return text
 

@@ -20,12 +20,14 @@ import asyncio
 import binascii
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,21 +37,23 @@ from typing import Any
 import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
-from . import hashing, passwords
+from . import audit, hashing, metrics, passwords
 from .asyncssh_seam import ChannelSessionBase, install_speedups, run_scp
 from .atomic import cleanup_homes
-from .config import ServeConfig, parse_startups
+from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .hooks import HookRunner
 from .jail import openat2_available
-from .logsafe import LogSafeFormatter, esc
+from .logsafe import esc
 from .permissions import PermissionRules
 from .quota import QuotaManager, reconcile_dead_owners, rescan_user
+from .sdnotify import notify
 from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
-from .stores import Account, AccountError, AccountStore, Ban, open_store, validate_username
+from .stores import Account, AccountError, AccountStore, Ban, LiveSession, open_store, validate_username
 from .stores.worker import StoreWorker
+from .units import format_size
 
 __all__ = ["SshfilesService", "configure_logging", "ensure_host_keys", "run_server"]
 
@@ -147,6 +151,7 @@ class SshfilesService:
                                  parse_cidrs(config.ban_exempt))
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
+        self._synced_sessions: list[LiveSession] = []  # what the store last got (sync_sessions)
         self._load_bans()  # before the first connection: a banned source is refused from the start
         # One pool per process (a worker builds its own after the fork): hooks run in its threads.
         self.hooks = HookRunner({"upload": config.on_upload, "download": config.on_download,
@@ -178,8 +183,8 @@ class SshfilesService:
         ban = self.defender.record(source, event)
         if ban is None:
             return
-        log.warning("banned source=%s for %d s (strike %d, last event %s)", source, round(ban.until - time.time()),
-                    ban.strikes, event)
+        audit.event("banned", source=source, seconds=round(ban.until - time.time()), strikes=ban.strikes,
+                    cause=event, level=logging.WARNING)
         for c in list(self.connections):
             if c.source == source and c.account is None and c.ended is None:
                 c.end("source banned")
@@ -190,15 +195,16 @@ class SshfilesService:
         with self._watch_lock:
             if self._watch_store is None:
                 self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
-            for b in new:
-                self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
-            now = time.monotonic()
-            if now - self._pruned >= BAN_PRUNE_INTERVAL:
-                self._pruned = now
-                gone = self._watch_store.prune_bans(time.time() - STRIKE_MEMORY)
-                if gone:
-                    log.info("forgot %d bans that ended more than %d days ago", gone, STRIKE_MEMORY // 86400)
-            return self._watch_store.bans()
+            with metrics.store_timer("bans"):
+                for b in new:
+                    self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
+                now = time.monotonic()
+                if now - self._pruned >= BAN_PRUNE_INTERVAL:
+                    self._pruned = now
+                    gone = self._watch_store.prune_bans(time.time() - STRIKE_MEMORY)
+                    if gone:
+                        log.info("forgot %d bans that ended more than %d days ago", gone, STRIKE_MEMORY // 86400)
+                return self._watch_store.bans()
 
     async def sync_bans(self) -> None:
         new = [Ban(b.source, b.until, b.reason, b.strikes) for b in self.defender.take_new_bans()]
@@ -222,6 +228,37 @@ class SshfilesService:
             elif c.source in by_admin and not self.defender.is_exempt(c.source):
                 c.end("source banned by the administrator")
 
+    # -- reload (SIGHUP) -------------------------------------------------------------------------
+
+    def apply_config(self, new: ServeConfig) -> tuple[list[str], list[str]]:
+        """Make `new` the running config, except what needs a restart; returns (changes, ignored).
+
+        Limits are read from `self.config` where they are used (a new channel, the watcher's
+        next round, the next password check), so they apply from now on; the admission and ban
+        parameters are updated in place (their live counts and scores stay). Listener options
+        (algorithms, login timeout, host keys) are the caller's: `acceptor.update`.
+        """
+        old = self.config
+        changes, ignored = [], []
+        for name in SETTINGS:
+            before, after = getattr(old, name), getattr(new, name)
+            if before != after:
+                if name in RESTART_ONLY:
+                    ignored.append(name)
+                else:
+                    changes.append(f"{name} {_shown(before)} -> {_shown(after)}")
+        effective = dataclasses.replace(new, **{n: getattr(old, n) for n in RESTART_ONLY})
+        self.config = effective
+        adm = self.admission
+        adm.start, adm.rate, adm.full = parse_startups(effective.max_startups)
+        adm.per_source, adm.per_source_rate = effective.per_source_max_startups, effective.per_source_rate
+        adm.burst = max(1, effective.per_source_burst)
+        d = self.defender
+        d.threshold, d.window = effective.ban_threshold, effective.ban_window
+        d.ban_time, d.ban_max = effective.ban_time, effective.ban_max
+        d.exempt = list(parse_cidrs(effective.ban_exempt))
+        return changes, ignored
+
     def close(self) -> None:
         """After `quotas.drain` (which `_serve` awaits): stop the hooks, close the store threads and the store."""
         self.hooks.close(wait=2.0)  # hooks already queued get a moment; the rest are dropped
@@ -241,6 +278,35 @@ class SshfilesService:
             finally:
                 self._watch_lock.release()
 
+    # -- live sessions (sshfiles status) -------------------------------------------------------
+
+    def live_sessions(self) -> list[LiveSession]:
+        """This process's logged-in connections as status rows (computed on the loop: no I/O)."""
+        pid = os.getpid()
+        return sorted((LiveSession(c.cid, self.owner, pid, c.username, c.peer, c.login_time, c.doing())
+                       for c in self.connections if c.account is not None and c.ended is None),
+                      key=lambda r: r.conn)
+
+    def _write_sessions(self, rows: list[LiveSession]) -> None:
+        """Runs in the watcher's thread, on its own store connection."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+            with metrics.store_timer("sessions"):
+                self._watch_store.set_sessions(self.owner, rows)
+
+    async def sync_sessions(self) -> None:
+        """Write this process's rows when they changed (at most once per watcher round, off the loop)."""
+        rows = self.live_sessions()
+        if rows == self._synced_sessions:
+            return
+        try:
+            await asyncio.to_thread(self._write_sessions, rows)
+        except AccountError as exc:
+            log.error("accounts store error writing live sessions: %s", exc)
+            return
+        self._synced_sessions = rows
+
     # -- the session watcher -------------------------------------------------------------------
 
     def _auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]:
@@ -248,7 +314,8 @@ class SshfilesService:
         with self._watch_lock:
             if self._watch_store is None:
                 self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
-            return self._watch_store.auth_states(names)
+            with metrics.store_timer("watch"):
+                return self._watch_store.auth_states(names)
 
     async def watch(self) -> None:
         """Every WATCH_INTERVAL: end stale and idle connections, share bans (until cancelled)."""
@@ -266,6 +333,10 @@ class SshfilesService:
                 await self.refresh_permissions()
             except Exception:
                 log.exception("permission refresh round failed")
+            try:
+                await self.sync_sessions()
+            except Exception:
+                log.exception("live session sync round failed")
 
     def _permission_updates(self, held: dict[str, set[int]]) -> dict[str, PermissionRules]:
         """Runs in the watcher's thread: fresh rules for each user whose store revision is not the one
@@ -427,8 +498,7 @@ class _ChannelSession(ChannelSessionBase):
             self._refuse(chan)
             return
         self._auth.running += 1
-        log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username), self._auth.peer,
-                 esc(command), self._auth.cid)
+        audit.event("exec", self._auth, command=command)
         try:
             handler = run_scp(JailedSFTPServer(chan, session, input_ended=stdin.at_eof), command, stdin, stdout,
                               stderr)
@@ -446,8 +516,7 @@ class _ChannelSession(ChannelSessionBase):
             if not command:
                 stderr.write(b"This server offers SFTP only: connect with sftp, scp or sshfiles-cli.\r\n")
             else:
-                log.info("exec user=%s source=%s command=%s conn=%s", esc(self._auth.username),
-                         self._auth.peer, esc(command), self._auth.cid)
+                audit.event("exec", self._auth, command=command)
                 session = await self._auth.new_session()
                 if session is None:
                     stderr.write(b"sshfiles: the account could not be checked; try again later\n")
@@ -501,6 +570,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.sessions: set[UserSession] = set()  # open sessions of this connection's channels
         self.running = 0             # exec and scp channels in progress
         self.last_activity = time.monotonic()
+        self.login_time = 0.0          # epoch seconds of the completed authentication
         self.ended: str | None = None  # why the server ended this connection, once it did
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -567,7 +637,25 @@ class _ConnectionHandler(asyncssh.SSHServer):
             session.interrupted = True
         self.service.connections.discard(self)
         if self.account is not None:
-            log.info("logout user=%s source=%s conn=%s", esc(self.username), self.peer, self.cid)
+            metrics.session_ended()
+            audit.event("logout", self)
+
+    @property
+    def conn_id(self) -> str:
+        """The connection id as `audit.Actor` names it (the log's ``conn=``)."""
+        return self.cid
+
+    def doing(self) -> str:
+        """What `sshfiles status` says the connection is doing: its open transfers, raw (escaped on display)."""
+        parts = []
+        for session in self.sessions:
+            for f in session.open_files:
+                done = f.bytes_written if f.writable else f.bytes_read
+                parts.append(f"{'upload' if f.writable else 'download'} {f.vpath} {format_size(done)}")
+        if not parts and self.running:
+            parts.append("command")
+        parts.sort()
+        return ", ".join(parts[:4]) + (f" (+{len(parts) - 4} more)" if len(parts) > 4 else "")
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -598,8 +686,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         first = self.ended is None
         self.ended = reason
         if first and self.account is not None:
-            log.info("session ended user=%s source=%s reason=%s conn=%s", esc(self.username), self.peer,
-                     esc(reason), self.cid)
+            audit.event("session ended", self, reason=reason)
         if self.conn is not None:
             for handler in self.handlers:
                 server = handler.server
@@ -630,7 +717,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         except AccountError:
             return None
         try:
-            acct = await self.service.store_worker.read(lambda store: store.get_user(username))
+            with metrics.store_timer("login"):
+                acct = await self.service.store_worker.read(lambda store: store.get_user(username))
         except AccountError as exc:  # a corrupt or locked store: refuse, keep serving
             log.error("accounts store error: %s", exc)
             return None
@@ -649,12 +737,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
         if ok and acct is not None:
             self._validated[username] = (acct, method)
             if method == "password":  # a right password completes the authentication
-                log.info("login user=%s source=%s method=%s result=ok conn=%s", esc(username), self.peer, method,
-                         self.cid)
+                audit.event("login", self, user=username, method=method, result="ok")
             return True
         self.failures += 1
-        log.info("login user=%s source=%s method=%s result=%s conn=%s", esc(username), self.peer, method,
-                 result, self.cid)
+        audit.event("login", self, user=username, method=method, result=result)
         if not query:
             # A key the client merely offers (a query: OpenSSH tries each key in its agent) is not a
             # guess; a wrong password, a refused or an abandoned check is.
@@ -740,9 +826,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.account = acct
         self.auth_rev = acct.auth_rev
         self.touch()
+        self.login_time = time.time()
+        metrics.session_started()
         if method == "publickey":
-            log.info("login user=%s source=%s method=publickey result=ok conn=%s", esc(username), self.peer,
-                     self.cid)
+            audit.event("login", self, method="publickey", result="ok")
 
     # -- channels ------------------------------------------------------------------------------
 
@@ -757,12 +844,11 @@ class _ConnectionHandler(asyncssh.SSHServer):
             return False
         limits = self.service.config
         if self.channels >= limits.max_channels_per_connection:
-            log.info("channel refused user=%s reason=max-channels-per-connection (%d) conn=%s",
-                     esc(self.username), limits.max_channels_per_connection, self.cid)
+            audit.event("channel refused", self, reason="max-channels-per-connection",
+                        limit=limits.max_channels_per_connection)
             return False
         if self.service.user_channels.get(self.username, 0) >= limits.max_sessions_per_user:
-            log.info("channel refused user=%s reason=max-sessions-per-user (%d) conn=%s",
-                     esc(self.username), limits.max_sessions_per_user, self.cid)
+            audit.event("channel refused", self, reason="max-sessions-per-user", limit=limits.max_sessions_per_user)
             return False
         self.touch()
         self.channels += 1
@@ -789,7 +875,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
             return acct, (store.permissions(username) if acct is not None else {})
 
         try:
-            acct, rules = await self.service.store_worker.read(read)
+            with metrics.store_timer("channel"):
+                acct, rules = await self.service.store_worker.read(read)
         except AccountError as exc:
             log.error("accounts store error: %s", exc)
             return None
@@ -901,20 +988,10 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     return acceptor, service
 
 
-def configure_logging() -> None:
-    """Our log is the product's log; asyncssh's per-packet chatter stays at warnings.
-
-    The formatter escapes control characters a library might log raw; our own
-    lines escape every client-supplied value themselves (logsafe.esc).
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogSafeFormatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-    root = logging.getLogger()
-    if not any(getattr(h, "_sshfiles", False) for h in root.handlers):
-        handler._sshfiles = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+def configure_logging(config: ServeConfig | None = None) -> None:
+    """Our log is the product's log (stderr or --log-file, text or JSON: audit.configure);
+    asyncssh's per-packet chatter stays at warnings."""
+    audit.configure(config.log_format if config else "text", config.log_file if config else "")
 
 
 def _listening_socket(config: ServeConfig) -> socket.socket:
@@ -931,7 +1008,109 @@ def _listening_socket(config: ServeConfig) -> socket.socket:
     return sock
 
 
-async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False) -> None:
+HEALTH_STORE_TIMEOUT = 1.0  # /healthz: a store that cannot begin a write within this long is unhealthy
+
+
+class _Health:
+    """``/healthz``: healthy while the listener accepts, `alive` has no complaint (workers running,
+    not stopping) and the store can take a write. Runs in the metrics HTTP threads, on its own store
+    connection (never the event loop's), one probe at a time."""
+
+    def __init__(self, config: ServeConfig, sock: socket.socket, alive: Callable[[], str | None]) -> None:
+        self._sock = sock
+        self._alive = alive
+        self._store = open_store(accounts_dir=config.accounts_dir, busy_timeout=HEALTH_STORE_TIMEOUT)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        try:
+            if not self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                return "not listening"
+        except OSError:
+            return "not listening"
+        problem = self._alive()
+        if problem is not None:
+            return problem
+        with self._lock:
+            try:
+                self._store.check()
+            except AccountError as exc:
+                return str(exc)
+        return None
+
+
+def _start_metrics(config: ServeConfig, sock: socket.socket, alive: Callable[[], str | None]) -> None:
+    """Serve /metrics and /healthz (metrics.serve) and say where (port 0 picks a free one)."""
+    listen = metrics.parse_listen(config.metrics_listen)
+    assert listen is not None
+    _, port = metrics.serve(listen[0], listen[1], _Health(config, sock, alive))
+    log.info("metrics listening on %s port %d (/metrics, /healthz)", listen[0], port)
+
+
+#: Settings a SIGHUP cannot change (the listening socket, the process count, where the state lives):
+#: a changed value is reported and ignored until the next start.
+RESTART_ONLY = ("host", "port", "workers", "accounts_dir", "homes_dir", "metrics_listen")
+
+#: Re-reads the settings the way `serve` read them at start (flags, environment, the TOML file again).
+Reloader = Callable[[], ServeConfig]
+
+
+def _shown(value: object) -> str:
+    return esc(str(value)) if value != "" else '""'
+
+
+def _reopen_log() -> str:
+    """Reopen the log file (logrotate moved it away); a few words for the SIGHUP line ("" on stderr)."""
+    try:
+        return "log file reopened" if audit.reopen() else ""
+    except OSError as exc:
+        return f"cannot reopen the log file: {exc.strerror or exc}"
+
+
+def _read_reload(reload: Reloader) -> tuple[ServeConfig, list[asyncssh.SSHKey]]:
+    """In a thread: the new settings and the host keys they name (file reads, maybe key generation)."""
+    config = reload()
+    return config, ensure_host_keys(config.keys_dir)
+
+
+async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor, reload: Reloader | None,
+                  host_keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKey]:
+    """SIGHUP in a serving process: reload settings and host keys without touching live sessions.
+
+    Everything read from disk is read in a thread; a bad new config (or unreadable host keys) keeps
+    the running one. Logs one line saying what changed. Returns the host keys now offered.
+    """
+    reopened = _reopen_log()
+    if reload is None:
+        log.info("SIGHUP: %s", reopened or "nothing to reload")
+        return host_keys
+    try:
+        new, new_keys = await asyncio.to_thread(_read_reload, reload)
+    except (ConfigError, OSError, ValueError, asyncssh.KeyImportError) as exc:
+        log.error("SIGHUP: config not reloaded, keeping the running one: %s", " ".join(str(exc).split()))
+        return host_keys
+    changes, ignored = service.apply_config(new)
+    old_fps = sorted(k.get_fingerprint("sha256") for k in host_keys)
+    new_fps = sorted(k.get_fingerprint("sha256") for k in new_keys)
+    if old_fps != new_fps:
+        changes.append("host keys " + ", ".join(k.get_fingerprint("sha256") for k in new_keys))
+    config = service.config
+    acceptor.update(**_server_options(config, new_keys))  # new connections only; live ones keep theirs
+    try:
+        audit.configure(config.log_format, config.log_file)
+    except OSError as exc:
+        changes.append(f"log settings not applied ({exc.strerror or exc})")
+    parts = [("reloaded: " + "; ".join(changes)) if changes else "config unchanged"]
+    if reopened:
+        parts.append(reopened)
+    if ignored:
+        parts.append("needs a restart, not applied: " + ", ".join(ignored))
+    log.info("SIGHUP: %s", "; ".join(parts))
+    return new_keys
+
+
+async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
+                 reload: Reloader | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
 
     A worker drains on SIGTERM and cuts on FORCE_SIGNAL, which only its parent
@@ -940,6 +1119,11 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
     forwarded by the parent, and must not count as a second signal.
     """
     acceptor, service = await start_server(config, sock=sock)
+    if config.metrics_listen:
+        metrics.enable()
+        if not worker:
+            _start_metrics(config, sock, lambda: "stopping" if service.stopping else None)
+    lag = asyncio.create_task(metrics.watch_loop_lag())
     stop = asyncio.Event()
     force = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -948,6 +1132,8 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
         name = signal.Signals(signum).name
         if not stop.is_set():
             log.info("%s: stopping", name)
+            if not worker:
+                notify("STOPPING=1", f"STATUS=stopping: transfers may finish for {config.grace:g} s")
             stop.set()
             if signum != FORCE_SIGNAL:
                 return
@@ -957,6 +1143,28 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
 
     for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker else (signal.SIGINT, signal.SIGTERM)):
         loop.add_signal_handler(sig, _on_signal, sig)
+    host_keys = ensure_host_keys(config.keys_dir)
+    reloading: list[asyncio.Task[None]] = []
+
+    async def _do_reload() -> None:
+        nonlocal host_keys
+        try:
+            host_keys = await _reload(service, acceptor, reload, host_keys)
+        except Exception:
+            log.exception("SIGHUP: reload failed; the running config stays")
+
+    def _on_hangup() -> None:
+        reloading[:] = [t for t in reloading if not t.done()]
+        if not reloading:  # one reload at a time; a SIGHUP during one is covered by it
+            reloading.append(asyncio.create_task(_do_reload()))
+
+    loop.add_signal_handler(signal.SIGHUP, _on_hangup)
+    if _early_hangups:
+        _early_hangups.clear()
+        _on_hangup()
+    if not worker:
+        notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]}",
+               f"MAINPID={os.getpid()}")
     watcher = asyncio.create_task(service.watch())
     try:
         await stop.wait()
@@ -966,6 +1174,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False)
             await service.shutdown(force)
         finally:
             watcher.cancel()
+            lag.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(acceptor.wait_closed(), 2)  # 3.12+ waits for connections: bounded
             with contextlib.suppress(Exception):  # settle what is open; close() copes with what is not
@@ -981,9 +1190,11 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+_early_hangups: list[int] = []  # SIGHUPs a new worker got before it could reload (see _run_worker)
 _PR_SET_PDEATHSIG = 1
 FORCE_SIGNAL = signal.SIGUSR1  # parent -> worker: the admin signalled twice, stop now
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Blocked across fork (see _spawn); SIGHUP too, or a new worker could run the parent's forwarding handler.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def _die_with_parent(parent: int) -> None:
@@ -998,16 +1209,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _run_worker(config: ServeConfig, sock: socket.socket, parent: int) -> None:
+def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: Reloader | None = None) -> None:
     """The body of a forked worker; never returns.  A crash logs its traceback and exits 1."""
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        # A SIGHUP before _serve installs its handler (a worker just started) is kept, not lost.
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: _early_hangups.append(1))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
-        asyncio.run(_serve(config, sock, worker=True))
+        metrics.close_inherited_server()
+        asyncio.run(_serve(config, sock, worker=True, reload=reload))
         code = 0
     except BaseException:
         log.exception("worker %d crashed", os.getpid())
@@ -1038,7 +1252,7 @@ def _reconcile(config: ServeConfig) -> list[str]:
         store.close()
 
 
-def _supervise(config: ServeConfig, sock: socket.socket) -> None:
+def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None = None) -> None:
     """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
 
     It blocks in os.wait for any child and replaces a dead worker after a backoff
@@ -1060,7 +1274,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
         try:
             pid = os.fork()
             if pid == 0:
-                _run_worker(config, sock, parent)
+                _run_worker(config, sock, parent, reload)
             children[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -1068,6 +1282,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
     def _on_signal(signum: int, _frame: object) -> None:
         if not signals:
             log.info("%s: stopping %d workers", signal.Signals(signum).name, len(children))
+            notify("STOPPING=1", f"STATUS=stopping {len(children)} workers")
             signal.setitimer(signal.ITIMER_REAL, config.grace + WORKER_STOP_EXTRA)
         signals.append(signum)
         for child in list(children):
@@ -1080,11 +1295,30 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
 
+    def _on_hangup_parent(_signum: int, _frame: object) -> None:
+        """Reopen (and re-set) its own log, then forward: each worker reloads and logs for itself."""
+        reopened = _reopen_log()
+        try:
+            new = reload() if reload is not None else None
+            if new is not None:
+                audit.configure(new.log_format, new.log_file)
+            log.info("SIGHUP: %sforwarding to %d workers", f"{reopened}; " if reopened else "", len(children))
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: config not reloaded, keeping the running one: %s", " ".join(str(exc).split()))
+        for child in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGHUP)
+
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_hangup_parent)
+    if config.metrics_listen:
+        _start_metrics(config, sock, lambda: None if children else "no worker running")
     for _ in range(config.workers):
         _spawn()
+    notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]} with {config.workers} "
+           "workers", f"MAINPID={parent}")
     while True:
         if signals:
             respawn_at.clear()
@@ -1110,6 +1344,7 @@ def _supervise(config: ServeConfig, sock: socket.socket) -> None:
         started = children.pop(pid, None)
         if started is None:
             continue
+        metrics.mark_dead(pid)
         how = _describe_status(status)
         if signals:
             log.info("worker %d %s", pid, how)
@@ -1140,9 +1375,10 @@ def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:
                  esc(name), before, after)
 
 
-def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
-    """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes."""
-    configure_logging()
+def run_server(config: ServeConfig, announce: Callable[[str], None] = print, reload: Reloader | None = None) -> None:
+    """Run `sshfiles serve` until SIGINT/SIGTERM, in `config.workers` processes; SIGHUP calls `reload`
+    for the new settings (see `_reload`)."""
+    configure_logging(config)
     os.umask(0o022)
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
@@ -1164,10 +1400,19 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
     _event_loop_policy()
     if config.workers == 1:
         announce(f"sshfiles listening on {config.host} port {port}")
-        asyncio.run(_serve(config, sock))
+        asyncio.run(_serve(config, sock, reload=reload))
         announce("sshfiles stopped")
         return
     announce(f"sshfiles listening on {config.host} port {port} with {config.workers} workers")
-    _supervise(config, sock)
+    multiproc_dir = None
+    if config.metrics_listen:
+        # Before the first fork and before prometheus_client is imported (metrics.py's docstring).
+        multiproc_dir = tempfile.mkdtemp(prefix="sshfiles-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    try:
+        _supervise(config, sock, reload)
+    finally:
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
     sock.close()
     announce("sshfiles stopped")

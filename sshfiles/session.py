@@ -30,8 +30,9 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import atomic
+from . import atomic, audit, metrics
 from .atomic import ServerPath, Upload
 from .hooks import HookEvent, HookRunner
 from .jail import DirEntries, Jail, normalize
@@ -109,7 +110,7 @@ DIR_BATCH = 128
 OWN_UPLOADS = 1024
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a session keeps its open handles in a set
 class FileHandle:
     """A file one session has open (an SFTP handle, an SCP transfer)."""
 
@@ -129,6 +130,7 @@ class FileHandle:
     may_write: bool = True
     upload: Upload | None = None  # written under a temporary name, renamed onto vpath at close (atomic.py)
     interrupted: bool = False     # the adapter saw its channel go before the close (SCP)
+    quota: bool = False  # `failed` is a quota refusal: the transfer's result is "quota"
 
 
 class DirHandle:
@@ -167,6 +169,20 @@ class SpaceInfo:
     entry_limit: int | None
     entries: int
     fs: os.statvfs_result
+
+
+def outcome(exc: BaseException | None) -> tuple[str, str | None]:
+    """An operation's audit ``result`` and ``error``: ok, denied (permissions), quota, or failed: REASON."""
+    if exc is None:
+        return "ok", None
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EDQUOT:
+            return "quota", reason
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "denied", reason
+        return f"failed: {reason}", None
+    return f"failed: {type(exc).__name__}", None
 
 
 class UserSession:
@@ -212,6 +228,7 @@ class UserSession:
         self._on_close = on_close
         self._closed = False
         self.handles = 0  # open FileHandles and DirHandles of this session (HANDLE_LIMITS.per_session)
+        self.open_files: set[FileHandle] = set()  # what `sshfiles status` shows the session doing
 
     def close(self) -> None:
         if not self._closed:
@@ -224,6 +241,30 @@ class UserSession:
             self.ledger.session_closed()
             if self._on_close is not None:
                 self._on_close(self)
+
+    # -- audit ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _audited(self, name: str, path: bytes | str, **fields: Any) -> Iterator[None]:
+        """Log the operation in the body as one audit event: its virtual path, fields and outcome."""
+        try:
+            yield
+        except BaseException as exc:
+            result, error = outcome(exc)
+            audit.event(name, self, path=normalize(path), **fields, result=result, error=error)
+            raise
+        audit.event(name, self, path=normalize(path), **fields, result="ok")
+
+    @contextlib.contextmanager
+    def _audit_refusals(self, name: str, path: bytes | str, **fields: Any) -> Iterator[None]:
+        """Log the operation only if permissions or a quota refused it (reads are not audited)."""
+        try:
+            yield
+        except OSError as exc:
+            result, error = outcome(exc)
+            if result in ("denied", "quota"):
+                audit.event(name, self, path=normalize(path), **fields, result=result, error=error)
+            raise
 
     @contextlib.contextmanager
     def _namespace(self) -> Iterator[None]:
@@ -358,15 +399,17 @@ class UserSession:
         if (trunc or append) and not writable:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
         asked_excl = bool(flags & os.O_EXCL)
-        flags, trunc, fresh = self._open_rules(path, flags, trunc)
+        with self._audit_refusals("open", path, mode="write" if writable else "read"):
+            flags, trunc, fresh = self._open_rules(path, flags, trunc)
         self._take_handle()
         upload: Upload | None = None
         shown: str | None = None
         try:
-            if self.upload_mode == "standard":
-                fd = await self._open_fd(path, flags, perms)
-            else:
-                fd, upload, shown = await self._open_atomic(path, flags, trunc, perms)
+            with self._audit_refusals("open", path, mode="write" if writable else "read"):
+                if self.upload_mode == "standard":
+                    fd = await self._open_fd(path, flags, perms)
+                else:
+                    fd, upload, shown = await self._open_atomic(path, flags, trunc, perms)
         except FileExistsError:
             self._give_handle()
             if asked_excl:
@@ -399,7 +442,10 @@ class UserSession:
             self._own[vpath] = None
             if len(self._own) > OWN_UPLOADS:
                 del self._own[next(iter(self._own))]
-        return FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload)
+        metrics.transfer_started()
+        f = FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload)
+        self.open_files.add(f)
+        return f
 
     def close_file(self, f: FileHandle) -> None:
         """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last.
@@ -418,6 +464,8 @@ class UserSession:
                     error = self._finish_upload(f, fd)
                 self.ledger.settle(release_pool=self.ledger.write_handles == 0)
         finally:
+            self.open_files.discard(f)
+            metrics.transfer_ended()
             self._give_handle()
             self._close_fd(fd)
             self.log_transfer(f)
@@ -720,6 +768,7 @@ class UserSession:
                     raise
         except QuotaExceeded as exc:
             f.failed = str(exc)
+            f.quota = True
             raise
         f.bytes_written += len(data)
         return len(data)
@@ -858,6 +907,33 @@ class UserSession:
             self._require(posixpath.dirname(f.vpath), "chtimes")
         os.utime(f.fd, times)
 
+    async def setstat(self, path: bytes | str, *, size: int | None = None, mode: int | None = None,
+                times: tuple[float, float] | None = None, follow: bool = True) -> None:
+        """SFTP SETSTAT (and scp -p, chmod, touch): size, then mode, then times; one audit event
+        saying what was asked to change (none: nothing to do, nothing logged)."""
+        if size is None and mode is None and times is None:
+            return
+        with self._audited("setstat", path, **_changes(size, mode, times)):
+            if size is not None:
+                await self.set_size(path, size, follow)
+            if mode is not None:
+                self.chmod(path, mode, follow)
+            if times is not None:
+                self.utime(path, times, follow)
+
+    async def fsetstat(self, f: FileHandle, *, size: int | None = None, mode: int | None = None,
+                 times: tuple[float, float] | None = None) -> None:
+        """SFTP FSETSTAT: `setstat` on an open handle (the event names the path it was opened as)."""
+        if size is None and mode is None and times is None:
+            return
+        with self._audited("setstat", f.vpath, **_changes(size, mode, times)):
+            if size is not None:
+                await self.truncate(f, size)
+            if mode is not None:
+                self.fchmod(f, mode)
+            if times is not None:
+                self.futime(f, times)
+
     async def space(self) -> SpaceInfo:
         """The user's quota and usage with the filesystem's numbers, for statvfs."""
         name = self.username
@@ -896,22 +972,25 @@ class UserSession:
         return self.jail.readlink(path)
 
     async def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
-        self._check(path, "create_dirs")
-        await self._charge_entry(path)
-        try:
-            self.jail.mkdir(path, mode)
-        except BaseException:
-            self.ledger.credit_entries(1)
-            raise
+        with self._audited("mkdir", path, mode=f"{mode & 0o7777:04o}"):
+            self._check(path, "create_dirs")
+            await self._charge_entry(path)
+            try:
+                self.jail.mkdir(path, mode)
+            except BaseException:
+                self.ledger.credit_entries(1)
+                raise
 
     def rmdir(self, path: bytes | str) -> None:
-        self._check(path, "delete")
-        self.jail.rmdir(path)
+        with self._audited("rmdir", path):
+            self._check(path, "delete")
+            self.jail.rmdir(path)
         self.ledger.credit_entries(1)
 
     def remove(self, path: bytes | str) -> None:
-        self._check(path, "delete")
-        self._remove(path)
+        with self._audited("remove", path):
+            self._check(path, "delete")
+            self._remove(path)
         if self.hooks is not None and self.hooks.wants("delete"):
             self._fire("delete", self._named(path), 0)
 
@@ -930,19 +1009,21 @@ class UserSession:
 
     def rename(self, old: bytes | str, new: bytes | str) -> None:
         """SFTP's classic rename: fails if `new` exists."""
-        self._check_rename(old, new)
-        with self._namespace():
-            self.jail.rename(old, new, replace=False)
+        with self._audited("rename", old, to=normalize(new)):
+            self._check_rename(old, new)
+            with self._namespace():
+                self.jail.rename(old, new, replace=False)
         self._rename_hook(old, new)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
         """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them).
 
         Replacing needs `overwrite` where `new` is; without it this is the classic rename."""
-        if self._check_rename(old, new):
-            self._rename_no_overwrite(old, new)
-        else:
-            self._rename_over(old, new)
+        with self._audited("rename", old, to=normalize(new), replace=True):
+            if self._check_rename(old, new):
+                self._rename_no_overwrite(old, new)
+            else:
+                self._rename_over(old, new)
         self._rename_hook(old, new)
 
     def _rename_over(self, old: bytes | str, new: bytes | str) -> None:
@@ -1014,20 +1095,44 @@ class UserSession:
         elif not f.writable and f.bytes_read and self.hooks.wants("download"):
             self._fire("download", f.vpath, f.bytes_read)
 
+    def refuse_link(self, kind: str, target: bytes | str, path: bytes | str) -> str:
+        """A symlink or hard link request: always refused (README Policies), and audited.
+
+        Returns the message for the adapter's refusal (SFTP answers OP_UNSUPPORTED)."""
+        message = f"{'Symbolic' if kind == 'symlink' else 'Hard'} links are not supported on this server"
+        audit.event(kind, self, path=normalize(path), target=os.fsdecode(target), result="denied", error=message)
+        return message
+
     # -- log --------------------------------------------------------------------
 
     def log_transfer(self, f: FileHandle) -> None:
+        """The transfer's one audit event, when its handle closes: result ok, quota (a write was
+        refused by the quota), failed: REASON, or interrupted (the connection ended with it open)."""
         if not (f.bytes_read or f.bytes_written or f.writable):
             return
         direction = "upload" if f.writable else "download"
         nbytes = f.bytes_written if f.writable else f.bytes_read
-        if f.failed:
-            result = esc(f"failed: {f.failed}")
+        error = None
+        if f.quota:
+            result, error = "quota", f.failed
+        elif f.failed:
+            result = f"failed: {f.failed}"
         else:
             result = "interrupted" if self.interrupted or f.interrupted else "ok"
-        log.info("transfer user=%s path=%s direction=%s bytes=%d seconds=%.3f result=%s conn=%s",
-                 esc(self.username), esc(f.vpath), direction, nbytes, time.monotonic() - f.opened, result,
-                 self.conn_id)
+        audit.event("transfer", self, path=f.vpath, direction=direction, bytes=nbytes,
+                    seconds=time.monotonic() - f.opened, result=result, error=error)
+
+
+def _changes(size: int | None, mode: int | None, times: tuple[float, float] | None) -> dict[str, object]:
+    """What a setstat asks to change, as audit fields."""
+    out: dict[str, object] = {}
+    if size is not None:
+        out["size"] = size
+    if mode is not None:
+        out["mode"] = f"{mode & 0o7777:04o}"
+    if times is not None:
+        out["atime"], out["mtime"] = int(times[0]), int(times[1])
+    return out
 
 
 __all__ += ["EntriesExceeded", "QuotaExceeded"]

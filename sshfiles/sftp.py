@@ -51,6 +51,13 @@ def _attrs(st: os.stat_result) -> SFTPAttrs:
     return SFTPAttrs.from_local(st)
 
 
+def _times(attrs: SFTPAttrs) -> tuple[float, float] | None:
+    """SFTP v3 sets access and modification times together (both present) or not at all."""
+    if attrs.atime is not None and attrs.mtime is not None:
+        return (attrs.atime, attrs.mtime)
+    return None
+
+
 def _handle(file_obj: object) -> FileHandle:
     """asyncssh passes back whatever `open` returned: always one of our handles."""
     if not isinstance(file_obj, FileHandle):
@@ -173,16 +180,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     async def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
         f = _handle(file_obj)
-        if attrs.size is not None:
-            try:
-                await self.session.truncate(f, attrs.size)
-            except OSError as exc:
-                self._notify(exc)
-                raise
-        if attrs.permissions is not None:
-            self.session.fchmod(f, attrs.permissions)
-        if attrs.atime is not None and attrs.mtime is not None:
-            self.session.futime(f, (attrs.atime, attrs.mtime))
+        try:
+            await self.session.fsetstat(f, size=attrs.size, mode=attrs.permissions, times=_times(attrs))
+        except OSError as exc:
+            self._notify(exc)
+            raise
 
     def fsync(self, file_obj: object) -> None:
         self.session.fsync(_handle(file_obj))
@@ -202,16 +204,12 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         await self._setstat(path, attrs, follow=False)
 
     async def _setstat(self, path: bytes, attrs: SFTPAttrs, follow: bool) -> None:
-        if attrs.size is not None:
-            try:
-                await self.session.set_size(path, attrs.size, follow)
-            except OSError as exc:
-                self._notify(exc)
-                raise
-        if attrs.permissions is not None:
-            self.session.chmod(path, attrs.permissions, follow)
-        if attrs.atime is not None and attrs.mtime is not None:
-            self.session.utime(path, (attrs.atime, attrs.mtime), follow)
+        try:
+            await self.session.setstat(path, size=attrs.size, mode=attrs.permissions, times=_times(attrs),
+                                       follow=follow)
+        except OSError as exc:
+            self._notify(exc)
+            raise
 
     async def statvfs(self, path: bytes) -> SFTPVFSAttrs:
         self.session.stat(path)  # a missing path is an error, as for OpenSSH
@@ -272,10 +270,10 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         return self.session.readlink(path)
 
     def symlink(self, oldpath: bytes, newpath: bytes) -> None:
-        raise asyncssh.SFTPOpUnsupported("Symbolic links are not supported on this server")
+        raise asyncssh.SFTPOpUnsupported(self.session.refuse_link("symlink", oldpath, newpath))
 
     def link(self, oldpath: bytes, newpath: bytes) -> None:
-        raise asyncssh.SFTPOpUnsupported("Hard links are not supported on this server")
+        raise asyncssh.SFTPOpUnsupported(self.session.refuse_link("link", oldpath, newpath))
 
     def exit(self) -> None:
         self.session.close()

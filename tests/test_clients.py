@@ -75,7 +75,7 @@ def make_file(path: Path, size: int) -> Path:
 
 def transfers(server: ServerHandle, vpath: str) -> list[tuple[str, int, str]]:
     """(direction, bytes, result) of each logged transfer of the user-visible path, oldest first."""
-    pat = re.compile(r"transfer user=\S+ path=(\S+) direction=(\w+) bytes=(\d+) seconds=\S+ "
+    pat = re.compile(r"transfer user=\S+ source=\S+ path=(\S+) direction=(\w+) bytes=(\d+) seconds=\S+ "
                      r"result=(.*?)(?: conn=\w+)?$")
     out = []
     for line in server.log().splitlines():

@@ -533,7 +533,7 @@ def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path,
         assert server.proc.wait(15 + 10) == 0
         assert (uploader.home / "slow.bin").stat().st_size == written == 20 * 4096
         log = server.log()
-        assert re.search(rf"transfer user=slow path=/slow\.bin direction=upload bytes={written} "
+        assert re.search(rf"transfer user=slow source=\S+ path=/slow\.bin direction=upload bytes={written} "
                          r"seconds=[\d.]+ result=ok", log), log
         assert "result=interrupted" not in log
         assert re.search(r"session ended user=idler source=\S+ reason=\"server stopping\"", log)
@@ -561,7 +561,7 @@ def test_grace_expiry_cuts_transfers_and_logs_them_interrupted(tmp_path: Path, h
 
         run(scenario())
         assert server.proc.wait(1 + 10) == 0
-        assert re.search(r"transfer user=endless path=/endless\.bin direction=upload bytes=\d+ "
+        assert re.search(r"transfer user=endless source=\S+ path=/endless\.bin direction=upload bytes=\d+ "
                          r"seconds=[\d.]+ result=interrupted", server.log()), server.log()
         assert assert_ledger_matches_disk(server, user) == (user.home / "endless.bin").stat().st_size
     finally:
@@ -591,7 +591,7 @@ def test_second_signal_stops_at_once_and_still_logs(tmp_path: Path, host_keys_di
 
         run(scenario())
         assert server.proc.wait(10) == 0
-        assert re.search(r"transfer user=twice path=/t\.bin direction=upload bytes=\d+ seconds=[\d.]+ "
+        assert re.search(r"transfer user=twice source=\S+ path=/t\.bin direction=upload bytes=\d+ seconds=[\d.]+ "
                          r"result=interrupted", server.log()), server.log()
     finally:
         server.stop()
@@ -614,9 +614,9 @@ def test_client_vanishing_mid_upload_is_logged_interrupted(server: ServerHandle)
 
     run(scenario())
     log = server.log()
-    assert re.search(r"transfer user=vanish path=/v\.bin direction=upload bytes=20480 seconds=[\d.]+ "
+    assert re.search(r"transfer user=vanish source=\S+ path=/v\.bin direction=upload bytes=20480 seconds=[\d.]+ "
                      r"result=interrupted", log), log
-    assert re.search(r"transfer user=bystander path=/b\.bin direction=upload bytes=100 seconds=[\d.]+ "
+    assert re.search(r"transfer user=bystander source=\S+ path=/b\.bin direction=upload bytes=100 seconds=[\d.]+ "
                      r"result=ok", log), log
     assert assert_ledger_matches_disk(server, user) == 20 * KiB
 
@@ -671,7 +671,7 @@ def test_cut_scp_upload_is_logged_interrupted(tmp_path: Path, host_keys_dir: Pat
         run(scenario())
         if how == "grace-expires":
             assert server.proc.wait(1 + 10) == 0
-        assert re.search(r"transfer user=scpcut path=/cut\.bin direction=upload bytes=\d+ seconds=[\d.]+ "
+        assert re.search(r"transfer user=scpcut source=\S+ path=/cut\.bin direction=upload bytes=\d+ seconds=[\d.]+ "
                          r"result=interrupted", server.log()), server.log()
         assert assert_ledger_matches_disk(server, user) == (user.home / "cut.bin").stat().st_size
     finally:

@@ -72,8 +72,8 @@ def test_client_text_cannot_forge_log_lines_or_reach_the_terminal(server: Server
     assert not re.search(r"login user=victim source=1\.2\.3\.4 method=password result=ok", log.replace(
         r"\n" + FORGED, ""))
     # the values are there, escaped and readable
-    assert re.search(r'transfer user=alice path="/x\\n' + re.escape(FORGED) + r'" direction=upload bytes=7 ', log), log
-    assert re.search(r"transfer user=alice path=/\\x1b\[31mred\\x1b\[0m direction=upload bytes=7 ", log), log
+    assert re.search(r'transfer user=alice source=\S+ path="/x\\n' + re.escape(FORGED) + r'" direction=upload bytes=7 ', log), log
+    assert re.search(r"transfer user=alice source=\S+ path=/\\x1b\[31mred\\x1b\[0m direction=upload bytes=7 ", log), log
     assert re.search(r'exec user=alice source=\S+ command="sha256sum \'y\\n' + re.escape(FORGED) + '\'"', log), log
     assert re.search(r'login user="eve victim source=1\.2\.3\.4 method=password result=ok" source=127\.0\.0\.1:\d+ '
                      r"method=password result=failed", log), log
@@ -118,7 +118,7 @@ def test_every_line_of_a_connection_carries_its_id(server):
         _time.sleep(0.05)
     log = server.log()
     logins = _re.findall(r"login user=connid source=\S+ method=password result=ok conn=(\w+)", log)
-    transfers = _re.findall(r"transfer user=connid path=/f\.txt direction=upload bytes=4 .* conn=(\w+)", log)
+    transfers = _re.findall(r"transfer user=connid source=\S+ path=/f\.txt direction=upload bytes=4 .* conn=(\w+)", log)
     logouts = _re.findall(r"logout user=connid source=\S+ conn=(\w+)", log)
     assert len(logins) == 2 and logins[0] != logins[1], log
     assert transfers == logins and logouts == logins, log

@@ -67,9 +67,9 @@ def test_log_records_logins_and_transfers_with_user_visible_paths(server):
     log = server.log()
     assert re.search(r"login user=alice source=127\.0\.0\.1:\d+ method=password result=ok", log)
     assert re.search(r"login user=alice source=127\.0\.0\.1:\d+ method=password result=failed", log)
-    assert re.search(r"transfer user=alice path=/docs/a\.txt direction=upload bytes=1234 seconds=[\d.]+ result=ok",
+    assert re.search(r"transfer user=alice source=\S+ path=/docs/a\.txt direction=upload bytes=1234 seconds=[\d.]+ result=ok",
                      log)
-    assert re.search(r"transfer user=alice path=/docs/a\.txt direction=download bytes=1234 ", log)
+    assert re.search(r"transfer user=alice source=\S+ path=/docs/a\.txt direction=download bytes=1234 ", log)
     assert str(user.home) not in log.split("listening on")[1]  # user-visible paths only
     assert "wrong" not in log
 

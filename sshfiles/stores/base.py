@@ -21,6 +21,7 @@ __all__ = [
     "AccountError",
     "AccountStore",
     "Ban",
+    "LiveSession",
     "StoreCorrupt",
     "StoredKey",
     "validate_username",
@@ -101,6 +102,19 @@ class Ban:
     strikes: int = 1
 
 
+@dataclass(frozen=True)
+class LiveSession:
+    """One logged-in connection, as `sshfiles status` shows it: each server process writes its own
+    rows (from its session watcher's thread) and a dead process's rows go with its `owner`."""
+    conn: str      # the connection id (the log's conn=)
+    owner: str     # the server process's owner id (register_owner): liveness, cleanup
+    pid: int
+    user: str
+    source: str    # address:port
+    since: float   # epoch seconds of the login
+    doing: str     # open transfers ("upload /a.iso 12.0 MiB", ...), "" when none
+
+
 class AccountStore(Protocol):
     """What sshfiles needs from an accounts backend."""
 
@@ -149,4 +163,8 @@ class AccountStore(Protocol):
     def bans(self) -> list[Ban]: ...
     def is_banned(self, source: str, now: float | None = None) -> bool: ...
     def prune_bans(self, expired_before: float) -> int: ...  # drop rows whose ban ended before; returns the count
+    def set_sessions(self, owner: str, sessions: list[LiveSession]) -> None: ...  # replaces owner's rows
+    def live_sessions(self) -> list[LiveSession]: ...
+    def kick_user(self, name: str) -> None: ...  # bumps auth_rev: every worker ends the user's sessions
+    def check(self) -> None: ...  # health probe: raises AccountError unless a write could begin now
     def close(self) -> None: ...

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..permissions import format_perms, normalize_rule_path, parse_perms
-from .base import LEDGER_MAX, Account, AccountError, Ban, StoreCorrupt, StoredKey, validate_username
+from .base import LEDGER_MAX, Account, AccountError, Ban, LiveSession, StoreCorrupt, StoredKey, validate_username
 
 __all__ = ["SQLiteAccountStore"]
 
@@ -76,8 +76,17 @@ CREATE TABLE IF NOT EXISTS permissions (
     perms TEXT NOT NULL,
     PRIMARY KEY (user, path)
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    conn TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    user TEXT NOT NULL,
+    source TEXT NOT NULL,
+    since REAL NOT NULL,
+    doing TEXT NOT NULL DEFAULT ''
+);
 """
-_SCHEMA_VERSION = "5"
+_SCHEMA_VERSION = "6"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
@@ -93,8 +102,11 @@ _MIGRATIONS: dict[str, list[str]] = {
           "ALTER TABLE users ADD COLUMN perm_rev INTEGER NOT NULL DEFAULT 0"],
     # v5: per-user upload mode (atomic.py; NULL = the server's --upload-mode).
     "4": ["ALTER TABLE users ADD COLUMN upload_mode TEXT"],
+    # v6: who is logged in where (`sshfiles status`), one row per connection, per server process.
+    "5": ["CREATE TABLE IF NOT EXISTS sessions (conn TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER NOT NULL, "
+          "user TEXT NOT NULL, source TEXT NOT NULL, since REAL NOT NULL, doing TEXT NOT NULL DEFAULT '')"],
 }
-_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5"}
+_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5", "5": "6"}
 
 
 class SQLiteAccountStore:
@@ -143,6 +155,20 @@ class SQLiteAccountStore:
             raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
         if not row or row[0] != _SCHEMA_VERSION:
             raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)  # what `check` compares: the file we opened is still there
+
+    def check(self) -> None:
+        """Health probe (healthz): the database file we opened is still in place and a write
+        transaction can begin within the busy timeout; one generic line if not."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            raise AccountError("accounts store is missing") from None
+        if (st.st_dev, st.st_ino) != self._ident:
+            raise AccountError("accounts store was replaced")
+        with self._tx():
+            pass
 
     # -- bans (per-source defence) ----------------------------------------------------------
 
@@ -519,11 +545,31 @@ class SQLiteAccountStore:
         return False
 
     def owners(self) -> list[str]:
-        return [o for o, in self._query("SELECT DISTINCT owner FROM reservations")]
+        return [o for o, in self._query("SELECT owner FROM reservations UNION SELECT owner FROM sessions")]
 
     def drop_owner(self, owner: str) -> list[str]:
-        """Forget a dead process's reservations; returns the users whose usage must be rescanned."""
+        """Forget a dead process's reservations and sessions; returns the users whose usage must be rescanned."""
         with self._tx() as db:
             users = [u for u, in db.execute("SELECT user FROM reservations WHERE owner=?", (owner,))]
             db.execute("DELETE FROM reservations WHERE owner=?", (owner,))
+            db.execute("DELETE FROM sessions WHERE owner=?", (owner,))
         return users
+
+    # -- live sessions (sshfiles status) ------------------------------------------------------
+
+    def set_sessions(self, owner: str, sessions: list[LiveSession]) -> None:
+        """Make `sessions` the rows of `owner` (one process's whole set, in one transaction)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM sessions WHERE owner=?", (owner,))
+            db.executemany("INSERT OR REPLACE INTO sessions (conn, owner, pid, user, source, since, doing) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(s.conn, owner, s.pid, s.user, s.source, s.since, s.doing) for s in sessions])
+
+    def live_sessions(self) -> list[LiveSession]:
+        """Every process's rows, oldest login first (a dead process's rows until it is reconciled)."""
+        return [LiveSession(*row) for row in self._query(
+            "SELECT conn, owner, pid, user, source, since, doing FROM sessions ORDER BY since, conn")]
+
+    def kick_user(self, name: str) -> None:
+        """End the user's sessions everywhere: the watcher of every process sees auth_rev change."""
+        self._update_user("UPDATE users SET auth_rev=auth_rev+1 WHERE name=?", (name,), name)

@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "hook_timeout": 30.0,
     "max_handles_per_session": 0, "max_handles_per_user": 0, "reply_buffer_limit": 4194304,
     "max_hash_bytes": 64 << 30, "hash_workers": 2, "hash_per_user_active": 2, "hash_per_user_waiting": 16,
+    "log_format": "text", "log_file": "", "metrics_listen": "",
 }
 
 # One valid value per setting for each layer, all different from each other and from the default.
@@ -87,6 +88,22 @@ def test_upload_mode_and_hook_commands_are_checked_naming_the_source() -> None:
         resolve({}, {"SSHFILES_ON_UPLOAD": "/bin/echo 'unclosed"}, {})
     with pytest.raises(ConfigError, match="key hook_timeout"):
         resolve({}, {}, {"hook_timeout": 0})
+
+# Running as a daemon (log_format has a single non-default value, so its layers share it).
+FLAG.update(log_format="json", log_file="/f/log", metrics_listen="127.0.0.1:1")
+ENV.update(log_format="json", log_file="/e/log", metrics_listen="127.0.0.2:2")
+ENV_PARSED.update(log_format="json", log_file="/e/log", metrics_listen="127.0.0.2:2")
+TOML.update(log_format="json", log_file="/t/log", metrics_listen="[::1]:3")
+TOML_PARSED.update(log_format="json", log_file="/t/log", metrics_listen="[::1]:3")
+
+
+def test_log_format_and_metrics_listen_syntax_is_checked() -> None:
+    with pytest.raises(ConfigError, match="--log-format: must be text or json"):
+        resolve({"log_format": "xml"}, {}, {})
+    with pytest.raises(ConfigError, match="SSHFILES_METRICS_LISTEN"):
+        resolve({}, {"SSHFILES_METRICS_LISTEN": "9122"}, {})
+    with pytest.raises(ConfigError, match="key metrics_listen"):
+        resolve({}, {}, {"metrics_listen": "localhost:http"})
 
 
 def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:

@@ -44,7 +44,7 @@ def test_a_v2_store_is_migrated_to_the_current_version_with_its_accounts(tmp_pat
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "accounts.db")
-    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (_SCHEMA_VERSION,)
+    assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (_SCHEMA_VERSION,)  # and on to the current version
     db.close()
 
 

@@ -426,3 +426,48 @@ def test_removed_user_loses_its_permissions(store: AccountStore) -> None:
     store.remove_user("alice")
     add(store, "alice")
     assert store.permissions("alice") == {}
+
+
+def test_check_passes_on_a_working_store_and_fails_once_it_is_gone(open_store: OpenStore) -> None:
+    """healthz asks `check`: it must say no when the store cannot take a write any more."""
+    store = open_store()
+    store.check()
+    path = getattr(store, "path", None)
+    if path is None:  # pragma: no cover - a server backend tests this with its own outage
+        pytest.skip("no file to remove for this backend")
+    Path(path).rename(Path(str(path) + ".moved"))
+    with pytest.raises(AccountError):
+        store.check()
+
+
+def test_live_sessions_are_per_owner_and_go_with_a_dead_owner(open_store: OpenStore) -> None:
+    """`sshfiles status` reads what each server process wrote; a crashed process's rows are reconciled."""
+    from sshfiles.quota import reconcile_dead_owners
+    from sshfiles.stores import LiveSession
+
+    store, worker = open_store(), open_store()
+    try:
+        a, b = worker.register_owner(), worker.register_owner()
+        rows_a = [LiveSession("c1", a, 11, "alice", "192.0.2.1:5", 100.0, "upload /x 1.0 KiB"),
+                  LiveSession("c2", a, 11, "bob", "192.0.2.2:6", 200.0, "")]
+        worker.set_sessions(a, rows_a)
+        worker.set_sessions(b, [LiveSession("c3", b, 12, "alice", "192.0.2.3:7", 150.0, "")])
+        assert [s.conn for s in store.live_sessions()] == ["c1", "c3", "c2"]  # oldest login first
+        assert store.live_sessions()[0] == rows_a[0]
+        worker.set_sessions(a, rows_a[1:])  # c1 ended: the process writes its whole set again
+        assert [s.conn for s in store.live_sessions()] == ["c3", "c2"]
+        worker.release_owner(b)             # process b died without cleaning up
+        reconcile_dead_owners(store)
+        assert [s.conn for s in store.live_sessions()] == ["c2"]
+    finally:
+        worker.close()
+        store.close()
+
+
+def test_kick_bumps_auth_rev_and_refuses_unknown_users(store: AccountStore) -> None:
+    store.add_user("alice", "/h/alice", None, None)
+    before = store.auth_states(["alice"])["alice"]
+    store.kick_user("alice")
+    assert store.auth_states(["alice"])["alice"] == (before[0], before[1] + 1)
+    with pytest.raises(AccountError):
+        store.kick_user("nobody")
