@@ -70,8 +70,9 @@ class TransferResult:
 
     def summary(self) -> str:
         rate = human(self.sent / self.seconds) + "/s" if self.seconds else "-"
+        moved = "sent" if self.direction == "put" else "received"
         parts = [f"{self.direction} {self.source} -> {self.dest}: {human(self.size)}",
-                 f"sent {human(self.sent)} in {self.seconds:.1f}s ({rate})"]
+                 f"{moved} {human(self.sent)} in {self.seconds:.1f}s ({rate})"]
         if self.resumed_from:
             parts.append(f"resumed at {human(self.resumed_from)}")
         if self.restarted:
@@ -263,7 +264,10 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
             try:
                 async with sftp.open(remote, "r+b" if start else "wb") as rf:
                     async def read_at(off: int, n: int) -> bytes:
-                        return os.pread(fd, n, off)
+                        try:
+                            return os.pread(fd, n, off)
+                        except OSError as exc:
+                            raise from_os_error(exc, local) from None
 
                     async def write_at(off: int, data: bytes) -> None:
                         await request_write(sftp, rf.handle, off, data)
@@ -322,7 +326,10 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         progress.warn(f"{local}: local partial ({human(existing)}) does not match "
                                       f"{remote}; restarting from zero")
                 if start == 0:
-                    os.ftruncate(fd, 0)
+                    try:
+                        os.ftruncate(fd, 0)
+                    except OSError as exc:
+                        raise from_os_error(exc, local) from None
                 result.resumed_from = start
                 task = progress.start_file(os.path.basename(local) or local, size, start)
                 try:
@@ -342,14 +349,20 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         return b"".join(parts)
 
                     async def write_at(off: int, data: bytes) -> None:
-                        os.pwrite(fd, data, off)
+                        try:
+                            os.pwrite(fd, data, off)
+                        except OSError as exc:  # local disk full, I/O error: name the local file
+                            raise from_os_error(exc, local) from None
 
                     def advance(n: int) -> None:
                         result.sent += n
                         task.advance(n)
 
                     await _copy_range(read_at, write_at, start, size, opts, advance)
-                    os.ftruncate(fd, size)
+                    try:
+                        os.ftruncate(fd, size)
+                    except OSError as exc:
+                        raise from_os_error(exc, local) from None
                 finally:
                     task.close()
             finally:
@@ -379,21 +392,44 @@ class Job:
     size: int
 
 
-async def is_remote_dir(sftp: asyncssh.SFTPClient, path: str) -> bool:
+async def _remote_kind(sftp: asyncssh.SFTPClient, path: str) -> int | None:
+    """The remote path's SFTP file type, or None when it does not exist."""
     try:
-        return (await sftp.stat(path)).type == asyncssh.FILEXFER_TYPE_DIRECTORY
+        return (await sftp.stat(path)).type
     except asyncssh.SFTPNoSuchFile:
-        return False
+        return None
+    except asyncssh.SFTPError as exc:
+        raise from_sftp_error(exc, path) from None
+
+
+def _not_a_dir(dest: str, exists: bool, several: bool) -> ClientError:
+    """The error when a destination must be a directory and is not (OpenSSH's wording, exit 5)."""
+    if exists:
+        return ClientError(f"{dest}: Not a directory", 5)
+    why = "several sources need a directory" if several else "a trailing / names a directory"
+    return ClientError(f"{dest}: No such file or directory ({why}; --mkdir creates it)", 5)
 
 
 async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
-                   recursive: bool) -> list[Job]:
+                   recursive: bool, mkdir: bool = False) -> list[Job]:
     """Expand local sources into per-file jobs, creating remote directories for trees.
 
     Like cp/scp: with several sources, or when ``dest`` is an existing directory, each source lands
-    inside ``dest`` under its own name; otherwise ``dest`` is the new name of the single source.
+    inside ``dest`` under its own name; otherwise ``dest`` is the new name of the single source. A
+    ``dest`` ending in ``/`` must be a directory, as for OpenSSH's sftp and scp: if it does not exist
+    that is an error (exit 5), not a file named like it, unless ``mkdir`` asks to create it.
     """
-    into_dir = len(sources) > 1 or await is_remote_dir(sftp, dest)
+    kind = await _remote_kind(sftp, dest)
+    must_be_dir = len(sources) > 1 or dest.endswith("/")
+    if must_be_dir and kind != asyncssh.FILEXFER_TYPE_DIRECTORY:
+        if not mkdir or kind is not None:
+            raise _not_a_dir(dest, kind is not None, len(sources) > 1)
+        try:
+            await sftp.makedirs(dest, exist_ok=True)
+        except asyncssh.SFTPError as exc:
+            raise from_sftp_error(exc, dest) from None
+        kind = asyncssh.FILEXFER_TYPE_DIRECTORY
+    into_dir = kind == asyncssh.FILEXFER_TYPE_DIRECTORY
     jobs: list[Job] = []
     for src in sources:
         name = os.path.basename(os.path.normpath(src))
@@ -420,9 +456,21 @@ async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
 
 
 async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
-                   recursive: bool) -> list[Job]:
-    """Expand remote sources into per-file jobs, creating local directories for trees."""
-    into_dir = len(sources) > 1 or os.path.isdir(dest)
+                   recursive: bool, mkdir: bool = False) -> list[Job]:
+    """Expand remote sources into per-file jobs, creating local directories for trees.
+
+    The same rule as ``plan_put`` for the local ``dest``: with several sources or a trailing ``/``
+    it must be a directory, created only with ``mkdir``.
+    """
+    must_be_dir = len(sources) > 1 or dest.endswith(("/", os.sep))
+    if must_be_dir and not os.path.isdir(dest):
+        if not mkdir or os.path.lexists(dest):
+            raise _not_a_dir(dest, os.path.lexists(dest), len(sources) > 1)
+        try:
+            os.makedirs(dest, exist_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, dest) from None
+    into_dir = os.path.isdir(dest)
     jobs: list[Job] = []
 
     async def walk(rpath: str, lpath: str) -> None:
