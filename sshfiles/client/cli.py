@@ -167,31 +167,43 @@ def get(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume
     return _finish(state, _remote(state, go))
 
 
-def _long_line(name: str, attrs: asyncssh.SFTPAttrs) -> str:
+def _link_count(longname: str | bytes | None) -> str:
+    """The link count from a v3 longname (``ls -l``-style text, its second field): SFTP v3 attributes
+    carry none, so the server's longname is the only source; "?" without one, as OpenSSH shows."""
+    if isinstance(longname, bytes):
+        longname = longname.decode(errors="replace")
+    fields = (longname or "").split()
+    return fields[1] if len(fields) > 1 and fields[1].isdigit() else "?"
+
+
+def _long_line(name: str, attrs: asyncssh.SFTPAttrs, longname: str | bytes | None = None) -> str:
     mode = statmod.filemode(attrs.permissions or 0)
     mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(attrs.mtime or 0))
-    return f"{mode} {attrs.size or 0:>12} {mtime} {name}"
+    return f"{mode} {_link_count(longname):>3} {attrs.size or 0:>12} {mtime} {name}"
 
 
 @cli.command()
-@click.option("-l", "long_", is_flag=True, help="Long listing: mode, size, time.")
+@click.option("-l", "long_", is_flag=True, help="Long listing: mode, links, size, time.")
 @click.argument("path", default=".")
 @click.pass_obj
 def ls(state: State, long_: bool, path: str) -> int:
     """List a remote directory (or show one file)."""
-    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[tuple[str, asyncssh.SFTPAttrs]]:
+    Entry = tuple[str, asyncssh.SFTPAttrs, "str | bytes | None"]
+
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[Entry]:
         target = resolve(path)
         attrs = await _sftp_call(lambda: sftp.stat(target), path)
         if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
-            return [(posixpath.basename(target), attrs)]
+            # a longname comes only with a listing: not worth listing a whole directory for one file
+            return [(posixpath.basename(target), attrs, None)]
         names = await _sftp_call(lambda: sftp.readdir(target), path)
         # readdir of a str path yields str names
-        return sorted(((cast(str, n.filename), n.attrs) for n in names if n.filename not in (".", "..")),
-                      key=lambda t: t[0])
+        return sorted(((cast(str, n.filename), n.attrs, n.longname) for n in names
+                       if n.filename not in (".", "..")), key=lambda t: t[0])
 
-    for name, attrs in _remote(state, go):
+    for name, attrs, longname in _remote(state, go):
         is_dir = attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY
-        click.echo(_long_line(name, attrs) if long_ else name + ("/" if is_dir else ""))
+        click.echo(_long_line(name, attrs, longname) if long_ else name + ("/" if is_dir else ""))
     return EXIT_OK
 
 

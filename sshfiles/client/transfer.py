@@ -31,7 +31,7 @@ from sshfiles import checkfile
 from sshfiles.asyncssh_seam import extended_request, request_read, request_write
 from sshfiles.hashing import hash_fd_range
 
-from .errors import ClientError, VerifyError, from_os_error, from_sftp_error
+from .errors import EXIT_QUOTA, ClientError, VerifyError, from_os_error, from_sftp_error
 from .progress import Progress, QuietProgress, Timer, human
 
 #: Bytes per WRITE/READ request and requests in flight per file: 256 KiB x 32 = 8 MiB in flight,
@@ -289,12 +289,29 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                 result.verified = True
             return result
         except asyncssh.SFTPError as exc:
-            raise from_sftp_error(exc, remote) from None
+            err = from_sftp_error(exc, remote)
+            if err.exit_code == EXIT_QUOTA:
+                err = await _with_partial_note(sftp, remote, err)
+            raise err from None
         finally:
             if local_sum is not None and not local_sum.done():
                 local_sum.cancel()
     finally:
         os.close(fd)
+
+
+async def _with_partial_note(sftp: asyncssh.SFTPClient, remote: str, err: ClientError) -> ClientError:
+    """A refused upload keeps what was written (so the same ``put`` resumes once there is room) and
+    that partial counts against the quota: say so, with its size, rather than leave it unnoticed."""
+    try:
+        partial = (await sftp.stat(remote)).size or 0
+    except (asyncssh.SFTPError, OSError, asyncssh.Error):
+        return err
+    if not partial:
+        return err
+    return ClientError(f"{err.message}; the partial file ({human(partial)}) stays on the server and counts "
+                       f"against the quota: run the same put to resume once there is room, or remove it",
+                       err.exit_code)
 
 
 async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: TransferOptions,
