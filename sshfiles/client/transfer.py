@@ -436,7 +436,7 @@ async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
     ``dest`` ending in ``/`` must be a directory, as for OpenSSH's sftp and scp: if it does not exist
     that is an error (exit 5), not a file named like it, unless ``mkdir`` asks to create it.
     """
-    kind = await _remote_kind(sftp, dest)
+    kind = await _remote_kind(sftp, dest.rstrip("/") or "/")  # "file/" is ENOTDIR: ask about "file"
     must_be_dir = len(sources) > 1 or dest.endswith("/")
     if must_be_dir and kind != asyncssh.FILEXFER_TYPE_DIRECTORY:
         if not mkdir or kind is not None:
