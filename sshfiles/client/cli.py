@@ -22,8 +22,6 @@ from typing import Any, TypeVar, cast
 import asyncssh
 import click
 
-from sshfiles import __version__
-
 from .connect import DEFAULT_KNOWN_HOSTS, PASSWORD_ENV, ConnectOptions
 from .errors import (
     EXIT_CODES_HELP,
@@ -43,6 +41,15 @@ from .transfer import TransferOptions, plan_get, plan_put, remote_hash, run_jobs
 DEFAULT_PORT = 2222
 #: -h as well as --help, for the command line and for every command inside ``shell``.
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+
+def _version() -> str:
+    """The installed distribution's version (the client imports nothing of the server side)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("sshfiles")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree never installed
+        return "unknown"
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,7 +87,7 @@ def _sftp_call(coro_factory: Callable[[], Awaitable[T]], what: str) -> Coroutine
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings=CONTEXT_SETTINGS)
-@click.version_option(__version__, "--version", "-V", prog_name="sshfiles-cli")
+@click.version_option(_version(), "--version", "-V", prog_name="sshfiles-cli")
 @click.option("--host", default="127.0.0.1", envvar="SSHFILES_HOST", show_default=True,
               help="Server to connect to (env SSHFILES_HOST).")
 @click.option("--port", "-P", type=int, default=DEFAULT_PORT, envvar="SSHFILES_PORT", show_default=True,
