@@ -256,8 +256,8 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           grace: float | None, **defence: Any) -> None:
     """Run the SFTP server.
 
-    On the first start with an empty accounts store it creates the account
-    'sftpuser' with a random password and prints how to connect.
+    On a start with an empty accounts store it creates the account 'sftpuser' with a random
+    password, once the port is bound (a failed start creates nothing), and prints how to connect.
     """
     from .server import configure_logging, run_server
 

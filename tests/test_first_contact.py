@@ -22,6 +22,7 @@ import paramiko
 import pytest
 from conftest import ServerHandle, User, make_server
 from test_client import Cli, CountingProxy, make_file, no_traceback
+from test_disk_full import small_fs  # noqa: F401 - a fixture
 
 MiB = 1024 * 1024
 
@@ -109,6 +110,14 @@ def test_server_stopped_mid_download_and_upload_is_one_line(alice: Cli) -> None:
     res = alice.run("put", "local.bin")
     assert res.returncode == 3 and len(errors(res)) == 1 and "cannot connect" in res.stderr, res.stderr
     no_traceback(res)
+
+
+def test_local_disk_full_during_get_is_one_line(alice: Cli, small_fs: Path) -> None:  # noqa: F811
+    make_file(alice.user.home / "big.bin", 3 * MiB)
+    alice.server.cli("quota", "scan", "alice")
+    res = alice.run("get", "big.bin", str(small_fs / "big.bin"))
+    assert res.returncode == 6, res.stderr
+    assert errors(res) == [f"sshfiles-cli: {small_fs / 'big.bin'}: No space left on device"], res.stderr
 
 
 # --------------------------------------------------------------------------- 4: first account once listening
