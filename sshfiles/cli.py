@@ -269,11 +269,13 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
 
     def announce(line: str) -> None:
-        click.echo(line, err=True)
         if line.startswith("sshfiles listening on"):
             # Only now, with the port bound: a start that fails (port busy, no permission) must not
-            # use up the one showing of the first account's password.
+            # use up the one showing of the first account's password. Before the line itself, so
+            # whoever waits for it (a test, a script) finds the account already there.
             _first_account(obj)
+        click.echo(line, err=True)
+        if line.startswith("sshfiles listening on"):
             port_ = line.split(" port ")[1].split()[0]
             click.echo(f"connect with: sftp -P {port_} USER@{_host_for_ssh(config.host)}", err=True)
 
