@@ -31,7 +31,7 @@ from sshfiles import checkfile
 from sshfiles.asyncssh_seam import extended_request, request_read, request_write
 from sshfiles.hashing import hash_fd_range
 
-from .errors import EXIT_QUOTA, ClientError, VerifyError, from_os_error, from_sftp_error
+from .errors import EXIT_NOT_FOUND, EXIT_QUOTA, ClientError, VerifyError, from_sftp_error, local_errors
 from .progress import Progress, QuietProgress, Timer, human
 
 #: Bytes per WRITE/READ request and requests in flight per file: 256 KiB x 32 = 8 MiB in flight,
@@ -233,10 +233,8 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
     """Upload one file, resuming a matching remote partial and verifying the result."""
     progress = progress or QuietProgress()
     timer = Timer()
-    try:
+    with local_errors(local):
         fd = os.open(local, os.O_RDONLY)
-    except OSError as exc:
-        raise from_os_error(exc, local) from None
     try:
         size = os.fstat(fd).st_size
         if statmod.S_ISDIR(os.fstat(fd).st_mode):
@@ -264,10 +262,8 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
             try:
                 async with sftp.open(remote, "r+b" if start else "wb") as rf:
                     async def read_at(off: int, n: int) -> bytes:
-                        try:
+                        with local_errors(local):
                             return os.pread(fd, n, off)
-                        except OSError as exc:
-                            raise from_os_error(exc, local) from None
 
                     async def write_at(off: int, data: bytes) -> None:
                         await request_write(sftp, rf.handle, off, data)
@@ -326,10 +322,8 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                 raise ClientError(f"{remote}: is a directory (use -r)")
             size = attrs.size or 0
             result = TransferResult("get", remote, local, size)
-            try:
+            with local_errors(local):
                 fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise from_os_error(exc, local) from None
             try:
                 existing = os.fstat(fd).st_size
                 start = 0
@@ -343,10 +337,8 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         progress.warn(f"{local}: local partial ({human(existing)}) does not match "
                                       f"{remote}; restarting from zero")
                 if start == 0:
-                    try:
+                    with local_errors(local):
                         os.ftruncate(fd, 0)
-                    except OSError as exc:
-                        raise from_os_error(exc, local) from None
                 result.resumed_from = start
                 task = progress.start_file(os.path.basename(local) or local, size, start)
                 try:
@@ -366,20 +358,16 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         return b"".join(parts)
 
                     async def write_at(off: int, data: bytes) -> None:
-                        try:
+                        with local_errors(local):
                             os.pwrite(fd, data, off)
-                        except OSError as exc:  # local disk full, I/O error: name the local file
-                            raise from_os_error(exc, local) from None
 
                     def advance(n: int) -> None:
                         result.sent += n
                         task.advance(n)
 
                     await _copy_range(read_at, write_at, start, size, opts, advance)
-                    try:
+                    with local_errors(local):
                         os.ftruncate(fd, size)
-                    except OSError as exc:
-                        raise from_os_error(exc, local) from None
                 finally:
                     task.close()
             finally:
@@ -422,9 +410,9 @@ async def _remote_kind(sftp: asyncssh.SFTPClient, path: str) -> int | None:
 def _not_a_dir(dest: str, exists: bool, several: bool) -> ClientError:
     """The error when a destination must be a directory and is not (OpenSSH's wording, exit 5)."""
     if exists:
-        return ClientError(f"{dest}: Not a directory", 5)
+        return ClientError(f"{dest}: Not a directory", EXIT_NOT_FOUND)
     why = "several sources need a directory" if several else "a trailing / names a directory"
-    return ClientError(f"{dest}: No such file or directory ({why}; --mkdir creates it)", 5)
+    return ClientError(f"{dest}: No such file or directory ({why}; --mkdir creates it)", EXIT_NOT_FOUND)
 
 
 async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
@@ -483,10 +471,8 @@ async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
     if must_be_dir and not os.path.isdir(dest):
         if not mkdir or os.path.lexists(dest):
             raise _not_a_dir(dest, os.path.lexists(dest), len(sources) > 1)
-        try:
+        with local_errors(dest):
             os.makedirs(dest, exist_ok=True)
-        except OSError as exc:
-            raise from_os_error(exc, dest) from None
     into_dir = os.path.isdir(dest)
     jobs: list[Job] = []
 
