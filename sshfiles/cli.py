@@ -68,7 +68,7 @@ class Context:
     def state_lines(self) -> list[str]:
         """Where this command's state is: what `serve` prints at start and `user list -v` shows."""
         config = str(self.config_path.absolute()) if self.config_path else \
-            "none (looked for " + ", ".join(str(p) for p in config_candidates(os.environ)) + ")"
+            "none (looked for " + ", ".join(str(p.absolute()) for p in config_candidates(os.environ)) + ")"
         return [f"config: {config}", f"host keys: {self.keys_dir.absolute()}",
                 f"accounts: {self.accounts_dir.absolute()}", f"homes: {self.homes_dir.absolute()}"]
 
