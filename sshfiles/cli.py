@@ -18,7 +18,7 @@ import asyncssh
 import click
 
 from . import __version__, passwords
-from .config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
+from .config import SETTINGS, ConfigError, ServeConfig, config_candidates, find_config, load_toml, resolve
 from .jail import secure_homes
 from .permissions import PRESETS, format_perms, normalize_rule_path, parse_perms
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
@@ -37,39 +37,70 @@ DEFAULT_USER = "sftpuser"
 
 
 class Context:
-    """The TOML file and the state-directory flags of the `sshfiles` group, for every command.
+    """The config file and the state-directory flags, for every command.
 
     Settings come from config.py's one model (flag > environment > TOML > default); a bad value is a
-    usage error naming the flag, variable or key.
+    usage error naming the flag, variable or key. The state flags may be given before the command
+    (``sshfiles --keys-dir X serve``) or after it (``sshfiles serve --keys-dir X``): ``override``
+    applies the latter.
     """
 
-    def __init__(self, toml: dict[str, Any], toml_name: str, group_flags: dict[str, Any],
-                 toml_path: str | None = None) -> None:
+    def __init__(self, toml: dict[str, Any], config_path: Path | None, group_flags: dict[str, Any]) -> None:
         self.toml = toml
-        self.toml_name = toml_name
-        self.toml_path = toml_path  # re-read by `reload_settings` (serve's SIGHUP)
+        self.config_path = config_path
         self.group_flags = group_flags
+        self._store: AccountStore | None = None
+        self._apply()
+
+    def _apply(self) -> None:
         base = self.settings()
         self.keys_dir = base.keys_dir
         self.accounts_dir = base.accounts_dir
         self.homes_dir = base.homes_dir
-        self._store: AccountStore | None = None
+
+    def override(self, flags: dict[str, Any]) -> None:
+        """State flags given after the command name win over those given before it."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        if given:
+            self.group_flags = {**self.group_flags, **given}
+            self._apply()
 
     def settings(self, **flags: Any) -> ServeConfig:
+        toml_name = str(self.config_path) if self.config_path else "config file"
+        toml_dir = self.config_path.parent if self.config_path else None
         try:
-            return resolve({**self.group_flags, **flags}, os.environ, self.toml, toml_name=self.toml_name)
+            return resolve({**self.group_flags, **flags}, os.environ, self.toml, toml_name=toml_name,
+                           toml_dir=toml_dir)
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
 
     def reload_settings(self, **flags: Any) -> ServeConfig:
         """The settings as at start, with the TOML file read again (for SIGHUP); ConfigError if bad."""
-        toml = load_toml(self.toml_path) if self.toml_path else {}
-        return resolve({**self.group_flags, **flags}, os.environ, toml, toml_name=self.toml_name)
+        toml = load_toml(self.config_path) if self.config_path else {}
+        toml_name = str(self.config_path) if self.config_path else "config file"
+        toml_dir = self.config_path.parent if self.config_path else None
+        return resolve({**self.group_flags, **flags}, os.environ, toml, toml_name=toml_name, toml_dir=toml_dir)
+
+    def state_lines(self) -> list[str]:
+        """Where this command's state is: what `serve` prints at start and `user list -v` shows."""
+        config = str(self.config_path.absolute()) if self.config_path else \
+            "none (looked for " + ", ".join(str(p.absolute()) for p in config_candidates(os.environ)) + ")"
+        return [f"config: {config}", f"host keys: {self.keys_dir.absolute()}",
+                f"accounts: {self.accounts_dir.absolute()}", f"homes: {self.homes_dir.absolute()}"]
 
     @property
     def store(self) -> AccountStore:
+        """The store, created if missing: for `serve` and `user add`, which start a server's state."""
         if self._store is None:
             self._store = open_store(accounts_dir=self.accounts_dir)
+        return self._store
+
+    @property
+    def existing_store(self) -> AccountStore:
+        """The store, which must exist: every other command refuses (one line) rather than create an
+        empty store in the wrong directory and show or change nothing."""
+        if self._store is None:
+            self._store = open_store(accounts_dir=self.accounts_dir, create=False)
         return self._store
 
 
@@ -111,10 +142,14 @@ def _format_files(entries: int, limit: int | None) -> str:
     return f"{entries}" if limit is None else f"{entries}/{limit}"
 
 
-def _read_password(from_stdin: bool, confirm: bool = True) -> str:
+def _read_password(from_stdin: bool, confirm: bool = True, key_option: bool = False) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
+        if not sys.stdin.isatty():
+            # getpass would warn (GetPassWarning), echo, and end in "Aborted!" at EOF
+            fail("no terminal to read a password from: use --password-stdin"
+                 + (" (or --key FILE for a key-only account)" if key_option else ""))
         password = click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     if not password:
         fail("empty password refused")
@@ -143,8 +178,22 @@ def _read_keys(path: str) -> list[StoredKey]:
                       k.get_comment() or "") for k in keys]
 
 
+_STATE_FLAGS = ("keys_dir", "accounts_dir", "homes_dir")
+
+
+def _state_params() -> list[click.Option]:
+    return [click.Option([SETTINGS[n].flag, n], default=None, help=_help(n)) for n in _STATE_FLAGS]
+
+
+def _state_options(f: Any) -> Any:
+    """The state flags on the `sshfiles` group itself (before the command name)."""
+    f.__click_params__ = getattr(f, "__click_params__", []) + _state_params()[::-1]
+    return f
+
+
 class _Group(click.Group):
-    """Turns store and account errors from any command into one clean line."""
+    """Turns store and account errors from any command into one clean line, and gives every command
+    the state flags (``--keys-dir``, ``--accounts-dir``, ``--homes-dir``) after its name too."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -152,24 +201,39 @@ class _Group(click.Group):
         except AccountError as exc:
             raise click.ClickException(str(exc)) from None
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not isinstance(cmd, click.Group) and cmd.callback is not None:
+            cmd.params.extend(_state_params())
+            callback = cmd.callback
 
-@click.group(cls=_Group)
+            def with_state(*args: Any, **kwargs: Any) -> Any:
+                state = {k: kwargs.pop(k) for k in _STATE_FLAGS}
+                obj = click.get_current_context().find_object(Context)
+                if obj is not None:
+                    obj.override(state)
+                return callback(*args, **kwargs)
+
+            cmd.callback = with_state
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sshfiles")
 @click.option("--config", "config_path", envvar="SSHFILES_CONFIG", type=click.Path(dir_okay=False),
-              help="TOML file with defaults for any option (flags override it).")
-@click.option("--keys-dir", help=_help("keys_dir"))
-@click.option("--accounts-dir", help=_help("accounts_dir"))
-@click.option("--homes-dir", help=_help("homes_dir"))
+              help="TOML file with defaults for any option (flags override it). Without it: the first of "
+                   "./sshfiles.toml, $XDG_CONFIG_HOME/sshfiles/config.toml (~/.config/...), "
+                   "/etc/sshfiles/config.toml that exists; relative paths in it are relative to its directory.")
+@_state_options
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, accounts_dir: str | None,
          homes_dir: str | None) -> None:
     """sshfiles: a multi-user SFTP server with jails and quotas."""
+    path = Path(config_path) if config_path else find_config(os.environ)
     try:
-        toml = load_toml(config_path) if config_path else {}
+        toml = load_toml(path) if path else {}
     except ConfigError as exc:
         fail(str(exc))
-    ctx.obj = Context(toml, config_path or "config file",
-                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir}, config_path)
+    ctx.obj = Context(toml, path, {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir})
 
 
 # -- serve ------------------------------------------------------------------------
@@ -216,8 +280,8 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
           grace: float | None, **defence: Any) -> None:
     """Run the SFTP server.
 
-    On the first start with an empty accounts store it creates the account
-    'sftpuser' with a random password and prints how to connect.
+    On a start with an empty accounts store it creates the account 'sftpuser' with a random
+    password, once the port is bound (a failed start creates nothing), and prints how to connect.
     """
     from .server import configure_logging, run_server
 
@@ -228,19 +292,20 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
         configure_logging(config)  # before the first line we may log (home mode corrections)
     except OSError as exc:
         fail(f"cannot open log file {config.log_file}: {exc.strerror or exc}")
+    for line in obj.state_lines():
+        click.echo(line, err=True)
     secure_homes(obj.homes_dir, [Path(a.home) for a in obj.store.list_users()])
-    if not obj.store.list_users():
-        password = secrets.token_urlsafe(12)
-        home = _create_home(obj, DEFAULT_USER, None)
-        obj.store.add_user(DEFAULT_USER, str(home), passwords.hash_password(password), None)
-        click.echo(f"created the first account: user {DEFAULT_USER}, password {password}")
-        click.echo("(manage accounts with `sshfiles user ...`; this password is shown only once)")
 
     def announce(line: str) -> None:
+        if line.startswith("sshfiles listening on"):
+            # Only now, with the port bound: a start that fails (port busy, no permission) must not
+            # use up the one showing of the first account's password. Before the line itself, so
+            # whoever waits for it (a test, a script) finds the account already there.
+            _first_account(obj)
         click.echo(line, err=True)
         if line.startswith("sshfiles listening on"):
             port_ = line.split(" port ")[1].split()[0]
-            click.echo(f"connect with: sftp -P {port_} USER@{config.host}", err=True)
+            click.echo(f"connect with: sftp -P {port_} USER@{_host_for_ssh(config.host)}", err=True)
 
     try:
         run_server(config, announce=announce, reload=lambda: obj.reload_settings(**flags))
@@ -248,6 +313,23 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
         fail(f"cannot listen on {config.host} port {config.port}: {exc.strerror or exc}")
     except RuntimeError as exc:
         fail(str(exc))
+
+
+def _host_for_ssh(host: str) -> str:
+    """A listen address as OpenSSH's ``USER@HOST`` wants it: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _first_account(obj: Context) -> None:
+    """On an empty store, create 'sftpuser' with a random password and show it once."""
+    if obj.store.list_users():
+        return
+    password = secrets.token_urlsafe(12)
+    home = _create_home(obj, DEFAULT_USER, None)
+    obj.store.add_user(DEFAULT_USER, str(home), passwords.hash_password(password), None)
+    click.echo(f"created the first account: user {DEFAULT_USER}, password {password}")
+    click.echo("(manage accounts with `sshfiles user ...`; this password is shown only once: "
+               f"`sshfiles user passwd {DEFAULT_USER}` sets a new one)")
 
 
 # -- user -------------------------------------------------------------------------
@@ -306,7 +388,7 @@ def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key
     keys = [k for path in key_files for k in _read_keys(path)]
     password_hash = None
     if password_stdin or not keys:
-        password_hash = passwords.hash_password(_read_password(password_stdin))
+        password_hash = passwords.hash_password(_read_password(password_stdin, key_option=True))
     if obj.store.get_user(name) is not None:
         fail(f"user {name!r} already exists")
     home_path = _create_home(obj, name, home)
@@ -323,15 +405,19 @@ def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key
 
 
 @user.command("list")
+@click.option("-v", "--verbose", is_flag=True, help="First say which config file and state directories are used.")
 @click.pass_obj
-def user_list(obj: Context) -> None:
+def user_list(obj: Context, verbose: bool) -> None:
     """Users with their auth methods, quota, usage (FILES: entries used/limit) and permissions."""
+    if verbose:
+        for line in obj.state_lines():
+            click.echo(f"# {line}")
     rows = [("NAME", "AUTH", "QUOTA", "USED", "FILES", "PERMS", "HOME")]
-    for a in obj.store.list_users():
+    for a in obj.existing_store.list_users():
         auth = (",".join(a.auth_methods) or "-") + (" (disabled)" if a.disabled else "")
         rows.append((a.name, auth, format_size(a.quota), format_size(a.used),
                      _format_files(a.entries, entries_limit(a.quota, a.max_entries)),
-                     _perms_summary(obj.store.permissions(a.name)), a.home))
+                     _perms_summary(obj.existing_store.permissions(a.name)), a.home))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
@@ -370,7 +456,7 @@ def user_perm_set(obj: Context, name: str, path: str, perms: str) -> None:
         path, parsed = normalize_rule_path(path), parse_perms(perms)
     except ValueError as exc:
         fail(str(exc))
-    obj.store.set_permissions(name, path, parsed)
+    obj.existing_store.set_permissions(name, path, parsed)
     click.echo(f"permissions of {name} in {path}: {format_perms(parsed)}")
 
 
@@ -380,7 +466,7 @@ def user_perm_set(obj: Context, name: str, path: str, perms: str) -> None:
 @click.pass_obj
 def user_perm_unset(obj: Context, name: str, path: str) -> None:
     """Remove NAME's rule for PATH (the rule of the nearest directory above applies again)."""
-    obj.store.unset_permissions(name, path)
+    obj.existing_store.unset_permissions(name, path)
     click.echo(f"removed the permission rule of {name} for {path}")
 
 
@@ -389,7 +475,7 @@ def user_perm_unset(obj: Context, name: str, path: str) -> None:
 @click.pass_obj
 def user_perm_list(obj: Context, name: str) -> None:
     """NAME's rules, one 'PATH PERMS' per line ('/ *' when there are none)."""
-    rules = obj.store.permissions(name)
+    rules = obj.existing_store.permissions(name)
     if "/" not in rules:
         click.echo("/\t*\t(default)")
     for path in sorted(rules):
@@ -402,8 +488,8 @@ def user_perm_list(obj: Context, name: str) -> None:
 @click.pass_obj
 def user_passwd(obj: Context, name: str, password_stdin: bool) -> None:
     """Set a user's password."""
-    obj.store.require_user(name)
-    obj.store.set_password_hash(name, passwords.hash_password(_read_password(password_stdin)))
+    obj.existing_store.require_user(name)
+    obj.existing_store.set_password_hash(name, passwords.hash_password(_read_password(password_stdin)))
     click.echo(f"password of {name} changed")
 
 
@@ -413,7 +499,7 @@ def user_passwd(obj: Context, name: str, password_stdin: bool) -> None:
 @click.pass_obj
 def user_remove(obj: Context, name: str, purge_home: bool) -> None:
     """Delete an account (its home stays unless --purge-home)."""
-    acct = obj.store.remove_user(name)
+    acct = obj.existing_store.remove_user(name)
     if purge_home:
         home = Path(acct.home)
         if home.resolve() in (Path("/"), obj.homes_dir.resolve()):
@@ -429,7 +515,7 @@ def user_remove(obj: Context, name: str, purge_home: bool) -> None:
 @click.pass_obj
 def user_disable(obj: Context, name: str) -> None:
     """Refuse NAME's logins and end its live sessions (on every worker, within seconds)."""
-    obj.store.set_disabled(name, True)
+    obj.existing_store.set_disabled(name, True)
     click.echo(f"disabled user {name} (live sessions end within seconds)")
 
 
@@ -438,7 +524,7 @@ def user_disable(obj: Context, name: str) -> None:
 @click.pass_obj
 def user_enable(obj: Context, name: str) -> None:
     """Allow NAME to log in again."""
-    obj.store.set_disabled(name, False)
+    obj.existing_store.set_disabled(name, False)
     click.echo(f"enabled user {name}")
 
 
@@ -452,10 +538,10 @@ def user_quota(obj: Context, name: str, size: str, files_text: str | None) -> No
     """Set a user's quota (SIZE as for `user add --quota`; 'unlimited' removes it)."""
     quota = _size(size)
     max_entries = _files(files_text) if files_text is not None else None
-    obj.store.set_quota(name, quota)
+    obj.existing_store.set_quota(name, quota)
     if files_text is not None:
-        obj.store.set_max_entries(name, max_entries)
-    acct = obj.store.require_user(name)
+        obj.existing_store.set_max_entries(name, max_entries)
+    acct = obj.existing_store.require_user(name)
     used = acct.used
     note = " (usage is above it: uploads refused until files are removed)" if quota is not None and used > quota else ""
     limit = entries_limit(acct.quota, acct.max_entries)
@@ -473,14 +559,14 @@ def user_upload_mode(obj: Context, name: str, mode: str) -> None:
     from .atomic import parse_mode
 
     if mode.strip().lower() == "default":
-        obj.store.set_upload_mode(name, None)
+        obj.existing_store.set_upload_mode(name, None)
         click.echo(f"upload mode of {name}: the server's default (--upload-mode)")
         return
     try:
         value = parse_mode(mode)
     except ValueError as exc:
         fail(f"bad upload mode: {exc}")
-    obj.store.set_upload_mode(name, value)
+    obj.existing_store.set_upload_mode(name, value)
     click.echo(f"upload mode of {name}: {value}")
 
 
@@ -495,9 +581,9 @@ def user_key() -> None:
 @click.pass_obj
 def user_key_add(obj: Context, name: str, pubkey_file: str) -> None:
     """Authorize the key(s) in PUBKEY_FILE for NAME."""
-    obj.store.require_user(name)
+    obj.existing_store.require_user(name)
     for k in _read_keys(pubkey_file):
-        obj.store.add_key(name, k)
+        obj.existing_store.add_key(name, k)
         click.echo(f"added key {k.fingerprint} to {name}")
 
 
@@ -506,7 +592,7 @@ def user_key_add(obj: Context, name: str, pubkey_file: str) -> None:
 @click.pass_obj
 def user_key_list(obj: Context, name: str) -> None:
     """List NAME's keys with their fingerprints."""
-    for k in obj.store.require_user(name).keys:
+    for k in obj.existing_store.require_user(name).keys:
         click.echo(f"{k.fingerprint}  {k.key.split()[0]}  {k.comment}".rstrip())
 
 
@@ -516,7 +602,7 @@ def user_key_list(obj: Context, name: str) -> None:
 @click.pass_obj
 def user_key_remove(obj: Context, name: str, fingerprint: str) -> None:
     """Remove the key with FINGERPRINT (as `user key list` shows it) from NAME."""
-    obj.store.remove_key(name, fingerprint)
+    obj.existing_store.remove_key(name, fingerprint)
     click.echo(f"removed key {fingerprint} from {name}")
 
 
@@ -539,10 +625,10 @@ def quota_scan(obj: Context, name: str | None) -> None:
     """
     # Reservations of server processes that died are not usage: drop them first, or the
     # scan's result would be charged on top of them.
-    reconcile_dead_owners(obj.store)
-    names = [name] if name else [a.name for a in obj.store.list_users()]
+    reconcile_dead_owners(obj.existing_store)
+    names = [name] if name else [a.name for a in obj.existing_store.list_users()]
     for n in names:
-        before, after = rescan_user(obj.store, n)
+        before, after = rescan_user(obj.existing_store, n)
         change = "unchanged" if before == after else f"was {format_size(before)}"
         click.echo(f"{n}: {format_size(after)} used ({change})")
 
@@ -599,7 +685,7 @@ def ban_list(obj: Context, show_all: bool) -> None:
     """List banned sources: address, until, reason, strikes."""
     import time
     now = time.time()
-    rows = [b for b in obj.store.bans() if show_all or b.until > now]
+    rows = [b for b in obj.existing_store.bans() if show_all or b.until > now]
     if not rows:
         click.echo("no bans")
         return
@@ -618,8 +704,8 @@ def ban_add(obj: Context, address: str, duration: str) -> None:
     import time
     source = _source(address)
     seconds = _duration(duration)
-    obj.store.unban(source)  # an admin's ban replaces any automatic one, shorter or longer
-    obj.store.ban(source, time.time() + seconds, "admin")  # server.ADMIN_BAN_REASON: ends live sessions too
+    obj.existing_store.unban(source)  # an admin's ban replaces any automatic one, shorter or longer
+    obj.existing_store.ban(source, time.time() + seconds, "admin")  # server.ADMIN_BAN_REASON: ends live sessions too
     click.echo(f"banned {source} until {_when(time.time() + seconds)}")
 
 
@@ -629,7 +715,7 @@ def ban_add(obj: Context, address: str, duration: str) -> None:
 def ban_remove(obj: Context, address: str) -> None:
     """Lift the ban on ADDRESS (and forget its strikes)."""
     source = _source(address)
-    if not obj.store.unban(source):
+    if not obj.existing_store.unban(source):
         fail(f"{source} is not banned")
     click.echo(f"unbanned {source}")
 
@@ -661,7 +747,7 @@ def status(obj: Context, as_json: bool) -> None:
     import json
 
     from .logsafe import esc
-    rows = _live(obj.store)
+    rows = _live(obj.existing_store)
     if as_json:
         for r in rows:
             click.echo(json.dumps({"user": r.user, "source": r.source, "conn": r.conn, "pid": r.pid,
@@ -687,8 +773,8 @@ def kick(obj: Context, name: str) -> None:
     The user may log in again (to keep them out: `user disable`). Works like a credential change:
     each process's session watcher sees the account's revision move and ends its connections.
     """
-    obj.store.kick_user(name)
-    count = sum(1 for r in _live(obj.store) if r.user == name)
+    obj.existing_store.kick_user(name)
+    count = sum(1 for r in _live(obj.existing_store) if r.user == name)
     click.echo(f"kicked {name}: {count} session{'s' if count != 1 else ''} will end within about a second")
 
 

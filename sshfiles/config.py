@@ -29,7 +29,8 @@ from typing import Any
 
 from .metrics import parse_listen
 
-__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "load_toml", "parse_startups", "resolve"]
+__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "config_candidates", "find_config", "load_toml",
+           "parse_startups", "resolve"]
 
 _ENV_PREFIX = "SSHFILES_"
 
@@ -87,7 +88,8 @@ def _meta(kind: type, help: str, *, minimum: float | None = None, maximum: float
                          "has_env": has_env}}
 
 
-# Relative to the directory the server starts in, as the README documents.
+# Relative to the current directory unless set in a config file (then relative to the file's
+# directory), as the README documents.
 _KEYS_DIR, _ACCOUNTS_DIR, _HOMES_DIR = Path("keys"), Path("accounts"), Path("homes")
 
 
@@ -344,14 +346,39 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {os.fspath(path)} is not valid TOML: {reason}") from None
 
 
+def config_candidates(env: Mapping[str, str]) -> list[Path]:
+    """Where a config file is looked for when none is named, first match wins.
+
+    ``./sshfiles.toml`` (a project directory), then ``$XDG_CONFIG_HOME/sshfiles/config.toml``
+    (``~/.config`` without the variable: one user's server), then ``/etc/sshfiles/config.toml`` (a
+    service). Why a search at all: the state directories default to the current directory, and an
+    admin command run from another directory would otherwise find no accounts (or, before, create an
+    empty store there); one file in a known place ties every command to the same state.
+    """
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    return [Path("sshfiles.toml"), Path(xdg) / "sshfiles" / "config.toml", Path("/etc/sshfiles/config.toml")]
+
+
+def find_config(env: Mapping[str, str]) -> Path | None:
+    """The first existing file of ``config_candidates``, or None (then every setting is a flag,
+    a variable or its default)."""
+    for path in config_candidates(env):
+        if path.is_file():
+            return path
+    return None
+
+
 def resolve(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str, Any],
-            *, toml_name: str = "config file") -> ServeConfig:
+            *, toml_name: str = "config file", toml_dir: Path | None = None) -> ServeConfig:
     """Build the effective ``ServeConfig``: flag > environment > TOML > default, per setting.
 
     ``flags`` maps field names to parsed flag values, ``None`` meaning "not given" (click's default);
     ``env`` is usually ``os.environ``; ``toml`` is ``load_toml``'s result (``{}`` without a file) and
     ``toml_name`` how messages call it (e.g. its path). Raises ``ConfigError`` naming the flag, the
     variable or the key for an unknown TOML key or flag name, a wrong type, or a value out of range.
+    A relative path from the TOML file is taken relative to ``toml_dir`` (the file's directory), so
+    the file means the same directories whatever the current directory is; relative flags and
+    variables stay relative to the current directory, as on any command line.
     """
     for key in toml:
         if key not in SETTINGS:
@@ -372,6 +399,8 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], toml: Mapping[str,
                 where, value = env_name, _from_text(s, env_text)
             elif name in toml:
                 where, value = f"{toml_name} key {s.toml_key}", _from_value(s, toml[name])
+                if isinstance(value, Path) and toml_dir is not None and not value.is_absolute():
+                    value = toml_dir / value
             else:
                 continue
         except ValueError as exc:

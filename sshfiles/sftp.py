@@ -221,9 +221,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     async def _vfs(self) -> SFTPVFSAttrs:
         """The quota as a filesystem: size = quota, used = usage, free = the rest.
 
-        f_frsize is 1 so block counts are exact byte counts (OpenSSH's df
-        multiplies by f_frsize); f_bsize stays a sane I/O size.  The entry
-        quota shows as the inode counts (`df -i`).
+        Blocks are 1 byte, and f_bsize == f_frsize == 1: the counts are then
+        exact byte counts whichever field a client multiplies them by
+        (OpenSSH's df uses f_frsize as POSIX says; WinSCP uses f_bsize, and
+        showed 256 TiB for a 1 GiB quota when f_bsize was 256 KiB).  The
+        entry quota shows as the inode counts (`df -i`).
         """
         space = await self.session.space()
         fsv = space.fs
@@ -234,10 +236,11 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         if space.quota is None:
             attrs = SFTPVFSAttrs.from_local(fsv)
             attrs.files, attrs.ffree, attrs.favail = files, ffree, favail
+            attrs.bsize = attrs.frsize  # the same rule for every client, as above
             return attrs
         free = max(0, space.quota - space.used)
         disk_free = fsv.f_bavail * fsv.f_frsize
-        return SFTPVFSAttrs(bsize=MAX_WRITE, frsize=1, blocks=space.quota, bfree=min(free, disk_free),
+        return SFTPVFSAttrs(bsize=1, frsize=1, blocks=space.quota, bfree=min(free, disk_free),
                             bavail=min(free, disk_free), files=files, ffree=ffree,
                             favail=favail, fsid=0, flags=0, namemax=fsv.f_namemax)
 

@@ -45,7 +45,7 @@ def test_first_start_creates_keys_and_an_account_stock_sftp_can_use(tmp_path):
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             lines.append(line)
-            if "listening on" in line:
+            if "connect with:" in line:  # the first account is created once the port is bound
                 break
         text = "".join(lines)
         password = re.search(r"user sftpuser, password (\S+)", text).group(1)
@@ -344,10 +344,12 @@ def test_toml_config_and_environment_set_state_locations(tmp_path):
     env = dict(os.environ, SSHFILES_ACCOUNTS_DIR=str(tmp_path / "acc2"))
     res = subprocess.run([sys.executable, "-m", "sshfiles", "user", "list"], env=env, capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)
-    assert res.returncode == 0 and "zed" not in res.stdout and (tmp_path / "acc2" / "accounts.db").exists()
+    # a read-only command never creates a store (issue 13 item 5): it says where it looked
+    assert res.returncode == 1 and f"no store at {tmp_path / 'acc2' / 'accounts.db'}" in res.stderr
+    assert "zed" not in res.stdout and not (tmp_path / "acc2").exists()
     res = subprocess.run([*base, "--accounts-dir", str(tmp_path / "acc2"), "user", "list"],
                          capture_output=True, text=True, timeout=60)
-    assert "zed" not in res.stdout
+    assert "zed" not in res.stdout and res.returncode == 1
     bad = tmp_path / "bad.toml"
     bad.write_text("port = = 1\n")
     res = subprocess.run([sys.executable, "-m", "sshfiles", "--config", str(bad), "user", "list"],

@@ -20,7 +20,8 @@ from conftest import ServerHandle
 FORGED = "login user=victim source=1.2.3.4 method=password result=ok"
 # every line the server writes: a logging record, or one of `sshfiles serve`'s announcements
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+\[\d+\]: |host key |sshfiles listening on "
-                  r"|connect with: |created the first account|\(manage accounts|sshfiles stopped)")
+                  r"|connect with: |created the first account|\(manage accounts|sshfiles stopped"
+                  r"|(config|host keys|accounts|homes): )")
 
 
 def _raw_login_attempt(server: ServerHandle, username: str) -> None:

@@ -23,12 +23,33 @@ import asyncssh
 import click
 
 from .connect import DEFAULT_KNOWN_HOSTS, PASSWORD_ENV, ConnectOptions
-from .errors import EXIT_CODES_HELP, EXIT_ERROR, EXIT_OK, EXIT_USAGE, ClientError, from_sftp_error
+from .errors import (
+    EXIT_CODES_HELP,
+    EXIT_CONNECT,
+    EXIT_ERROR,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    ClientError,
+    from_os_error,
+    from_sftp_error,
+)
 from .progress import human, make_progress
 from .session import RemoteSession
 from .transfer import TransferOptions, plan_get, plan_put, remote_hash, run_jobs
 
 DEFAULT_PORT = 2222
+#: -h as well as --help, for the command line and for every command inside ``shell``.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+
+def _version() -> str:
+    """The installed distribution's version (the client imports nothing of the server side)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("sshfiles")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree never installed
+        return "unknown"
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,7 +86,8 @@ def _sftp_call(coro_factory: Callable[[], Awaitable[T]], what: str) -> Coroutine
     return run()
 
 
-@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(epilog=EXIT_CODES_HELP, context_settings=CONTEXT_SETTINGS)
+@click.version_option(_version(), "--version", "-V", prog_name="sshfiles-cli")
 @click.option("--host", default="127.0.0.1", envvar="SSHFILES_HOST", show_default=True,
               help="Server to connect to (env SSHFILES_HOST).")
 @click.option("--port", "-P", type=int, default=DEFAULT_PORT, envvar="SSHFILES_PORT", show_default=True,
@@ -97,6 +119,9 @@ _transfer_options = [
                  help="Resume a partial destination when its content matches (checked by hashing)."),
     click.option("--verify/--no-verify", default=True, show_default=True,
                  help="Compare the server's sha256 with the local one after each file."),
+    click.option("--mkdir", is_flag=True,
+                 help="Create the destination directory (a DEST ending in / or with several sources) if "
+                      "missing; without it that is an error, as in OpenSSH's sftp and scp."),
 ]
 
 
@@ -120,13 +145,13 @@ def _finish(state: State, errors: list[ClientError]) -> int:
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_obj
 def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume: bool,
-        verify: bool) -> int:
+        verify: bool, mkdir: bool) -> int:
     """Upload LOCAL... [REMOTE] (REMOTE defaults to the current remote directory)."""
     sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
     opts = TransferOptions(resume=resume, verify=verify)
 
     async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[ClientError]:
-        plan = await plan_put(sftp, sources, resolve(dest), recursive)
+        plan = await plan_put(sftp, sources, resolve(dest), recursive, mkdir)
         return await run_jobs(sftp, plan, "put", opts, make_progress(state.quiet), jobs)
 
     return _finish(state, _remote(state, go))
@@ -137,43 +162,55 @@ def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_obj
 def get(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume: bool,
-        verify: bool) -> int:
+        verify: bool, mkdir: bool) -> int:
     """Download REMOTE... [LOCAL] (LOCAL defaults to the current directory)."""
     sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
     opts = TransferOptions(resume=resume, verify=verify)
 
     async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[ClientError]:
-        plan = await plan_get(sftp, [resolve(s) for s in sources], dest, recursive)
+        plan = await plan_get(sftp, [resolve(s) for s in sources], dest, recursive, mkdir)
         return await run_jobs(sftp, plan, "get", opts, make_progress(state.quiet), jobs)
 
     return _finish(state, _remote(state, go))
 
 
-def _long_line(name: str, attrs: asyncssh.SFTPAttrs) -> str:
+def _link_count(longname: str | bytes | None) -> str:
+    """The link count from a v3 longname (``ls -l``-style text, its second field): SFTP v3 attributes
+    carry none, so the server's longname is the only source; "?" without one, as OpenSSH shows."""
+    if isinstance(longname, bytes):
+        longname = longname.decode(errors="replace")
+    fields = (longname or "").split()
+    return fields[1] if len(fields) > 1 and fields[1].isdigit() else "?"
+
+
+def _long_line(name: str, attrs: asyncssh.SFTPAttrs, longname: str | bytes | None = None) -> str:
     mode = statmod.filemode(attrs.permissions or 0)
     mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(attrs.mtime or 0))
-    return f"{mode} {attrs.size or 0:>12} {mtime} {name}"
+    return f"{mode} {_link_count(longname):>3} {attrs.size or 0:>12} {mtime} {name}"
 
 
 @cli.command()
-@click.option("-l", "long_", is_flag=True, help="Long listing: mode, size, time.")
+@click.option("-l", "long_", is_flag=True, help="Long listing: mode, links, size, time.")
 @click.argument("path", default=".")
 @click.pass_obj
 def ls(state: State, long_: bool, path: str) -> int:
     """List a remote directory (or show one file)."""
-    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[tuple[str, asyncssh.SFTPAttrs]]:
+    Entry = tuple[str, asyncssh.SFTPAttrs, "str | bytes | None"]
+
+    async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[Entry]:
         target = resolve(path)
         attrs = await _sftp_call(lambda: sftp.stat(target), path)
         if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
-            return [(posixpath.basename(target), attrs)]
+            # a longname comes only with a listing: not worth listing a whole directory for one file
+            return [(posixpath.basename(target), attrs, None)]
         names = await _sftp_call(lambda: sftp.readdir(target), path)
         # readdir of a str path yields str names
-        return sorted(((cast(str, n.filename), n.attrs) for n in names if n.filename not in (".", "..")),
-                      key=lambda t: t[0])
+        return sorted(((cast(str, n.filename), n.attrs, n.longname) for n in names
+                       if n.filename not in (".", "..")), key=lambda t: t[0])
 
-    for name, attrs in _remote(state, go):
+    for name, attrs, longname in _remote(state, go):
         is_dir = attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY
-        click.echo(_long_line(name, attrs) if long_ else name + ("/" if is_dir else ""))
+        click.echo(_long_line(name, attrs, longname) if long_ else name + ("/" if is_dir else ""))
     return EXIT_OK
 
 
@@ -275,23 +312,91 @@ def hash_(state: State, algorithm: str, paths: tuple[str, ...]) -> int:
 
 
 SHELL_HELP = """Commands (each takes -h for its options):
-  ls [-l] [PATH]        list            cd [PATH]      change remote directory
-  put [-r] LOCAL... [REMOTE]            pwd            show remote directory
-  get [-r] REMOTE... [LOCAL]            lcd PATH       change local directory
-  mkdir [-p] PATH...    rm [-r] PATH... rmdir PATH...  mv SRC DST
-  df                    hash PATH...    help           exit (or quit, Ctrl-D)"""
+  ls [-l] [PATH]                      list a directory (or show one file)
+  put [-r] [-j N] [--mkdir] LOCAL... [REMOTE]   upload (REMOTE ending in / must be a directory)
+  get [-r] [-j N] [--mkdir] REMOTE... [LOCAL]   download
+  mkdir [-p] PATH...    rm [-r] PATH...    rmdir PATH...    mv SRC DST
+  df                    hash [-a ALG] PATH...
+  cd [PATH]   pwd   lcd [PATH]   help   exit (or quit, Ctrl-D)
+Not on a terminal (a script on stdin) the shell stops at the first failing command with its exit code."""
+
+
+def _shell_cd(session: RemoteSession, arg: str | None) -> None:
+    """``cd``: OpenSSH's messages: a missing path is "No such file or directory", a file is "Not a
+    directory" (a server may canonicalize a path that does not exist, so realpath alone proves
+    nothing)."""
+    shown = arg or "/"
+    target = session.resolve(shown)
+
+    async def chdir(sftp: asyncssh.SFTPClient) -> str:
+        path = await _sftp_call(lambda: sftp.realpath(target), shown)
+        attrs = await _sftp_call(lambda: sftp.stat(path), shown)
+        if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+            raise ClientError(f"{shown}: Not a directory", EXIT_NOT_FOUND)
+        return path
+
+    session.cwd = session.run(chdir)
+
+
+def _enable_line_editing() -> None:
+    """Arrow keys, Ctrl-R and history for the prompt, when Python has readline (input() uses it once
+    it is imported)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # pragma: no cover - readline is part of CPython on Linux
+        pass
+
+
+def _shell_command(session: RemoteSession, shell_state: State, name: str, args: list[str]) -> int:
+    """Run one shell line; return its exit status (0 success). Errors are printed here, one line."""
+    try:
+        if name in ("help", "?"):
+            click.echo(SHELL_HELP)
+        elif name == "pwd":
+            click.echo(session.cwd)
+        elif name == "cd":
+            _shell_cd(session, args[0] if args else None)
+        elif name == "lcd":
+            os.chdir(os.path.expanduser(args[0] if args else "~"))
+        elif name == "shell" or name not in cli.commands:
+            click.echo(f"sshfiles-cli: unknown command: {name} (try help)", err=True)
+            return EXIT_USAGE
+        else:
+            cmd = cli.commands[name]
+            with cmd.make_context(name, args, obj=shell_state, **CONTEXT_SETTINGS) as ctx:
+                rv = cmd.invoke(ctx)
+            return rv if isinstance(rv, int) else EXIT_OK
+    except click.exceptions.Exit as exc:  # -h
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code or EXIT_USAGE
+    except ClientError as exc:
+        click.echo(f"sshfiles-cli: {exc}", err=True)
+        return exc.exit_code
+    except OSError as exc:
+        click.echo(f"sshfiles-cli: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", err=True)
+        return from_os_error(exc, "").exit_code
+    return EXIT_OK
 
 
 @cli.command()
 @click.pass_obj
 def shell(state: State) -> int:
-    """Interactive prompt over one connection (help, cd, pwd, ls, put, get, ...)."""
+    """Interactive prompt over one connection (help, cd, pwd, ls, put, get, ...).
+
+    On a terminal: line editing and history, and a failing command just prints its error. With a
+    script on stdin (not a terminal): like ``sftp -b``, the first failing command ends the shell
+    with that command's exit status.
+    """
     if state.session is not None:
         raise ClientError("already in the shell")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _enable_line_editing()
     with RemoteSession(state.opts) as session:
         session.cwd = session.run(lambda sftp: sftp.realpath("."))
         shell_state = State(state.opts, quiet=state.quiet, session=session)
-        interactive = sys.stdin.isatty()
         while True:
             try:
                 line = input(f"sshfiles:{session.cwd}> " if interactive else "")
@@ -306,44 +411,21 @@ def shell(state: State) -> int:
                 argv = shlex.split(line)
             except ValueError as exc:
                 click.echo(f"sshfiles-cli: {exc}", err=True)
-                continue
-            if not argv:
-                continue
-            name, args = argv[0], argv[1:]
-            try:
-                if name in ("exit", "quit", "bye"):
+                code = EXIT_USAGE
+            else:
+                if not argv:
+                    continue
+                if argv[0] in ("exit", "quit", "bye"):
                     break
-                if name in ("help", "?"):
-                    click.echo(SHELL_HELP)
-                elif name == "pwd":
-                    click.echo(session.cwd)
-                elif name == "cd":
-                    target = session.resolve(args[0] if args else "/")
-                    async def chdir(sftp: asyncssh.SFTPClient, target: str = target,
-                                    shown: str = (args[0] if args else "/")) -> str:
-                        path = await _sftp_call(lambda: sftp.realpath(target), shown)
-                        if not await sftp.isdir(path):
-                            raise ClientError(f"{shown}: Not a directory", 5)
-                        return path
-                    session.cwd = session.run(chdir)
-                elif name == "lcd":
-                    os.chdir(os.path.expanduser(args[0] if args else "~"))
-                elif name == "shell" or name not in cli.commands:
-                    click.echo(f"unknown command: {name} (try help)", err=True)
-                else:
-                    cmd = cli.commands[name]
-                    with cmd.make_context(name, args, obj=shell_state) as ctx:
-                        cmd.invoke(ctx)
-            except click.exceptions.Exit:
-                pass
-            except click.ClickException as exc:
-                exc.show()
-            except ClientError as exc:
-                click.echo(f"sshfiles-cli: {exc}", err=True)
-            except OSError as exc:
-                click.echo(f"sshfiles-cli: {exc.strerror or exc}", err=True)
-            except KeyboardInterrupt:
-                click.echo("interrupted", err=True)
+                try:
+                    code = _shell_command(session, shell_state, argv[0], argv[1:])
+                except KeyboardInterrupt:
+                    click.echo("interrupted", err=True)
+                    code = 130
+            if code == EXIT_CONNECT:
+                return code  # the connection is gone: nothing more can succeed
+            if code != EXIT_OK and not interactive:
+                return code
     return EXIT_OK
 
 
@@ -367,7 +449,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except asyncssh.Error as exc:
         click.echo(f"sshfiles-cli: connection error: {exc.reason}", err=True)
-        sys.exit(3)
+        sys.exit(EXIT_CONNECT)
+    except (ConnectionError, TimeoutError) as exc:  # outside a session's run (e.g. while closing)
+        click.echo(f"sshfiles-cli: connection lost: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_CONNECT)
+    except OSError as exc:  # a local file error no command named: still one line
+        err = from_os_error(exc, exc.filename or "local file")
+        click.echo(f"sshfiles-cli: {err}", err=True)
+        sys.exit(err.exit_code)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

@@ -81,6 +81,11 @@ def _host_key_algs(keys: list[asyncssh.SSHKey]) -> list[str]:
     return list(dict.fromkeys(algs))
 
 
+#: Host key algorithms asked for on first contact, in OpenSSH's client order (ed25519 first).
+_PREFERRED_HOST_KEY_ALGS = ["ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                            "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]
+
+
 @dataclass
 class ConnectOptions:
     """Everything needed to open a session; filled from the CLI's global options."""
@@ -158,8 +163,10 @@ async def connect(opts: ConnectOptions) -> asyncssh.SSHClientConnection:
         window=8 * 1024 * 1024,
         max_pktsize=256 * 1024,
     )
-    if recorded:
-        kwargs["server_host_key_algs"] = _host_key_algs(recorded)
+    # First contact: ask for the key OpenSSH asks for first (ed25519), so the fingerprint recorded
+    # here is the one `ssh`/`sftp` show and pin for the same server; a server without one still
+    # gets the rest, in asyncssh's order.
+    kwargs["server_host_key_algs"] = _host_key_algs(recorded) if recorded else _PREFERRED_HOST_KEY_ALGS
     if opts.identities:
         kwargs["client_keys"] = [os.path.expanduser(p) for p in opts.identities]
     try:

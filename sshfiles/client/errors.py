@@ -21,6 +21,8 @@ Exit codes (also shown by ``sshfiles-cli --help``):
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import asyncssh
 
@@ -103,3 +105,13 @@ def from_os_error(exc: OSError, what: str) -> ClientError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         code = EXIT_QUOTA
     return ClientError(f"{what}: {exc.strerror or exc}", code)
+
+
+@contextmanager
+def local_errors(path: str) -> Iterator[None]:
+    """Turn an OSError of a local file operation (disk full, I/O error) into the one-line error naming
+    ``path``, so it is reported as that file's failure and not as a lost connection or a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise from_os_error(exc, path) from None

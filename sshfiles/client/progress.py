@@ -11,7 +11,8 @@ import os
 import sys
 import threading
 import time
-from typing import IO, Protocol
+from collections.abc import MutableMapping
+from typing import IO, Any, Protocol
 
 from tqdm import tqdm
 
@@ -84,6 +85,27 @@ class PlainProgress(QuietProgress):
         print(f"warning: {line}", file=self.stream, flush=True)
 
 
+class _Bar(tqdm):
+    """A tqdm bar whose sizes and rate are in the summaries' binary units (``human``).
+
+    tqdm scales the count by ``unit_divisor`` but the rate always by 1000, so its own fields read
+    "12.0MiB/28.0MiB, 52.4MB/s" on one line; the bar format uses the fields added here instead.
+    """
+
+    @property
+    def format_dict(self) -> MutableMapping[str, Any]:
+        d = super().format_dict
+        elapsed = d.get("elapsed") or 0
+        rate = d.get("rate") or ((d["n"] - d.get("initial", 0)) / elapsed if elapsed else None)
+        d["h_n"] = human(d["n"])
+        d["h_total"] = human(d["total"]) if d.get("total") is not None else "?"
+        d["h_rate"] = f"{human(rate)}/s" if rate else "? B/s"
+        return d
+
+
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {h_n}/{h_total} [{elapsed}<{remaining}, {h_rate}]"
+
+
 class _BarTask:
     def __init__(self, owner: TtyProgress, bar: tqdm) -> None:
         self._owner = owner
@@ -125,8 +147,9 @@ class TtyProgress:
 
     def _bar(self, label: str, total: int, initial: int, position: int | None = None) -> tqdm:
         sized = self._columns() > 0
-        return tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True,
+        return _Bar(total=total, initial=initial, desc=label, unit="B", unit_scale=True,
                     unit_divisor=1024, file=self.stream, leave=False, dynamic_ncols=sized,
+                    bar_format=BAR_FORMAT,
                     ncols=None if sized else 80, nrows=None if sized else 24,
                     mininterval=0.1, position=position)
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 import asyncssh
 
 from .connect import ConnectOptions, connect
-from .errors import EXIT_CONNECT, ClientError
+from .errors import EXIT_CONNECT, ClientError, from_os_error
 
 T = TypeVar("T")
 
@@ -55,12 +55,21 @@ class RemoteSession:
             raise ClientError(f"connection lost: {exc.reason}", EXIT_CONNECT) from None
         except asyncssh.SFTPConnectionLost as exc:
             raise ClientError(f"connection lost: {exc.reason}", EXIT_CONNECT) from None
+        except (ConnectionError, TimeoutError) as exc:
+            # The socket itself failed (the server stopped mid-transfer: reset, broken pipe);
+            # asyncssh raises the OSError as it came from the transport.
+            raise ClientError(f"connection lost: {exc.strerror or exc}", EXIT_CONNECT) from None
+        except OSError as exc:
+            # A local file operation that no command turned into its own message.
+            raise from_os_error(exc, exc.filename or "local file") from None
 
     def resolve(self, path: str) -> str:
         """A remote path relative to the shell's working directory (absolute paths unchanged)."""
         if self.cwd is None or path.startswith("/"):
             return path
-        return posixpath.normpath(posixpath.join(self.cwd, path))
+        joined = posixpath.normpath(posixpath.join(self.cwd, path))
+        # a trailing "/" says "a directory" (put's destination): normpath must not drop it
+        return joined + "/" if path.endswith("/") and not joined.endswith("/") else joined
 
     def close(self) -> None:
         if self.loop.is_closed():

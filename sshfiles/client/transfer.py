@@ -31,7 +31,7 @@ from sshfiles import checkfile
 from sshfiles.asyncssh_seam import extended_request, request_read, request_write
 from sshfiles.hashing import hash_fd_range
 
-from .errors import ClientError, VerifyError, from_os_error, from_sftp_error
+from .errors import EXIT_NOT_FOUND, EXIT_QUOTA, ClientError, VerifyError, from_sftp_error, local_errors
 from .progress import Progress, QuietProgress, Timer, human
 
 #: Bytes per WRITE/READ request and requests in flight per file: 256 KiB x 32 = 8 MiB in flight,
@@ -70,8 +70,9 @@ class TransferResult:
 
     def summary(self) -> str:
         rate = human(self.sent / self.seconds) + "/s" if self.seconds else "-"
+        moved = "sent" if self.direction == "put" else "received"
         parts = [f"{self.direction} {self.source} -> {self.dest}: {human(self.size)}",
-                 f"sent {human(self.sent)} in {self.seconds:.1f}s ({rate})"]
+                 f"{moved} {human(self.sent)} in {self.seconds:.1f}s ({rate})"]
         if self.resumed_from:
             parts.append(f"resumed at {human(self.resumed_from)}")
         if self.restarted:
@@ -242,10 +243,8 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
     """Upload one file, resuming a matching remote partial and verifying the result."""
     progress = progress or QuietProgress()
     timer = Timer()
-    try:
+    with local_errors(local):
         fd = os.open(local, os.O_RDONLY)
-    except OSError as exc:
-        raise from_os_error(exc, local) from None
     try:
         size = os.fstat(fd).st_size
         if statmod.S_ISDIR(os.fstat(fd).st_mode):
@@ -273,7 +272,8 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
             try:
                 async with sftp.open(remote, "r+b" if start else "wb") as rf:
                     async def read_at(off: int, n: int) -> bytes:
-                        return os.pread(fd, n, off)
+                        with local_errors(local):
+                            return os.pread(fd, n, off)
 
                     async def write_at(off: int, data: bytes) -> None:
                         await request_write(sftp, rf.handle, off, data)
@@ -295,12 +295,29 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                 result.verified = True
             return result
         except asyncssh.SFTPError as exc:
-            raise from_sftp_error(exc, remote) from None
+            err = from_sftp_error(exc, remote)
+            if err.exit_code == EXIT_QUOTA:
+                err = await _with_partial_note(sftp, remote, err)
+            raise err from None
         finally:
             if local_sum is not None and not local_sum.done():
                 local_sum.cancel()
     finally:
         os.close(fd)
+
+
+async def _with_partial_note(sftp: asyncssh.SFTPClient, remote: str, err: ClientError) -> ClientError:
+    """A refused upload keeps what was written (so the same ``put`` resumes once there is room) and
+    that partial counts against the quota: say so, with its size, rather than leave it unnoticed."""
+    try:
+        partial = (await sftp.stat(remote)).size or 0
+    except (asyncssh.SFTPError, OSError, asyncssh.Error):
+        return err
+    if not partial:
+        return err
+    return ClientError(f"{err.message}; the partial file ({human(partial)}) stays on the server and counts "
+                       f"against the quota: run the same put to resume once there is room, or remove it",
+                       err.exit_code)
 
 
 async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: TransferOptions,
@@ -315,10 +332,8 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                 raise ClientError(f"{remote}: is a directory (use -r)")
             size = attrs.size or 0
             result = TransferResult("get", remote, local, size)
-            try:
+            with local_errors(local):
                 fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise from_os_error(exc, local) from None
             try:
                 existing = os.fstat(fd).st_size
                 start = 0
@@ -332,7 +347,8 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         progress.warn(f"{local}: local partial ({human(existing)}) does not match "
                                       f"{remote}; restarting from zero")
                 if start == 0:
-                    os.ftruncate(fd, 0)
+                    with local_errors(local):
+                        os.ftruncate(fd, 0)
                 result.resumed_from = start
                 task = progress.start_file(os.path.basename(local) or local, size, start)
                 try:
@@ -352,14 +368,16 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         return b"".join(parts)
 
                     async def write_at(off: int, data: bytes) -> None:
-                        os.pwrite(fd, data, off)
+                        with local_errors(local):
+                            os.pwrite(fd, data, off)
 
                     def advance(n: int) -> None:
                         result.sent += n
                         task.advance(n)
 
                     await _copy_range(read_at, write_at, start, size, opts, advance)
-                    os.ftruncate(fd, size)
+                    with local_errors(local):
+                        os.ftruncate(fd, size)
                 finally:
                     task.close()
             finally:
@@ -389,21 +407,44 @@ class Job:
     size: int
 
 
-async def is_remote_dir(sftp: asyncssh.SFTPClient, path: str) -> bool:
+async def _remote_kind(sftp: asyncssh.SFTPClient, path: str) -> int | None:
+    """The remote path's SFTP file type, or None when it does not exist."""
     try:
-        return (await sftp.stat(path)).type == asyncssh.FILEXFER_TYPE_DIRECTORY
+        return (await sftp.stat(path)).type
     except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPPermissionDenied):
-        return False  # a name the server will not stat is no directory we could put into
+        return None  # (a name the server will not stat, in a drop box: nothing we could put into)
+    except asyncssh.SFTPError as exc:
+        raise from_sftp_error(exc, path) from None
+
+
+def _not_a_dir(dest: str, exists: bool, several: bool) -> ClientError:
+    """The error when a destination must be a directory and is not (OpenSSH's wording, exit 5)."""
+    if exists:
+        return ClientError(f"{dest}: Not a directory", EXIT_NOT_FOUND)
+    why = "several sources need a directory" if several else "a trailing / names a directory"
+    return ClientError(f"{dest}: No such file or directory ({why}; --mkdir creates it)", EXIT_NOT_FOUND)
 
 
 async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
-                   recursive: bool) -> list[Job]:
+                   recursive: bool, mkdir: bool = False) -> list[Job]:
     """Expand local sources into per-file jobs, creating remote directories for trees.
 
     Like cp/scp: with several sources, or when ``dest`` is an existing directory, each source lands
-    inside ``dest`` under its own name; otherwise ``dest`` is the new name of the single source.
+    inside ``dest`` under its own name; otherwise ``dest`` is the new name of the single source. A
+    ``dest`` ending in ``/`` must be a directory, as for OpenSSH's sftp and scp: if it does not exist
+    that is an error (exit 5), not a file named like it, unless ``mkdir`` asks to create it.
     """
-    into_dir = len(sources) > 1 or await is_remote_dir(sftp, dest)
+    kind = await _remote_kind(sftp, dest.rstrip("/") or "/")  # "file/" is ENOTDIR: ask about "file"
+    must_be_dir = len(sources) > 1 or dest.endswith("/")
+    if must_be_dir and kind != asyncssh.FILEXFER_TYPE_DIRECTORY:
+        if not mkdir or kind is not None:
+            raise _not_a_dir(dest, kind is not None, len(sources) > 1)
+        try:
+            await sftp.makedirs(dest, exist_ok=True)
+        except asyncssh.SFTPError as exc:
+            raise from_sftp_error(exc, dest) from None
+        kind = asyncssh.FILEXFER_TYPE_DIRECTORY
+    into_dir = kind == asyncssh.FILEXFER_TYPE_DIRECTORY
     jobs: list[Job] = []
     for src in sources:
         name = os.path.basename(os.path.normpath(src))
@@ -430,9 +471,19 @@ async def plan_put(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
 
 
 async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
-                   recursive: bool) -> list[Job]:
-    """Expand remote sources into per-file jobs, creating local directories for trees."""
-    into_dir = len(sources) > 1 or os.path.isdir(dest)
+                   recursive: bool, mkdir: bool = False) -> list[Job]:
+    """Expand remote sources into per-file jobs, creating local directories for trees.
+
+    The same rule as ``plan_put`` for the local ``dest``: with several sources or a trailing ``/``
+    it must be a directory, created only with ``mkdir``.
+    """
+    must_be_dir = len(sources) > 1 or dest.endswith(("/", os.sep))
+    if must_be_dir and not os.path.isdir(dest):
+        if not mkdir or os.path.lexists(dest):
+            raise _not_a_dir(dest, os.path.lexists(dest), len(sources) > 1)
+        with local_errors(dest):
+            os.makedirs(dest, exist_ok=True)
+    into_dir = os.path.isdir(dest)
     jobs: list[Job] = []
 
     async def walk(rpath: str, lpath: str) -> None:

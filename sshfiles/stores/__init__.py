@@ -41,8 +41,12 @@ __all__ = [
 
 
 def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] = "accounts",
-               busy_timeout: float | None = None) -> AccountStore:
+               busy_timeout: float | None = None, create: bool = True) -> AccountStore:
     """Open the store named by `url`; without one, the SQLite store in `accounts_dir`.
+
+    ``create=False`` is for commands that only read or change what exists (``user list``, ``ban
+    list``...): a missing store is then an ``AccountError`` naming where it was looked for, instead
+    of a new empty store that would hide the real one in another directory.
 
     ``sqlite:PATH`` or ``sqlite:///ABSOLUTE/PATH`` names the directory that
     holds ``accounts.db``.  Any other scheme is refused with a one-line error.
@@ -50,11 +54,11 @@ def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] =
     from .sqlite import SQLiteAccountStore
 
     if not url:
-        return SQLiteAccountStore(Path(accounts_dir), busy_timeout=busy_timeout)
+        return SQLiteAccountStore(Path(accounts_dir), busy_timeout=busy_timeout, create=create)
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         path = parts.path if not parts.netloc else f"/{parts.netloc}{parts.path}"
         if not path:
             raise AccountError(f"store URL {url!r} names no directory")
-        return SQLiteAccountStore(Path(path), busy_timeout=busy_timeout)
+        return SQLiteAccountStore(Path(path), busy_timeout=busy_timeout, create=create)
     raise AccountError(f"unsupported store URL {url!r}: this version has the SQLite store only (sqlite:DIR)")

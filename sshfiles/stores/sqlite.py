@@ -114,7 +114,8 @@ class SQLiteAccountStore:
 
     FILENAME = "accounts.db"
 
-    def __init__(self, directory: str | os.PathLike[str], busy_timeout: float | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], busy_timeout: float | None = None,
+                 create: bool = True) -> None:
         if busy_timeout is None:
             # How long a writer waits for another process's lock before the call fails
             # (the ledger keeps failed credits and retries them, see quota.py).
@@ -123,6 +124,9 @@ class SQLiteAccountStore:
         self.directory = Path(directory)
         self.path = self.directory / self.FILENAME
         self._owner_fds: dict[str, int] = {}
+        if not create and not self.path.exists():
+            raise AccountError(f"no store at {self.path.absolute()}; run `sshfiles serve` or `sshfiles user add` "
+                               f"first, or name the existing one (--accounts-dir, or a config file)")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)

@@ -316,3 +316,29 @@ def test_load_toml_unreadable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_toml(tmp_path)
     assert_one_line_error(exc, "cannot read config file")
+
+
+def test_relative_toml_paths_are_relative_to_the_file_and_flags_to_the_cwd(tmp_path: Path) -> None:
+    toml = {"keys_dir": "k", "accounts_dir": "/abs/acc", "homes_dir": "../h"}
+    cfg = resolve({}, {}, toml, toml_dir=tmp_path / "etc")
+    assert cfg.keys_dir == tmp_path / "etc" / "k"
+    assert cfg.accounts_dir == Path("/abs/acc")
+    assert cfg.homes_dir == tmp_path / "etc" / ".." / "h"
+    cfg = resolve({"keys_dir": "flagged"}, {"SSHFILES_HOMES_DIR": "env"}, toml, toml_dir=tmp_path)
+    assert cfg.keys_dir == Path("flagged") and cfg.homes_dir == Path("env")
+    assert resolve({}, {}, {}, toml_dir=tmp_path).keys_dir == Path("keys")  # defaults: the current directory
+
+
+def test_config_file_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sshfiles.config import config_candidates, find_config
+    monkeypatch.chdir(tmp_path)
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
+    assert config_candidates(env) == [Path("sshfiles.toml"), tmp_path / "xdg" / "sshfiles" / "config.toml",
+                                      Path("/etc/sshfiles/config.toml")]
+    assert config_candidates({"HOME": "/home/u"})[1] == Path("/home/u/.config/sshfiles/config.toml")
+    xdg = tmp_path / "xdg" / "sshfiles" / "config.toml"
+    xdg.parent.mkdir(parents=True)
+    xdg.write_text("")
+    assert find_config(env) == xdg
+    (tmp_path / "sshfiles.toml").write_text("")
+    assert find_config(env) == Path("sshfiles.toml")
