@@ -42,6 +42,7 @@ class Context:
         self.keys_dir = base.keys_dir
         self.accounts_dir = base.accounts_dir
         self.homes_dir = base.homes_dir
+        self.store_url = base.store
         self._store: AccountStore | None = None
 
     def settings(self, **flags: Any) -> ServeConfig:
@@ -53,7 +54,7 @@ class Context:
     @property
     def store(self) -> AccountStore:
         if self._store is None:
-            self._store = open_store(accounts_dir=self.accounts_dir)
+            self._store = open_store(self.store_url, accounts_dir=self.accounts_dir)
         return self._store
 
 
@@ -144,23 +145,26 @@ class _Group(click.Group):
 @click.option("--keys-dir", help=_help("keys_dir"))
 @click.option("--accounts-dir", help=_help("accounts_dir"))
 @click.option("--homes-dir", help=_help("homes_dir"))
+@click.option("--store", help=_help("store"))
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, accounts_dir: str | None,
-         homes_dir: str | None) -> None:
+         homes_dir: str | None, store: str | None) -> None:
     """sshfiles: a multi-user SFTP server with jails and quotas."""
     try:
         toml = load_toml(config_path) if config_path else {}
     except ConfigError as exc:
         fail(str(exc))
     ctx.obj = Context(toml, config_path or "config file",
-                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir})
+                      {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir,
+                       "store": store})
 
 
 # -- serve ------------------------------------------------------------------------
 
 
 # Settings added with the pre-auth defence get their flag straight from the model (type and help).
-_DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
+_DEFENCE_SETTINGS = ("node_lease", "proxy_protocol_from",
+                     "max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
                      "ban_threshold", "ban_window", "ban_time", "ban_max", "ban_exempt",
                      "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms")
 
@@ -204,9 +208,13 @@ def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
     if not obj.store.list_users():
         password = secrets.token_urlsafe(12)
         home = _create_home(obj, DEFAULT_USER, None)
-        obj.store.add_user(DEFAULT_USER, str(home), passwords.hash_password(password), None)
-        click.echo(f"created the first account: user {DEFAULT_USER}, password {password}")
-        click.echo("(manage accounts with `sshfiles user ...`; this password is shown only once)")
+        try:
+            obj.store.add_user(DEFAULT_USER, str(home), passwords.hash_password(password), None)
+        except AccountError:
+            pass  # another node sharing the store created it first: its log has the password
+        else:
+            click.echo(f"created the first account: user {DEFAULT_USER}, password {password}")
+            click.echo("(manage accounts with `sshfiles user ...`; this password is shown only once)")
 
     def announce(line: str) -> None:
         click.echo(line, err=True)
@@ -429,6 +437,53 @@ def quota_scan(obj: Context, name: str | None) -> None:
         before, after = rescan_user(obj.store, n)
         change = "unchanged" if before == after else f"was {format_size(before)}"
         click.echo(f"{n}: {format_size(after)} used ({change})")
+
+
+# -- store ------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def store() -> None:
+    """The accounts store: schema migrations, moving an installation to another backend."""
+
+
+@store.command("migrate")
+@click.pass_obj
+def store_migrate(obj: Context) -> None:
+    """Upgrade the store (--store / SSHFILES_STORE / TOML store) to this version's schema.
+
+    Servers refuse to start on a PostgreSQL store with an older schema; stop them, migrate, upgrade
+    and start them again.  (The SQLite store migrates itself when opened.)
+    """
+    handle = open_store(obj.store_url, accounts_dir=obj.accounts_dir, migrate=True)
+    try:
+        version = getattr(handle, "schema_version", "?")
+        click.echo(f"store schema is v{version} (current)")
+    finally:
+        handle.close()
+
+
+@store.command("copy")
+@click.argument("from_url")
+@click.argument("to_url")
+def store_copy(from_url: str, to_url: str) -> None:
+    """Copy every account, key, quota, usage counter and ban from FROM_URL to the empty TO_URL.
+
+    For moving from SQLite (sqlite:ACCOUNTS_DIR) to PostgreSQL (postgresql://...).  Stop every
+    server using FROM_URL first: live reservations are not usage and are refused.
+    """
+    from .stores.copy import copy_store
+
+    source = open_store(from_url)
+    try:
+        target = open_store(to_url, migrate=True)
+        try:
+            users, bans = copy_store(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    click.echo(f"copied {users} accounts and {bans} bans")
 
 
 # -- ban --------------------------------------------------------------------------

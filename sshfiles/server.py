@@ -114,12 +114,17 @@ def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
     return keys
 
 
+def open_config_store(config: ServeConfig) -> AccountStore:
+    """The store the configuration names (``--store``; default: SQLite in ``--accounts-dir``)."""
+    return open_store(config.store, accounts_dir=config.accounts_dir, lease=config.node_lease)
+
+
 class SshfilesService:
     """What all connections of one server process share: store, quotas, config, live connections."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.store = open_store(accounts_dir=config.accounts_dir)
+        self.store = open_config_store(config)
         self.owner = self.store.register_owner()
         self.quotas = QuotaManager(self.store, self.owner)
         self.connections: set[_ConnectionHandler] = set()  # every live connection, authenticated or not
@@ -174,7 +179,7 @@ class SshfilesService:
         """Runs in the watcher's thread: write this process's new bans, read everyone's."""
         with self._watch_lock:
             if self._watch_store is None:
-                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+                self._watch_store = open_config_store(self.config)
             for b in new:
                 self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
             return self._watch_store.bans()
@@ -215,11 +220,13 @@ class SshfilesService:
         """Runs in a thread: the event loop never waits on the store for the watcher."""
         with self._watch_lock:
             if self._watch_store is None:
-                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+                self._watch_store = open_config_store(self.config)
             return self._watch_store.auth_states(names)
 
     async def watch(self) -> None:
-        """Every WATCH_INTERVAL: end stale and idle connections, share bans (until cancelled)."""
+        """Every WATCH_INTERVAL: end stale and idle connections, share bans; every third of the node
+        lease: reclaim dead owners' reservations (until cancelled)."""
+        last_reclaim = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
@@ -230,6 +237,27 @@ class SshfilesService:
                 await self.sync_bans()
             except Exception:
                 log.exception("ban sync round failed")
+            if time.monotonic() - last_reclaim >= self.config.node_lease / 3:
+                last_reclaim = time.monotonic()
+                try:
+                    repaired = await asyncio.to_thread(self._reclaim_dead_owners)
+                except AccountError as exc:
+                    log.error("accounts store error reclaiming dead owners: %s", getattr(exc, "detail", exc))
+                except Exception:
+                    log.exception("dead owner reclaim round failed")
+                else:
+                    if repaired:
+                        log.info("reservations of a dead server reclaimed; usage rescanned: %s",
+                                 ", ".join(esc(n) for n in repaired))
+
+    def _reclaim_dead_owners(self) -> list[str]:
+        """Runs in the watcher's thread: another process or node that died (its flock gone, its lease
+        run out) leaves reservations that only a live one can give back (quota.reconcile_dead_owners;
+        each dead owner's users are handed to exactly one reclaimer, which rescans them)."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_config_store(self.config)
+            return reconcile_dead_owners(self._watch_store)
 
     async def check_connections(self) -> None:
         """End the connections whose account vanished, is disabled, changed credentials, or idled out."""
@@ -906,7 +934,7 @@ def _describe_status(status: int) -> str:
 
 def _reconcile(config: ServeConfig) -> list[str]:
     """Drop dead processes' reservations and rescan their users (quota.reconcile_dead_owners)."""
-    store = open_store(accounts_dir=config.accounts_dir)
+    store = open_config_store(config)
     try:
         return reconcile_dead_owners(store)
     finally:
@@ -1014,7 +1042,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print) -> 
     if os.geteuid() == 0:
         log.warning("running as root: better run sshfiles as a dedicated unprivileged service user "
                     "that owns only the keys, accounts and homes directories")
-    store = open_store(accounts_dir=config.accounts_dir)
+    store = open_config_store(config)
     repaired = reconcile_dead_owners(store)
     if repaired:
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")

@@ -127,6 +127,7 @@ class SQLiteAccountStore:
             raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
         if not row or row[0] != _SCHEMA_VERSION:
             raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
+        self.schema_version = int(_SCHEMA_VERSION)
 
     # -- bans (per-source defence) ----------------------------------------------------------
 
