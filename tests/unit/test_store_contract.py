@@ -374,3 +374,26 @@ def test_owners_and_drop_owner(store: AccountStore) -> None:
     assert store.owners() == ["live"]
     assert store.charged("alice") == 5 and store.charged("bob") == 0
     assert store.drop_owner("dead") == [] and store.drop_owner("never") == []
+
+
+def test_owner_liveness_is_seen_by_other_handles(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    owner = first.register_owner()
+    assert first.owner_alive(owner) and second.owner_alive(owner)
+    first.release_owner(owner)
+    assert not second.owner_alive(owner) and not second.owner_alive("never-registered")
+
+
+# --------------------------------------------------------------------------- bans (shared by every node)
+
+
+def test_bans_are_shared_and_a_later_ban_never_shortens(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    first.ban("192.0.2.1", 2000.0, "auth-failed", 1)
+    second.ban("192.0.2.1", 1500.0, "refused", 2)       # shorter: the end stays, strikes grow
+    first.ban("2001:db8::/64", 3000.5, "admin")
+    assert [(b.source, b.until, b.strikes) for b in second.bans()] == \
+        [("192.0.2.1", 2000.0, 2), ("2001:db8::/64", 3000.5, 1)]
+    assert second.is_banned("192.0.2.1", now=1999) and not second.is_banned("192.0.2.1", now=2001)
+    assert second.unban("192.0.2.1") and not first.unban("192.0.2.1")
+    assert [b.source for b in first.bans()] == ["2001:db8::/64"]
