@@ -42,6 +42,7 @@ from .defence import Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
 from .jail import openat2_available
 from .logsafe import LogSafeFormatter, esc
+from .proxy_protocol import ProxyListener
 from .quota import QuotaManager, reconcile_dead_owners
 from .session import UserSession
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
@@ -419,9 +420,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
     signature) for another user's key proves nothing and binds nothing.
     """
 
-    def __init__(self, service: SshfilesService) -> None:
+    def __init__(self, service: SshfilesService, source: tuple[str, int] | None = None) -> None:
         self.service = service
         self.conn: asyncssh.SSHServerConnection | None = None
+        self._proxied = source  # the client's address from a balancer's PROXY header (proxy_protocol.py)
         self.cid = secrets.token_hex(4)
         self.username = ""
         self.peer = "?"
@@ -452,7 +454,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         no key exchange and no store access (bans are cached, refreshed by the watcher).
         """
         self.conn = conn
-        peer = conn.get_extra_info("peername") or ("?", 0)
+        peer = self._proxied or conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.source = source_key(str(peer[0]))
         self.service.connections.add(self)
@@ -788,8 +790,40 @@ def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> di
     )
 
 
+class _ProxyAcceptor:
+    """The listener when balancers send PROXY headers (``--proxy-protocol-from``).
+
+    proxy_protocol.ProxyListener accepts and reads the header from the raw socket; each
+    connection then runs asyncssh's public ``run_server`` on the socket, with a handler
+    that sees the client's real address, so admission, bans and logs use it.
+    """
+
+    def __init__(self, options: asyncssh.SSHServerConnectionOptions, service: SshfilesService,
+                 sock: socket.socket) -> None:
+        self._options = options
+        self._service = service
+        self._listener = ProxyListener(sock, service.config.proxy_protocol_from, self._run, self._refused)
+
+    async def _run(self, sock: socket.socket, source: tuple[str, int]) -> None:
+        try:
+            await asyncssh.run_server(sock, options=self._options,
+                                      server_factory=lambda: _ConnectionHandler(self._service, source))
+        except Exception:  # handshake or authentication failed: _ConnectionHandler logged and scored it
+            sock.close()
+
+    def _refused(self, peer: tuple[str, int], reason: str) -> None:
+        self._service.refused(source_key(peer[0]), f"{peer[0]}:{peer[1]}", reason)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        await self._listener.wait_closed()
+
+
 async def start_server(config: ServeConfig, service: SshfilesService | None = None,
-                       sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor, SshfilesService]:
+                       sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor | _ProxyAcceptor,
+                                                                    SshfilesService]:
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
@@ -798,6 +832,9 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)
+    if config.proxy_protocol_from:
+        return _ProxyAcceptor(await asyncssh.SSHServerConnectionOptions.construct(**opts), service,
+                              sock if sock is not None else _listening_socket(config)), service
     if sock is not None:
         acceptor = await asyncssh.listen(sock=sock, server_factory=lambda: _ConnectionHandler(service), **opts)
     else:

@@ -277,3 +277,61 @@ def pg_schema() -> Iterator[str]:
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# -- HAProxy ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def haproxy(root: Path, backends: list[int], balance: str = "roundrobin") -> Iterator[int]:
+    """HAProxy in TCP mode on a free 127.0.0.1 port, sending PROXY v2 to each backend port; yields its port.
+
+    Skips (with the reason) only where haproxy is not installed."""
+    import socket
+    if not have("haproxy"):
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    port = free_port()
+    servers = "\n".join(f"    server n{i} {HOST}:{p} send-proxy-v2" for i, p in enumerate(backends))
+    cfg = root / f"haproxy-{port}.cfg"
+    cfg.write_text(f"""global
+    maxconn 512
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend sftp
+    bind {HOST}:{port}
+    default_backend nodes
+backend nodes
+    balance {balance}
+{servers}
+""")
+    log = open(root / f"haproxy-{port}.log", "ab")
+    proc = subprocess.Popen(["haproxy", "-f", str(cfg), "-db"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex((HOST, port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"haproxy did not start: {(root / f'haproxy-{port}.log').read_text()}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
