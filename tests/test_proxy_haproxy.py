@@ -58,7 +58,8 @@ def test_haproxy_send_proxy_v2_gives_the_real_source_to_logs_and_bans(proxied, t
             except (asyncssh.Error, OSError):
                 return True
             return False
-        wait_for(refused)
+        wait_for(refused)  # the first refusal may end a login in progress ("source banned")
+        assert refused()   # from now on the ban refuses at admission, before any cryptography
         wait_for(lambda: re.search(r"connection refused source=127\.0\.0\.5:\d+ reason=banned", proxied.log()))
         assert "hi" in asyncio.run(login(port, alice, "127.0.0.6"))  # the balancer itself is not banned
 
