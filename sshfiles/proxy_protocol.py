@@ -45,6 +45,10 @@ class ProxyError(ValueError):
     """Not a valid PROXY header; the message says why, in a form fit for the log."""
 
 
+class _ClosedEmpty(ProxyError):
+    """The balancer closed without sending a byte: a TCP health check (HAProxy's plain `check`)."""
+
+
 @dataclass(frozen=True)
 class ProxyHeader:
     """A parsed header: its length in bytes, and the client's address (None: LOCAL / UNKNOWN,
@@ -185,11 +189,17 @@ class ProxyListener:
             if self.is_balancer(peer[0]):
                 try:
                     source = await asyncio.wait_for(self._read_header(conn), HEADER_TIMEOUT)
+                except _ClosedEmpty:  # a connect-only health check: nothing to refuse or log
+                    conn.close()
+                    return
                 except (ProxyError, OSError) as exc:
                     self._refuse(conn, peer, f"bad PROXY header from balancer: {exc}")
                     return
                 except TimeoutError:
                     self._refuse(conn, peer, "no PROXY header from balancer in time")
+                    return
+                if source is None and await _closes_silently(conn):
+                    conn.close()  # a health check with a LOCAL header (HAProxy `check` on a send-proxy server)
                     return
                 peer = source or peer
             else:
@@ -226,7 +236,7 @@ class ProxyListener:
             await _readable(conn)
             data = conn.recv(MAX_HEADER, socket.MSG_PEEK)
             if not data:
-                raise ProxyError("connection closed before the header")
+                raise _ClosedEmpty("connection closed before the header")
             header = parse_proxy_header(data)
             if header is not None:
                 got = conn.recv(header.length)
@@ -246,6 +256,19 @@ class ProxyListener:
         with contextlib.suppress(asyncio.CancelledError):
             await self._accepting
 
+
+
+async def _closes_silently(conn: socket.socket) -> bool:
+    """Whether the peer closes (or resets) without a byte within FIRST_BYTES_WAIT; an SSH client
+    would have sent its version line by then (RFC 4253 4.2)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_readable(conn), FIRST_BYTES_WAIT)
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset
+        return True
 
 
 async def _readable(conn: socket.socket) -> None:

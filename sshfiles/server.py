@@ -138,8 +138,10 @@ class SshfilesService:
         start, rate, full = parse_startups(config.max_startups)
         self.admission = Admission(start, rate, full, config.per_source_max_startups, config.per_source_rate,
                                    config.per_source_burst)
+        # A balancer sending PROXY headers is never scored or banned: its clients are, by their own address
+        # (its own connections, health checks with a LOCAL header, count as the balancer).
         self.defender = Defender(config.ban_threshold, config.ban_window, config.ban_time, config.ban_max,
-                                 parse_cidrs(config.ban_exempt))
+                                 parse_cidrs(config.ban_exempt) + parse_cidrs(config.proxy_protocol_from))
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
         self._load_bans()  # before the first connection: a banned source is refused from the start

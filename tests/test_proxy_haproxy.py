@@ -62,6 +62,8 @@ def test_haproxy_send_proxy_v2_gives_the_real_source_to_logs_and_bans(proxied, t
         assert refused()   # from now on the ban refuses at admission, before any cryptography
         wait_for(lambda: re.search(r"connection refused source=127\.0\.0\.5:\d+ reason=banned", proxied.log()))
         assert "hi" in asyncio.run(login(port, alice, "127.0.0.6"))  # the balancer itself is not banned
+    # HAProxy's health checks (connect, close) ran all along: never refused, logged or scored.
+    assert "source=127.0.0.1:" not in proxied.log() and "banned source=127.0.0.1" not in proxied.log()
 
 
 def test_balancer_without_header_and_header_from_elsewhere_are_refused(proxied):
