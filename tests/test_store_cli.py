@@ -65,3 +65,19 @@ def test_store_url_with_a_password_is_never_echoed_on_errors(server):
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = server.cli("--store", "mysql://root:s3cret-pw@db/x", "user", "list", check=False)
     assert res.returncode == 2 and "s3cret-pw" not in res.stderr and "expected postgresql://" in res.stderr
+
+
+def test_serve_refuses_an_unknown_schema_with_one_line(server):
+    import psycopg
+    server.stop()
+    with pg_schema() as url:
+        server.store = url
+        try:
+            server.cli("user", "list")  # creates the schema
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE sshfiles_schema SET version = 99")
+            res = server.cli("serve", "--port", "0", check=False)
+            assert res.returncode == 1 and "schema v99, unknown to this version" in res.stderr, res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1 and ":sshfiles@" not in res.stderr
+        finally:
+            server.store = None
