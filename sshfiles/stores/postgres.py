@@ -448,8 +448,13 @@ class PostgresAccountStore:
                 continue
             try:
                 with self._tx() as cur:
-                    cur.execute("UPDATE owners SET expires = now() + make_interval(secs => %s) "
-                                "WHERE owner = ANY(%s)", (self.lease, owned))
+                    # An upsert, not an UPDATE: after an outage longer than the lease, another node may
+                    # have taken this process for dead and deleted its row (and reclaimed its
+                    # reservations, which quota.py notices); the process is alive again from now on.
+                    for owner in owned:
+                        cur.execute("INSERT INTO owners (owner, node, expires) VALUES "
+                                    "(%s, %s, now() + make_interval(secs => %s)) ON CONFLICT (owner) "
+                                    "DO UPDATE SET expires = EXCLUDED.expires", (owner, self.node, self.lease))
                     # Forget long-dead owners that left nothing to reclaim.
                     cur.execute("DELETE FROM owners o WHERE expires < now() - interval '1 day' AND NOT EXISTS "
                                 "(SELECT 1 FROM reservations r WHERE r.owner = o.owner)")

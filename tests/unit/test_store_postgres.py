@@ -147,3 +147,23 @@ def test_a_failed_call_is_one_generic_line_with_details_for_the_log(url: str) ->
         assert "reservations" in err.value.detail and "sshfiles:sshfiles" not in err.value.detail  # type: ignore[attr-defined]
     finally:
         store.close()
+
+
+def test_a_node_taken_for_dead_during_an_outage_is_alive_again_at_its_next_beat(url: str) -> None:
+    store = open_store(url, lease=1.0)
+    other = open_store(url, lease=1.0)
+    try:
+        store.add_user("alice", "/nonexistent", None, 100)
+        owner = store.register_owner()
+        assert store.reserve(owner, "alice", 60)
+        with psycopg.connect(url, autocommit=True) as conn:  # as if no beat reached the database for a lease
+            conn.execute("UPDATE owners SET expires = now() - interval '1 second'")
+        assert not other.owner_alive(owner)
+        assert other.drop_owner(owner) == ["alice"] and other.charged("alice") == 0
+        deadline = time.monotonic() + 10
+        while not other.owner_alive(owner) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert other.owner_alive(owner)
+    finally:
+        other.close()
+        store.close()
