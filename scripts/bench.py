@@ -294,6 +294,62 @@ class SshfilesServer(Server):
         pass
 
 
+class ClusterServer(SshfilesServer):
+    """N sshfiles nodes over one PostgreSQL schema and one homes directory, HAProxy (send-proxy-v2) in front.
+
+    The README's "Running several nodes" on one machine: every process (nodes, their workers, HAProxy)
+    runs below one reaper, so the CPU column covers the whole cluster. The nodes share this machine's
+    cores with each other and with the clients: the row shows the cost of the extra hop and the shared
+    store, not what separate machines would add. Needs PostgreSQL (--pg-url) and haproxy.
+    """
+
+    def __init__(self, workdir: Path, cmd: list[str], pubkey: Path, quota: str | None, nodes: int,
+                 pg_url: str, label: str) -> None:
+        super().__init__(workdir, cmd, pubkey, quota, None, label=label)
+        self.nodes = nodes
+        self.admin_url = pg_url
+        self.schema = "bench_" + secrets.token_hex(4)
+        sep = "&" if "?" in pg_url else "?"
+        self.store_url = f"{pg_url}{sep}options=-csearch_path%3D{self.schema}"
+        self.base += ["--store", self.store_url]
+
+    def setup(self) -> None:
+        import psycopg
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+        super().setup()
+
+    def start(self) -> None:
+        import shlex
+        self.port = free_port()
+        ports = [free_port() for _ in range(self.nodes)]
+        cfg = self.workdir / "haproxy.cfg"
+        servers = "\n".join(f"    server n{i} 127.0.0.1:{p} send-proxy-v2" for i, p in enumerate(ports))
+        cfg.write_text("global\n    maxconn 4096\ndefaults\n    mode tcp\n    timeout connect 5s\n"
+                       "    timeout client 1h\n    timeout server 1h\nfrontend sftp\n"
+                       f"    bind 127.0.0.1:{self.port}\n    default_backend nodes\nbackend nodes\n"
+                       f"    balance leastconn\n{servers}\n")
+        # Host keys first: nodes starting at once on one keys dir would race to generate them.
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from sshfiles.server import "
+                        "ensure_host_keys; ensure_host_keys(Path(sys.argv[1]))", str(self.workdir / "keys")],
+                       check=True, timeout=120, cwd=REPO, env={**os.environ, **self.env})
+        logs = [self.workdir / f"node{i}.log" for i in range(self.nodes)]
+        lines = ["trap 'kill $(jobs -p) 2>/dev/null; wait' TERM INT"]
+        for p, logf in zip(ports, logs, strict=True):
+            argv = [*self.base, "serve", "--host", "127.0.0.1", "--port", str(p),
+                    "--proxy-protocol-from", "127.0.0.1/32"]
+            lines.append(f"{shlex.join(argv)} > {shlex.quote(str(logf))} 2>&1 &")
+        lines.append("for f in " + " ".join(shlex.quote(str(f)) for f in logs)
+                     + "; do until grep -q 'listening on' \"$f\"; do sleep 0.1; done; done")
+        lines.append(f"haproxy -f {shlex.quote(str(cfg))} -db & echo 'cluster listening on'; wait")
+        self._spawn(["bash", "-c", "\n".join(lines)], "cluster listening on", timeout=60)
+
+    def cleanup(self) -> None:
+        import psycopg
+        with contextlib.suppress(Exception), psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+
+
 SSHD_CONFIG = """\
 Port {port}
 ListenAddress 127.0.0.1
@@ -945,9 +1001,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (python -m sshfiles, else the stand-in), 'standin', or a command line")
     p.add_argument("--workers", type=int, help="pass --workers N to sshfiles serve")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:BASE[:ITEM,...]",
-                   help="one more server measured in the same run: BASE is sshfiles or bare, ITEMs are "
-                        "KEY=VALUE environment or --workers=N, e.g. 'w2:sshfiles:--workers=2' or "
+                   help="one more server measured in the same run: BASE is sshfiles, bare or cluster (N nodes "
+                        "on PostgreSQL behind HAProxy, --nodes=N), ITEMs are KEY=VALUE environment, --workers=N "
+                        "or --nodes=N, e.g. 'w2:sshfiles:--workers=2', '2nodes:cluster:--nodes=2' or "
                         "'bare-coalesce:bare:SSHFILES_BENCH_STANDIN_COALESCE=1' (repeatable)")
+    p.add_argument("--pg-url", default=os.environ.get("SSHFILES_TEST_PG", "postgresql://sshfiles:sshfiles@127.0.0.1/sshfiles"),
+                   help="PostgreSQL for cluster variants (a fresh schema per run, dropped at the end)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the Python servers, e.g. PYTHONPATH=/opt/uvloop-site")
     p.add_argument("--bare-opts", metavar="JSON",
@@ -1033,19 +1092,27 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.variant:
             label, _, rest = spec.partition(":")
             base, _, items = rest.partition(":")
-            if base not in ("sshfiles", "bare") or not label:
-                raise SystemExit(f"--variant {spec!r}: want LABEL:sshfiles|bare[:ITEM,...]")
+            if base not in ("sshfiles", "bare", "cluster") or not label:
+                raise SystemExit(f"--variant {spec!r}: want LABEL:sshfiles|bare|cluster[:ITEM,...]")
             workers = None
+            nodes = 2
             env = {}
             for item in filter(None, items.split(",")):
                 if item.startswith("--workers="):
                     workers = int(item.split("=", 1)[1])
+                elif item.startswith("--nodes="):
+                    nodes = int(item.split("=", 1)[1])
                 else:
                     k, _, v = item.partition("=")
                     env[k] = v
-            cmd = resolve_sshfiles_cmd(args.sshfiles_cmd)[0] if base == "sshfiles" else [sys.executable, str(STANDIN)]
-            srv = SshfilesServer(workdir / label, cmd, key.with_suffix(".pub"),
-                                 args.quota if base == "sshfiles" else None, workers, label=label)
+            cmd = resolve_sshfiles_cmd(args.sshfiles_cmd)[0] if base != "bare" else [sys.executable, str(STANDIN)]
+            srv: Server
+            if base == "cluster":
+                srv = ClusterServer(workdir / label, cmd, key.with_suffix(".pub"), args.quota, nodes, args.pg_url,
+                                    label=label)
+            else:
+                srv = SshfilesServer(workdir / label, cmd, key.with_suffix(".pub"),
+                                     args.quota if base == "sshfiles" else None, workers, label=label)
             srv.env.update(env)
             servers.append(srv)
         for srv in servers:
@@ -1129,7 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 srv.stop()
         for srv in servers:
-            if isinstance(srv, OpenSSHServer):
+            if isinstance(srv, OpenSSHServer | ClusterServer):
                 with contextlib.suppress(Exception):
                     srv.cleanup()
         if args.keep:

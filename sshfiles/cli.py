@@ -57,6 +57,7 @@ class Context:
         self.keys_dir = base.keys_dir
         self.accounts_dir = base.accounts_dir
         self.homes_dir = base.homes_dir
+        self.store_url = base.store
 
     def override(self, flags: dict[str, Any]) -> None:
         """State flags given after the command name win over those given before it."""
@@ -92,7 +93,7 @@ class Context:
     def store(self) -> AccountStore:
         """The store, created if missing: for `serve` and `user add`, which start a server's state."""
         if self._store is None:
-            self._store = open_store(accounts_dir=self.accounts_dir)
+            self._store = open_store(self.store_url, accounts_dir=self.accounts_dir)
         return self._store
 
     @property
@@ -100,7 +101,7 @@ class Context:
         """The store, which must exist: every other command refuses (one line) rather than create an
         empty store in the wrong directory and show or change nothing."""
         if self._store is None:
-            self._store = open_store(accounts_dir=self.accounts_dir, create=False)
+            self._store = open_store(self.store_url, accounts_dir=self.accounts_dir, create=False)
         return self._store
 
 
@@ -178,7 +179,7 @@ def _read_keys(path: str) -> list[StoredKey]:
                       k.get_comment() or "") for k in keys]
 
 
-_STATE_FLAGS = ("keys_dir", "accounts_dir", "homes_dir")
+_STATE_FLAGS = ("keys_dir", "accounts_dir", "homes_dir", "store")
 
 
 def _state_params() -> list[click.Option]:
@@ -226,21 +227,23 @@ class _Group(click.Group):
 @_state_options
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, keys_dir: str | None, accounts_dir: str | None,
-         homes_dir: str | None) -> None:
+         homes_dir: str | None, store: str | None) -> None:
     """sshfiles: a multi-user SFTP server with jails and quotas."""
     path = Path(config_path) if config_path else find_config(os.environ)
     try:
         toml = load_toml(path) if path else {}
     except ConfigError as exc:
         fail(str(exc))
-    ctx.obj = Context(toml, path, {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir})
+    ctx.obj = Context(toml, path, {"keys_dir": keys_dir, "accounts_dir": accounts_dir, "homes_dir": homes_dir,
+                                   "store": store})
 
 
 # -- serve ------------------------------------------------------------------------
 
 
 # Settings added with the pre-auth defence get their flag straight from the model (type and help).
-_DEFENCE_SETTINGS = ("max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
+_DEFENCE_SETTINGS = ("node_lease", "proxy_protocol_from",
+                     "max_startups", "per_source_max_startups", "per_source_rate", "per_source_burst",
                      "ban_threshold", "ban_window", "ban_time", "ban_max", "ban_exempt",
                      "max_sessions_per_user", "max_channels_per_connection", "legacy_algorithms",
                      # the per-session resource limits (session.py, hashing.py, asyncssh_seam.py)
@@ -326,7 +329,10 @@ def _first_account(obj: Context) -> None:
         return
     password = secrets.token_urlsafe(12)
     home = _create_home(obj, DEFAULT_USER, None)
-    obj.store.add_user(DEFAULT_USER, str(home), passwords.hash_password(password), None)
+    try:
+        obj.store.add_user(DEFAULT_USER, str(home), passwords.hash_password(password), None)
+    except AccountError:
+        return  # another node sharing the store created it first: its output has the password
     click.echo(f"created the first account: user {DEFAULT_USER}, password {password}")
     click.echo("(manage accounts with `sshfiles user ...`; this password is shown only once: "
                f"`sshfiles user passwd {DEFAULT_USER}` sets a new one)")
@@ -631,6 +637,53 @@ def quota_scan(obj: Context, name: str | None) -> None:
         before, after = rescan_user(obj.existing_store, n)
         change = "unchanged" if before == after else f"was {format_size(before)}"
         click.echo(f"{n}: {format_size(after)} used ({change})")
+
+
+# -- store ------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def store() -> None:
+    """The accounts store: schema migrations, moving an installation to another backend."""
+
+
+@store.command("migrate")
+@click.pass_obj
+def store_migrate(obj: Context) -> None:
+    """Upgrade the store (--store / SSHFILES_STORE / TOML store) to this version's schema.
+
+    Servers refuse to start on a PostgreSQL store with an older schema; stop them, migrate, upgrade
+    and start them again.  (The SQLite store migrates itself when opened.)
+    """
+    handle = open_store(obj.store_url, accounts_dir=obj.accounts_dir, migrate=True)
+    try:
+        version = getattr(handle, "schema_version", "?")
+        click.echo(f"store schema is v{version} (current)")
+    finally:
+        handle.close()
+
+
+@store.command("copy")
+@click.argument("from_url")
+@click.argument("to_url")
+def store_copy(from_url: str, to_url: str) -> None:
+    """Copy every account, key, quota, usage counter and ban from FROM_URL to the empty TO_URL.
+
+    For moving from SQLite (sqlite:ACCOUNTS_DIR) to PostgreSQL (postgresql://...).  Stop every
+    server using FROM_URL first: live reservations are not usage and are refused.
+    """
+    from .stores.copy import copy_store
+
+    source = open_store(from_url)
+    try:
+        target = open_store(to_url, migrate=True)
+        try:
+            users, bans = copy_store(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    click.echo(f"copied {users} accounts and {bans} bans")
 
 
 # -- ban --------------------------------------------------------------------------

@@ -112,6 +112,17 @@ class ServeConfig:
                            metadata=_meta(Path, "Host keys directory (keys are generated there on first start)."))
     accounts_dir: Path = field(default=_ACCOUNTS_DIR, metadata=_meta(Path, "Accounts store directory."))
     homes_dir: Path = field(default=_HOMES_DIR, metadata=_meta(Path, "Where user homes are created."))
+    # Several nodes share one PostgreSQL store (README "Running several nodes"); "" keeps the
+    # embedded SQLite store in accounts_dir.
+    store: str = field(default="", metadata=_meta(
+        str, "Accounts store URL: postgresql://USER@HOST/DB (shared by several nodes) or sqlite:DIR "
+        "(empty: the SQLite store in accounts-dir)."))
+    node_lease: float = field(default=15.0, metadata=_meta(
+        float, "Seconds after which other nodes take a silent node for dead and reclaim its quota "
+        "reservations (PostgreSQL store).", positive=True))
+    proxy_protocol_from: str = field(default="", metadata=_meta(
+        str, "Load balancers (addresses or CIDR networks, comma-separated) whose connections must start "
+        "with a PROXY protocol v1/v2 header; from anywhere else a header is refused (empty: no PROXY)."))
     login_timeout: float = field(default=60.0, metadata=_meta(float, "Seconds a connection has to authenticate.",
                                                               positive=True))
     max_auth_tries: int = field(default=6, metadata=_meta(int, "Failed authentication attempts per connection.",
@@ -228,6 +239,12 @@ def _parse_exempt(text: str) -> object:
     return parse_cidrs(text)
 
 
+def _parse_store(text: str) -> object:
+    if text and not text.startswith(("sqlite:", "postgresql://", "postgres://")):
+        raise ValueError("expected postgresql://USER@HOST/DB or sqlite:DIR")
+    return text
+
+
 def _parse_upload_mode(text: str) -> object:
     from .atomic import parse_mode
     return parse_mode(text)
@@ -247,7 +264,7 @@ def _parse_log_format(text: str) -> str:
 _PARSED = {"max_startups": parse_startups, "ban_exempt": _parse_exempt,  # str settings with a syntax
            "upload_mode": _parse_upload_mode, "on_upload": _parse_hook, "on_download": _parse_hook,
            "on_delete": _parse_hook, "on_rename": _parse_hook, "log_format": _parse_log_format,
-           "metrics_listen": parse_listen}
+           "metrics_listen": parse_listen, "proxy_protocol_from": _parse_exempt, "store": _parse_store}
 
 
 def _settings() -> dict[str, Setting]:

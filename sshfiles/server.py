@@ -47,6 +47,7 @@ from .hooks import HookRunner
 from .jail import openat2_available
 from .logsafe import esc
 from .permissions import PermissionRules
+from .proxy_protocol import ProxyListener
 from .quota import QuotaManager, reconcile_dead_owners, rescan_user
 from .sdnotify import notify
 from .session import UserSession, set_handle_limits
@@ -124,16 +125,21 @@ def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
     return keys
 
 
+def open_config_store(config: ServeConfig) -> AccountStore:
+    """The store the configuration names (``--store``; default: SQLite in ``--accounts-dir``)."""
+    return open_store(config.store, accounts_dir=config.accounts_dir, lease=config.node_lease)
+
+
 class SshfilesService:
     """What all connections of one server process share: store, quotas, config, live connections."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.store = open_store(accounts_dir=config.accounts_dir)
+        self.store = open_config_store(config)
         self.owner = self.store.register_owner()
         # Every store call once serving goes through the store threads (stores/worker.py): the
         # event loop never waits for a store that another process holds locked.
-        self.store_worker = StoreWorker(lambda: open_store(accounts_dir=config.accounts_dir),
+        self.store_worker = StoreWorker(lambda: open_config_store(config),
                                         getattr(self.store, "busy_timeout", 30.0))
         self.quotas = QuotaManager(self.store_worker, self.owner)
         self.connections: set[_ConnectionHandler] = set()  # every live connection, authenticated or not
@@ -147,8 +153,10 @@ class SshfilesService:
         start, rate, full = parse_startups(config.max_startups)
         self.admission = Admission(start, rate, full, config.per_source_max_startups, config.per_source_rate,
                                    config.per_source_burst)
+        # A balancer sending PROXY headers is never scored or banned: its clients are, by their own address
+        # (its own connections, health checks with a LOCAL header, count as the balancer).
         self.defender = Defender(config.ban_threshold, config.ban_window, config.ban_time, config.ban_max,
-                                 parse_cidrs(config.ban_exempt))
+                                 parse_cidrs(config.ban_exempt) + parse_cidrs(config.proxy_protocol_from))
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
         self._synced_sessions: list[LiveSession] = []  # what the store last got (sync_sessions)
@@ -194,7 +202,7 @@ class SshfilesService:
         than STRIKE_MEMORY ago (every BAN_PRUNE_INTERVAL), read everyone's."""
         with self._watch_lock:
             if self._watch_store is None:
-                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+                self._watch_store = open_config_store(self.config)
             with metrics.store_timer("bans"):
                 for b in new:
                     self._watch_store.ban(b.source, b.until, b.reason, b.strikes)
@@ -291,7 +299,7 @@ class SshfilesService:
         """Runs in the watcher's thread, on its own store connection."""
         with self._watch_lock:
             if self._watch_store is None:
-                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+                self._watch_store = open_config_store(self.config)
             with metrics.store_timer("sessions"):
                 self._watch_store.set_sessions(self.owner, rows)
 
@@ -313,12 +321,14 @@ class SshfilesService:
         """Runs in a thread: the event loop never waits on the store for the watcher."""
         with self._watch_lock:
             if self._watch_store is None:
-                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+                self._watch_store = open_config_store(self.config)
             with metrics.store_timer("watch"):
                 return self._watch_store.auth_states(names)
 
     async def watch(self) -> None:
-        """Every WATCH_INTERVAL: end stale and idle connections, share bans (until cancelled)."""
+        """Every WATCH_INTERVAL: end stale and idle connections, share bans; every third of the node
+        lease: reclaim dead owners' reservations (until cancelled)."""
+        last_reclaim = time.monotonic()
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
@@ -338,13 +348,36 @@ class SshfilesService:
             except Exception:
                 log.exception("live session sync round failed")
 
+            if time.monotonic() - last_reclaim >= self.config.node_lease / 3:
+                last_reclaim = time.monotonic()
+                try:
+                    repaired = await asyncio.to_thread(self._reclaim_dead_owners)
+                except AccountError as exc:
+                    log.error("accounts store error reclaiming dead owners: %s", getattr(exc, "detail", exc))
+                except Exception:
+                    log.exception("dead owner reclaim round failed")
+                else:
+                    if repaired:
+                        log.info("reservations of a dead server reclaimed; usage rescanned: %s",
+                                 ", ".join(esc(n) for n in repaired))
+
+    def _reclaim_dead_owners(self) -> list[str]:
+        """Runs in the watcher's thread: another process or node that died (its flock gone, its lease
+        run out) leaves reservations that only a live one can give back (quota.reconcile_dead_owners;
+        each dead owner's users are handed to exactly one reclaimer, which rescans them)."""
+        with self._watch_lock:
+            if self._watch_store is None:
+                self._watch_store = open_config_store(self.config)
+            with metrics.store_timer("watch"):
+                return reconcile_dead_owners(self._watch_store)
+
     def _permission_updates(self, held: dict[str, set[int]]) -> dict[str, PermissionRules]:
         """Runs in the watcher's thread: fresh rules for each user whose store revision is not the one
         (every one) of its sessions holds. The revision is read before the rules, so a change racing
         with this read is seen again at the next round."""
         with self._watch_lock:
             if self._watch_store is None:
-                self._watch_store = open_store(accounts_dir=self.config.accounts_dir)
+                self._watch_store = open_config_store(self.config)
             store = self._watch_store
             updates: dict[str, PermissionRules] = {}
             for name, rev in store.permission_revs(sorted(held)).items():
@@ -548,9 +581,10 @@ class _ConnectionHandler(asyncssh.SSHServer):
     signature) for another user's key proves nothing and binds nothing.
     """
 
-    def __init__(self, service: SshfilesService) -> None:
+    def __init__(self, service: SshfilesService, source: tuple[str, int] | None = None) -> None:
         self.service = service
         self.conn: asyncssh.SSHServerConnection | None = None
+        self._proxied = source  # the client's address from a balancer's PROXY header (proxy_protocol.py)
         self.cid = secrets.token_hex(4)
         self.username = ""
         self.peer = "?"
@@ -584,7 +618,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         no key exchange and no store access (bans are cached, refreshed by the watcher).
         """
         self.conn = conn
-        peer = conn.get_extra_info("peername") or ("?", 0)
+        peer = self._proxied or conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.source = source_key(str(peer[0]))
         self.service.connections.add(self)
@@ -969,8 +1003,45 @@ def _apply_limits(config: ServeConfig) -> None:
     SshfilesSFTPHandler.reply_buffer_limit = config.reply_buffer_limit
 
 
+class _ProxyAcceptor:
+    """The listener when balancers send PROXY headers (``--proxy-protocol-from``).
+
+    proxy_protocol.ProxyListener accepts and reads the header from the raw socket; each
+    connection then runs asyncssh's public ``run_server`` on the socket, with a handler
+    that sees the client's real address, so admission, bans and logs use it.
+    """
+
+    def __init__(self, options: asyncssh.SSHServerConnectionOptions, service: SshfilesService,
+                 sock: socket.socket) -> None:
+        self._options = options
+        self._service = service
+        self._listener = ProxyListener(sock, service.config.proxy_protocol_from, self._run, self._refused)
+
+    async def _run(self, sock: socket.socket, source: tuple[str, int]) -> None:
+        try:
+            await asyncssh.run_server(sock, options=self._options,
+                                      server_factory=lambda: _ConnectionHandler(self._service, source))
+        except Exception:  # handshake or authentication failed: _ConnectionHandler logged and scored it
+            sock.close()
+
+    def _refused(self, peer: tuple[str, int], reason: str) -> None:
+        self._service.refused(source_key(peer[0]), f"{peer[0]}:{peer[1]}", reason)
+
+    def update(self, **kwargs: Any) -> None:
+        """New connection options (SIGHUP: host keys, algorithms) for connections accepted from now
+        on, as ``SSHAcceptor.update`` does; live ones keep theirs."""
+        self._options = asyncssh.SSHServerConnectionOptions(options=self._options, **kwargs)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        await self._listener.wait_closed()
+
+
 async def start_server(config: ServeConfig, service: SshfilesService | None = None,
-                       sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor, SshfilesService]:
+                       sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor | _ProxyAcceptor,
+                                                                    SshfilesService]:
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
@@ -980,6 +1051,9 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)
+    if config.proxy_protocol_from:
+        return _ProxyAcceptor(await asyncssh.SSHServerConnectionOptions.construct(**opts), service,
+                              sock if sock is not None else _listening_socket(config)), service
     if sock is not None:
         acceptor = await asyncssh.listen(sock=sock, server_factory=lambda: _ConnectionHandler(service), **opts)
     else:
@@ -1019,7 +1093,7 @@ class _Health:
     def __init__(self, config: ServeConfig, sock: socket.socket, alive: Callable[[], str | None]) -> None:
         self._sock = sock
         self._alive = alive
-        self._store = open_store(accounts_dir=config.accounts_dir, busy_timeout=HEALTH_STORE_TIMEOUT)
+        self._store = open_store(config.store, accounts_dir=config.accounts_dir, busy_timeout=HEALTH_STORE_TIMEOUT)
         self._lock = threading.Lock()
 
     def __call__(self) -> str | None:
@@ -1073,7 +1147,8 @@ def _read_reload(reload: Reloader) -> tuple[ServeConfig, list[asyncssh.SSHKey]]:
     return config, ensure_host_keys(config.keys_dir)
 
 
-async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor, reload: Reloader | None,
+async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor | _ProxyAcceptor,
+                  reload: Reloader | None,
                   host_keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKey]:
     """SIGHUP in a serving process: reload settings and host keys without touching live sessions.
 
@@ -1245,7 +1320,7 @@ def _describe_status(status: int) -> str:
 
 def _reconcile(config: ServeConfig) -> list[str]:
     """Drop dead processes' reservations and rescan their users (quota.reconcile_dead_owners)."""
-    store = open_store(accounts_dir=config.accounts_dir)
+    store = open_config_store(config)
     try:
         return reconcile_dead_owners(store)
     finally:
@@ -1385,7 +1460,7 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print, rel
     if os.geteuid() == 0:
         log.warning("running as root: better run sshfiles as a dedicated unprivileged service user "
                     "that owns only the keys, accounts and homes directories")
-    store = open_store(accounts_dir=config.accounts_dir)
+    store = open_config_store(config)
     repaired = reconcile_dead_owners(store)
     if repaired:
         announce(f"quota usage rescanned after an unclean stop: {', '.join(repaired)}")

@@ -43,6 +43,7 @@ class ServerHandle:
     homes_dir: Path
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
+    store: str | None = None  # a --store URL (PostgreSQL); None: the SQLite store in accounts_dir
     port: int = 0
     host: str = HOST
 
@@ -50,7 +51,8 @@ class ServerHandle:
 
     def base_cmd(self) -> list[str]:
         return [sys.executable, "-m", "sshfiles", "--keys-dir", str(self.keys_dir),
-                "--accounts-dir", str(self.accounts_dir), "--homes-dir", str(self.homes_dir)]
+                "--accounts-dir", str(self.accounts_dir), "--homes-dir", str(self.homes_dir),
+                *(["--store", self.store] if self.store else [])]
 
     def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run `sshfiles ARGS` against this server's state; returns the completed process."""
@@ -226,3 +228,111 @@ def outside(tmp_path: Path) -> Path:
 
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+# .ci/run starts a cluster and exports SSHFILES_TEST_PG (a role that may create schemas). Without the
+# variable the tests try the local default below; when neither answers, PostgreSQL tests are skipped
+# with the reason (also printed in the session header), and with the variable set they fail instead.
+PG_DEFAULT = "postgresql://sshfiles:sshfiles@127.0.0.1/sshfiles"
+_pg_state: dict[str, str | None] = {}
+
+
+def pg_url() -> tuple[str | None, str]:
+    """(admin URL, "") if PostgreSQL answers, else (None, why not); probed once per run."""
+    if "url" not in _pg_state:
+        url = os.environ.get("SSHFILES_TEST_PG") or PG_DEFAULT
+        try:
+            import psycopg
+            with psycopg.connect(url, connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+            _pg_state.update(url=url, why="")
+        except Exception as exc:  # ImportError, OperationalError: either way, no PostgreSQL here
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            _pg_state.update(url=None, why=f"PostgreSQL not reachable at {url.split('@')[-1]}: {why}")
+    return _pg_state["url"], _pg_state["why"] or ""
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    url, why = pg_url()
+    return f"postgresql: {url.split('@')[-1]} reachable" if url else f"postgresql: {why} (PostgreSQL tests skip)"
+
+
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """A store URL on a fresh, empty PostgreSQL schema, dropped afterwards (skips without PostgreSQL)."""
+    url, why = pg_url()
+    if url is None:
+        if os.environ.get("SSHFILES_TEST_PG"):
+            pytest.fail(f"SSHFILES_TEST_PG is set but {why}")
+        print(f"SKIP: {why}", file=sys.stderr)
+        pytest.skip(why)
+    import psycopg
+    schema = "t_" + secrets.token_hex(6)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    try:
+        yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# -- HAProxy ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def haproxy(root: Path, backends: list[int], balance: str = "roundrobin") -> Iterator[int]:
+    """HAProxy in TCP mode on a free 127.0.0.1 port, sending PROXY v2 to each backend port; yields its port.
+
+    Skips (with the reason) only where haproxy is not installed."""
+    import socket
+    if not have("haproxy"):
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    port = free_port()
+    # Connect-only health checks every 300 ms, as a real deployment has: they must cost the nodes nothing.
+    servers = "\n".join(f"    server n{i} {HOST}:{p} send-proxy-v2 check inter 300ms" for i, p in enumerate(backends))
+    cfg = root / f"haproxy-{port}.cfg"
+    cfg.write_text(f"""global
+    maxconn 512
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend sftp
+    bind {HOST}:{port}
+    default_backend nodes
+backend nodes
+    balance {balance}
+{servers}
+""")
+    log = open(root / f"haproxy-{port}.log", "ab")
+    proc = subprocess.Popen(["haproxy", "-f", str(cfg), "-db"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex((HOST, port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"haproxy did not start: {(root / f'haproxy-{port}.log').read_text()}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

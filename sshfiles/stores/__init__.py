@@ -2,8 +2,8 @@
 
 `open_store(url)` is the only way code gets a store.  The contract is
 `AccountStore` in base.py; backends: SQLite (sqlite.py, the embedded default,
-one machine).  A PostgreSQL backend for several nodes is one more module here
-plus its run of the contract tests.
+one machine) and PostgreSQL (postgres.py, one database shared by several nodes).
+Both run the same contract tests.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ __all__ = [
 
 
 def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] = "accounts",
-               busy_timeout: float | None = None, create: bool = True) -> AccountStore:
+               busy_timeout: float | None = None, create: bool = True, lease: float | None = None,
+               migrate: bool = False) -> AccountStore:
     """Open the store named by `url`; without one, the SQLite store in `accounts_dir`.
 
     ``create=False`` is for commands that only read or change what exists (``user list``, ``ban
@@ -49,7 +50,11 @@ def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] =
     of a new empty store that would hide the real one in another directory.
 
     ``sqlite:PATH`` or ``sqlite:///ABSOLUTE/PATH`` names the directory that
-    holds ``accounts.db``.  Any other scheme is refused with a one-line error.
+    holds ``accounts.db``; ``postgresql://...`` (or ``postgres://``) a PostgreSQL
+    database (psycopg's URL syntax).  `lease` is the PostgreSQL owners' lease in
+    seconds (SQLite's owners live as long as their flock); `migrate` lets a
+    PostgreSQL store be upgraded to this version's schema (SQLite's migrate on open).
+    Any other scheme is refused with a one-line error.
     """
     from .sqlite import SQLiteAccountStore
 
@@ -61,4 +66,8 @@ def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] =
         if not path:
             raise AccountError(f"store URL {url!r} names no directory")
         return SQLiteAccountStore(Path(path), busy_timeout=busy_timeout, create=create)
-    raise AccountError(f"unsupported store URL {url!r}: this version has the SQLite store only (sqlite:DIR)")
+    if parts.scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresAccountStore
+        return PostgresAccountStore(url, lease=lease, migrate=migrate)
+    shown = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
+    raise AccountError(f"unsupported store URL scheme {shown!r}: use sqlite:DIR or postgresql://USER@HOST/DB")

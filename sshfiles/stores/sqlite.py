@@ -159,6 +159,7 @@ class SQLiteAccountStore:
             raise StoreCorrupt(f"accounts store {self.path} is unreadable or corrupt: {exc}") from None
         if not row or row[0] != _SCHEMA_VERSION:
             raise StoreCorrupt(f"accounts store {self.path} has an unknown schema")
+        self.schema_version = int(_SCHEMA_VERSION)
         st = os.stat(self.path)
         self._ident = (st.st_dev, st.st_ino)  # what `check` compares: the file we opened is still there
 

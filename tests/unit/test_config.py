@@ -12,7 +12,8 @@ from sshfiles.config import SETTINGS, ConfigError, ServeConfig, load_toml, resol
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "port": 2222, "keys_dir": Path("keys"), "accounts_dir": Path("accounts"),
-    "homes_dir": Path("homes"), "login_timeout": 60.0, "max_auth_tries": 6, "workers": 1,
+    "homes_dir": Path("homes"), "store": "", "node_lease": 15.0, "proxy_protocol_from": "",
+    "login_timeout": 60.0, "max_auth_tries": 6, "workers": 1,
     "idle_timeout": 900.0, "grace": 30.0,
     "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
     "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
@@ -104,6 +105,23 @@ def test_log_format_and_metrics_listen_syntax_is_checked() -> None:
         resolve({}, {"SSHFILES_METRICS_LISTEN": "9122"}, {})
     with pytest.raises(ConfigError, match="key metrics_listen"):
         resolve({}, {}, {"metrics_listen": "localhost:http"})
+
+# Several nodes: the store URL, the owners' lease, the PROXY protocol balancers.
+FLAG.update(store="postgresql://f@db/x", node_lease=1.5, proxy_protocol_from="10.9.0.1")
+ENV.update(store="postgresql://e@db/x", node_lease="2.5", proxy_protocol_from="10.9.0.2")
+ENV_PARSED.update(store="postgresql://e@db/x", node_lease=2.5, proxy_protocol_from="10.9.0.2")
+TOML.update(store="sqlite:/t/acc", node_lease=3, proxy_protocol_from="10.9.0.0/24")
+TOML_PARSED.update(store="sqlite:/t/acc", node_lease=3.0, proxy_protocol_from="10.9.0.0/24")
+
+
+def test_store_url_and_balancers_are_checked_without_echoing_the_url() -> None:
+    with pytest.raises(ConfigError, match="SSHFILES_STORE: expected postgresql") as err:
+        resolve({}, {"SSHFILES_STORE": "mysql://root:hunter2@db/x"}, {})
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError, match="--proxy-protocol-from"):
+        resolve({"proxy_protocol_from": "10.0.0.0/33"}, {}, {})
+    with pytest.raises(ConfigError, match="key node_lease"):
+        resolve({}, {}, {"node_lease": 0})
 
 
 def test_syntax_of_startups_and_exempt_is_checked_naming_the_source() -> None:

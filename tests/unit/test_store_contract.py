@@ -2,9 +2,10 @@
 
 Every test takes ``store`` (one open handle) or ``open_store`` (a factory for more handles on the same
 backend, standing in for the several server processes that share one store). Both come from the
-parametrised ``open_store`` fixture, today SQLite only. To add a backend (PostgreSQL), add a param
-and a branch that yields a factory for handles on a fresh, empty database, skipping when the server
-is not available; no test below may know which backend it runs on.
+parametrised ``open_store`` fixture: SQLite, and PostgreSQL on a fresh schema per test (skipped, with
+the reason, only where no PostgreSQL answers; see tests/conftest.py). To add a backend, add a param
+and a branch that yields a factory for handles on a fresh, empty database; no test below may know
+which backend it runs on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import pg_schema
 
 from sshfiles.stores import (
     LEDGER_MAX,
@@ -40,7 +42,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
     """A factory of handles on one fresh, empty store; every handle is closed after the test."""
     handles: list[AccountStore] = []
@@ -51,9 +53,21 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenS
             handle = open_store_url(f"sqlite:{tmp_path / 'accounts'}", busy_timeout=30)
             handles.append(handle)
             return handle
+        yield factory
+    elif request.param == "postgresql":
+        with pg_schema() as url:
+            def factory() -> AccountStore:
+                handle = open_store_url(url)
+                handles.append(handle)
+                return handle
+            try:
+                yield factory
+            finally:
+                for handle in handles:
+                    handle.close()
+                handles.clear()
     else:  # pragma: no cover - a new backend must add its branch
         raise AssertionError(f"no factory for {request.param}")
-    yield factory
     for handle in handles:
         handle.close()
 
@@ -471,3 +485,26 @@ def test_kick_bumps_auth_rev_and_refuses_unknown_users(store: AccountStore) -> N
     assert store.auth_states(["alice"])["alice"] == (before[0], before[1] + 1)
     with pytest.raises(AccountError):
         store.kick_user("nobody")
+
+
+def test_owner_liveness_is_seen_by_other_handles(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    owner = first.register_owner()
+    assert first.owner_alive(owner) and second.owner_alive(owner)
+    first.release_owner(owner)
+    assert not second.owner_alive(owner) and not second.owner_alive("never-registered")
+
+
+# --------------------------------------------------------------------------- bans (shared by every node)
+
+
+def test_bans_are_shared_and_a_later_ban_never_shortens(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    first.ban("192.0.2.1", 2000.0, "auth-failed", 1)
+    second.ban("192.0.2.1", 1500.0, "refused", 2)       # shorter: the end stays, strikes grow
+    first.ban("2001:db8::/64", 3000.5, "admin")
+    assert [(b.source, b.until, b.strikes) for b in second.bans()] == \
+        [("192.0.2.1", 2000.0, 2), ("2001:db8::/64", 3000.5, 1)]
+    assert second.is_banned("192.0.2.1", now=1999) and not second.is_banned("192.0.2.1", now=2001)
+    assert second.unban("192.0.2.1") and not first.unban("192.0.2.1")
+    assert [b.source for b in first.bans()] == ["2001:db8::/64"]

@@ -1,0 +1,169 @@
+"""What only the PostgreSQL store has: node leases, the schema version table, errors that hide the DSN.
+
+The shared contract (users, ledger, bans) runs against it in test_store_contract.py; here are the
+parts where several nodes meet: a process that dies without a word (SIGKILL) must lose its
+reservations after its lease, to exactly one reclaimer, and a database the server does not know
+must stop it with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import pg_schema
+
+from sshfiles.quota import reconcile_dead_owners
+from sshfiles.stores import AccountError, StoreCorrupt, open_store
+from sshfiles.stores.postgres import SCHEMA_VERSION
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with pg_schema() as u:
+        yield u
+
+
+# A serving process in miniature: registers an owner with a 1 s lease, reserves, says so, waits to die.
+_NODE = """
+import sys, time
+from sshfiles.stores import open_store
+store = open_store(sys.argv[1], lease=1.0)
+owner = store.register_owner()
+assert store.reserve(owner, "alice", 400)
+print(owner, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_nodes_reservations_go_back_after_its_lease_to_one_reclaimer(url: str, tmp_path: Path) -> None:
+    store = open_store(url, lease=1.0)
+    try:
+        home = tmp_path / "alice"
+        home.mkdir()
+        (home / "kept").write_bytes(b"x" * 123)  # what the dead node had written: the rescan finds it
+        store.add_user("alice", str(home), None, 1000)
+        node = subprocess.Popen([sys.executable, "-c", _NODE, url], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert node.stdout is not None
+        owner = node.stdout.readline().strip()
+        assert owner and store.owner_alive(owner) and store.charged("alice") == 400
+        time.sleep(1.5)
+        assert store.owner_alive(owner)  # its heartbeat keeps it alive past one lease
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
+        deadline = time.monotonic() + 10
+        while store.owner_alive(owner) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not store.owner_alive(owner)
+        # Two nodes notice at once: the user is rescanned by exactly one of them.
+        others = [open_store(url, lease=1.0) for _ in range(2)]
+        results: list[list[str]] = []
+        barrier = threading.Barrier(2)
+
+        def reclaim(s: object) -> None:
+            barrier.wait()
+            results.append(reconcile_dead_owners(s))  # type: ignore[arg-type]
+
+        threads = [threading.Thread(target=reclaim, args=(s,)) for s in others]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for s in others:
+            s.close()
+        assert sorted(results) == [[], ["alice"]]
+        assert store.owners() == [] and store.charged("alice") == 123
+        assert store.reserve("w", "alice", 877) and not store.reserve("w", "alice", 1)
+    finally:
+        store.close()
+
+
+def test_a_live_owner_is_never_reclaimed(url: str) -> None:
+    store = open_store(url, lease=2.0)
+    try:
+        store.add_user("alice", "/nonexistent", None, 100)
+        owner = store.register_owner()
+        assert store.reserve(owner, "alice", 60)
+        time.sleep(3)  # one and a half leases: the heartbeat (every lease/3) renewed it meanwhile
+        other = open_store(url, lease=2.0)
+        try:
+            assert other.owner_alive(owner) and reconcile_dead_owners(other) == []
+        finally:
+            other.close()
+        assert store.charged("alice") == 60
+    finally:
+        store.close()
+
+
+def _set_version(url: str, version: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE sshfiles_schema SET version = %s", (version,))
+
+
+def test_an_unknown_or_older_schema_is_refused_with_one_line(url: str) -> None:
+    open_store(url).close()
+    _set_version(url, SCHEMA_VERSION + 1)
+    with pytest.raises(StoreCorrupt) as err:
+        open_store(url)
+    assert "unknown to this version" in str(err.value) and "\n" not in str(err.value)
+    assert ":sshfiles@" not in str(err.value)  # the URL is shown without its password
+    _set_version(url, 0)  # an older version (steps from 0 re-create the tables: only the check matters)
+    with pytest.raises(StoreCorrupt, match="run `sshfiles store migrate`"):
+        open_store(url)
+
+
+def test_a_database_with_foreign_tables_is_not_adopted(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE somebody_elses (x int)")
+    with pytest.raises(StoreCorrupt, match="no sshfiles schema version"):
+        open_store(url)
+
+
+def test_an_unreachable_database_fails_in_bounded_time_without_the_password() -> None:
+    with pytest.raises(AccountError) as err:  # bounded by the connect timeout (and pytest's --timeout)
+        open_store("postgresql://sshfiles:s3cret-pw@127.0.0.1:1/sshfiles")
+    text = str(err.value)
+    assert "s3cret-pw" not in text and "127.0.0.1:1/sshfiles" in text and "\n" not in text
+
+
+def test_a_failed_call_is_one_generic_line_with_details_for_the_log(url: str) -> None:
+    store = open_store(url)
+    try:
+        store.add_user("alice", "/h", None, 10)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE reservations")  # the database breaks under the server
+        with pytest.raises(StoreCorrupt) as err:
+            store.reserve("w", "alice", 1)
+        assert str(err.value) == "the accounts store failed; try again later or ask the administrator"
+        assert "reservations" in err.value.detail and "sshfiles:sshfiles" not in err.value.detail  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+def test_a_node_taken_for_dead_during_an_outage_is_alive_again_at_its_next_beat(url: str) -> None:
+    store = open_store(url, lease=1.0)
+    other = open_store(url, lease=1.0)
+    try:
+        store.add_user("alice", "/nonexistent", None, 100)
+        owner = store.register_owner()
+        assert store.reserve(owner, "alice", 60)
+        with psycopg.connect(url, autocommit=True) as conn:  # as if no beat reached the database for a lease
+            conn.execute("UPDATE owners SET expires = now() - interval '1 second'")
+        assert not other.owner_alive(owner)
+        assert other.drop_owner(owner) == ["alice"] and other.charged("alice") == 0
+        deadline = time.monotonic() + 10
+        while not other.owner_alive(owner) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert other.owner_alive(owner)
+    finally:
+        other.close()
+        store.close()
