@@ -50,9 +50,12 @@ Each item says which upstream behaviour it changes and whether the change belong
       ChaCha20 and Poly1305 work is about 20 us. ``FastChachaCipher`` derives the Poly1305 key and
       encrypts the data from one ChaCha20 context (block 0 is the Poly1305 key, the data starts at
       block 1, exactly as the OpenSSH construction specifies) and feeds Poly1305 in pieces, so it does
-      two cipher setups per packet instead of three. Same wire format: tests/test_speedups.py checks
-      it byte for byte against asyncssh's implementation and the stock OpenSSH client. Belongs
-      upstream: yes.
+      two cipher setups per packet instead of three, each through ``cryptography``'s
+      ``create_encryption_ctx`` directly (about 1.8 us instead of 4.1 us for ``Cipher(...)
+      .encryptor()``; a private ``cryptography`` name, checked against the public path at import
+      and replaced by it on any difference). Same wire format: tests/test_speedups.py checks it
+      byte for byte against asyncssh's implementation and the stock OpenSSH client. Belongs
+      upstream: yes (docs/upstream/0003).
 
    e. Received data cut into packet-sized pieces. ``SSHConnection.data_received`` appends each
       socket read (up to 256 KiB) to a bytes buffer from which the parser takes packets with
@@ -62,6 +65,22 @@ Each item says which upstream behaviour it changes and whether the change belong
       block, then the rest of the packet and MAC), so nothing is copied twice. Same parser, same
       checks; other parser states get asyncssh's own buffering. Belongs upstream: yes (an offset
       into the buffer instead of slicing, or a bytearray with ``del buf[:n]``).
+
+   f. Data packets sent without joining. ``SSHConnection.send_packet`` joins a packet four times
+      before the socket (type + arguments, padding, header + ciphertext, + MAC) and
+      ``SSHChannel.send_packet`` once more. On an established chacha20 connection the pieces are
+      now encrypted and MACed one after the other (same bytes: a stream cipher and an incremental
+      MAC) and handed to item 3b's buffer unjoined; key exchange, authentication, a due rekey,
+      compression, packet logging at debug level 3 and other ciphers take asyncssh's path (with
+      3a's change). Needs 3a and 3d. Belongs upstream: yes, as an ``encrypt_packet`` over pieces.
+   g. Replies batched while the peer streams. During an upload each 32 KiB WRITE from OpenSSH's
+      client arrives in its own socket read and its STATUS reply went out in its own send() at the
+      end of that loop turn: one system call (and one wake-up of the client) per request. When the
+      last socket read was bulk data (16 KiB or more), item 3b's flush now waits 1 ms instead of
+      one loop turn, so the replies to the requests arriving meanwhile leave in one write (strace
+      of a 128 MiB stock-sftp upload: 866 instead of 1648 sendto for 1597 pwrite). Interactive
+      traffic (small reads) is flushed at the end of the turn as before. Needs 3b and 3e.
+      Belongs upstream: no (a latency/throughput trade-off for this server's traffic).
 
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
    server calls it, never the client library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
@@ -424,6 +443,13 @@ def _channel_send_packet_unjoined(self: SSHChannel[Any], pkttype: int, *args: by
 # --------------------------------------------------------------------------- 3b: coalesced writes
 
 
+#: Item 3g: a socket read at least this big means the peer is streaming data to us (an upload).
+_BULK_READ = 16 * 1024
+#: Item 3g: how long replies wait while the peer streams, so several go out in one write.
+_BULK_FLUSH_DELAY = 0.001
+_delay_flush_during_bulk_input = False
+
+
 def _send_coalesced(self: SSHConnection, data: bytes) -> None:
     """``SSHConnection._send``, buffered until the end of this event-loop turn (item 3b)."""
     _send_pieces(self, (data,))
@@ -436,7 +462,10 @@ def _send_pieces(conn: Any, pieces: list[bytes] | tuple[bytes, ...]) -> None:
     pending: list[bytes] | None = getattr(conn, "_sshfiles_pending", None)
     if pending is None:
         pending = conn._sshfiles_pending = []
-        conn._loop.call_soon(_flush, conn, transport)
+        if _delay_flush_during_bulk_input and getattr(conn, "_sshfiles_bulk_in", False):
+            conn._loop.call_later(_BULK_FLUSH_DELAY, _flush, conn, transport)  # item 3g
+        else:
+            conn._loop.call_soon(_flush, conn, transport)
     pending.extend(pieces)
 
 
@@ -480,6 +509,7 @@ def _data_received_per_packet(self: SSHConnection, data: bytes, datatype: Any = 
     """
     conn: Any = self  # private attributes of SSHConnection
     pos, end = 0, len(data)
+    conn._sshfiles_bulk_in = end >= _BULK_READ  # item 3g
     while pos < end:
         handler = getattr(conn._recv_handler, "__func__", None)
         have = len(conn._inpbuf)
@@ -500,7 +530,7 @@ def _data_received_per_packet(self: SSHConnection, data: bytes, datatype: Any = 
 
 
 #: the items ``install_speedups`` applies; ``SSHFILES_NO_SPEEDUPS`` names ones to leave out
-SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f")
+SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g")
 
 
 def speedups_disabled(env_value: str | None) -> frozenset[str]:
@@ -525,7 +555,8 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
         SSHPacketLogger._log_packet = _log_packet_if_enabled  # type: ignore[method-assign]
     if "3e" not in disabled:
         SSHConnection.data_received = _data_received_per_packet  # type: ignore[method-assign]
-    global _previous_send_packet
+    global _previous_send_packet, _delay_flush_during_bulk_input
+    _delay_flush_during_bulk_input = not {"3b", "3e", "3g"} & disabled
     if "3f" not in disabled and "3a" not in disabled and "3d" not in disabled:
         if SSHConnection.send_packet is not _send_packet_unjoined:
             _previous_send_packet = SSHConnection.send_packet

@@ -129,11 +129,12 @@ def test_speedup_switch_names_items_or_all():
     assert speedups_disabled("3e,bogus") == frozenset(SPEEDUP_ITEMS)  # unknown: everything off
 
 
-@pytest.mark.parametrize("switch", ["", "3e", "3f", "1"], ids=["all-on", "no-3e", "no-3f", "pure-asyncssh"])
+@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "1"],
+                         ids=["all-on", "no-3e", "no-3f", "no-3g", "pure-asyncssh"])
 def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path, host_keys_dir, monkeypatch):
     """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305) and asyncssh's client (256 KiB packets) up
     and down, with all speed-ups, without the packet-sized input (3e) or the unjoined send path (3f),
-    and with none (the pure asyncssh path stays covered); odd sizes so packets end mid-read."""
+    without the batched replies (3g), and with none (the pure asyncssh path stays covered); odd sizes so packets end mid-read."""
     import asyncio
     import hashlib
     import shutil
