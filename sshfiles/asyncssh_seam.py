@@ -79,7 +79,9 @@ Each item says which upstream behaviour it changes and whether the change belong
       last socket read was bulk data (16 KiB or more), item 3b's flush now waits 1 ms instead of
       one loop turn, so the replies to the requests arriving meanwhile leave in one write (strace
       of a 128 MiB stock-sftp upload: 866 instead of 1648 sendto for 1597 pwrite). Interactive
-      traffic (small reads) is flushed at the end of the turn as before. Needs 3b and 3e.
+      traffic (small reads) is flushed at the end of the turn as before, and more than 256 KiB of
+      held-back packets are written at once (item 4a's back-pressure sees only the transport's
+      buffer, so what waits is bounded by size, not only by time). Needs 3b and 3e.
       Belongs upstream: no (a latency/throughput trade-off for this server's traffic).
 
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
@@ -447,6 +449,9 @@ def _channel_send_packet_unjoined(self: SSHChannel[Any], pkttype: int, *args: by
 _BULK_READ = 16 * 1024
 #: Item 3g: how long replies wait while the peer streams, so several go out in one write.
 _BULK_FLUSH_DELAY = 0.001
+#: Item 3g: at most this many bytes wait for the delayed flush; more are written at once, so
+#: item 4a's back-pressure (which sees only the transport's buffer) stays exact within this bound.
+_BULK_FLUSH_MAX = 256 * 1024
 _delay_flush_during_bulk_input = False
 
 
@@ -463,14 +468,22 @@ def _send_pieces(conn: Any, pieces: list[bytes] | tuple[bytes, ...]) -> None:
     if pending is None:
         pending = conn._sshfiles_pending = []
         if _delay_flush_during_bulk_input and getattr(conn, "_sshfiles_bulk_in", False):
-            conn._loop.call_later(_BULK_FLUSH_DELAY, _flush, conn, transport)  # item 3g
+            conn._sshfiles_delayed = 0  # item 3g: bytes held back, bounded below
+            conn._loop.call_later(_BULK_FLUSH_DELAY, _flush, conn, transport)
         else:
+            conn._sshfiles_delayed = None
             conn._loop.call_soon(_flush, conn, transport)
     pending.extend(pieces)
+    if conn._sshfiles_delayed is not None:
+        conn._sshfiles_delayed += sum(map(len, pieces))
+        if conn._sshfiles_delayed > _BULK_FLUSH_MAX:  # a reply stream, not a trickle: send it now
+            _flush(conn, transport)
 
 
 def _flush(conn: Any, transport: asyncio.WriteTransport) -> None:
-    pending: list[bytes] = conn._sshfiles_pending
+    pending: list[bytes] | None = conn._sshfiles_pending
+    if pending is None:  # already flushed early (item 3g's bound)
+        return
     conn._sshfiles_pending = None
     try:
         transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
