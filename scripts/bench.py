@@ -174,11 +174,12 @@ def make_random_file(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-async def run_cmd(argv: list[str], *, timeout: float, stdin: bytes | None = None) -> tuple[int, str]:
+async def run_cmd(argv: list[str], *, timeout: float, stdin: bytes | None = None,
+                  cwd: Path | None = None) -> tuple[int, str]:
     """Run a client command with a hard timeout; kills it on timeout or cancellation."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
     except BaseException:
@@ -286,6 +287,12 @@ class SshfilesServer(Server):
     def start(self) -> None:
         self.port = free_port()
         argv = [*self.base, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        if str(STANDIN) not in self.cmd:
+            # The bench's clients all come from 127.0.0.1 (32 concurrent sftp logins, 500 idle
+            # sessions): the per-source defence would refuse and ban them, so it is set like the
+            # OpenSSH side's "MaxStartups 4000" (a benchmark of transfers, not of the defence).
+            argv += ["--max-startups", "4000", "--per-source-max-startups", "0", "--per-source-rate", "0",
+                     "--ban-exempt", "127.0.0.0/8"]
         if self.workers:
             argv += ["--workers", str(self.workers)]
         self._spawn(argv, "listening on")
@@ -616,6 +623,27 @@ class Bench:
         self._check(srv, direction, remote_up, local_dl)
         return dt, cpu
 
+    async def _cli_transfer(self, srv: Server, direction: str, tag: str) -> tuple[float, float]:
+        """``sshfiles-cli put/get`` (a fresh process: connect + login are inside the clock, as a user
+        sees it); ``--no-verify``, since the sftp rows verify nothing either (the bench's sha256
+        check below still runs)."""
+        local_dl = self.workdir / f"dl-{tag}.bin"
+        remote_up = f"up-{tag}.bin"
+        argv = [sys.executable, "-c", "from sshfiles.client.cli import main; main()",
+                "--host", "127.0.0.1", "-P", str(srv.port), "-u", srv.user, "-i", str(self.key),
+                "--known-hosts", str(self.workdir / f"known_hosts-{srv.name}"), "-q"]
+        argv += (["put", "--no-verify", "--no-resume", str(self.src), remote_up] if direction == "upload"
+                 else ["get", "--no-verify", "--no-resume", "down.bin", str(local_dl)])
+        cpu0 = srv.cpu()
+        t0 = time.perf_counter()
+        rc, out = await run_cmd(argv, timeout=self.args.timeout, cwd=REPO)  # this checkout's sshfiles
+        dt = time.perf_counter() - t0
+        cpu = srv.cpu() - cpu0
+        if rc != 0:
+            raise RuntimeError(f"sshfiles-cli {direction} to {srv.name} failed ({rc}): {out[-2000:]}")
+        self._check(srv, direction, remote_up, local_dl)
+        return dt, cpu
+
     def _check(self, srv: Server, direction: str, remote_up: str, local_dl: Path) -> None:
         path = srv.home / remote_up if direction == "upload" else local_dl
         try:
@@ -635,6 +663,8 @@ class Bench:
             self.place_download_file(srv, "down.bin")
         mb = self.size / MB
         clients = ("sftp", "asyncssh") if shutil.which("sftp") else ("asyncssh",)
+        if any(srv.name != "openssh" for srv in self.servers):
+            clients += ("sshfiles-cli",)
         for client in clients:
             for direction in ("upload", "download"):
                 if direction not in self.args.only and "single" not in self.args.only:
@@ -644,13 +674,26 @@ class Bench:
                 cpus: dict[str, list[float]] = {}
                 for rep in range(self.args.reps):
                     for srv in self.order(rep):
-                        fn = self._stock_transfer if client == "sftp" else self._asyncssh_transfer
+                        if client == "sshfiles-cli" and srv.name == "openssh":
+                            continue  # it speaks sshfiles' check-file; OpenSSH is compared via its sftp
+                        fn = {"sftp": self._stock_transfer, "asyncssh": self._asyncssh_transfer,
+                              "sshfiles-cli": self._cli_transfer}[client]
                         dt, cpu = await fn(srv, direction, f"{srv.name}-{rep}")
                         speeds.setdefault(srv.name, []).append(mb / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (self.size / GiB))
-                self.add_row("single stream", f"{direction}, {client} client", "MB/s ↑", True,
-                             speeds, cpus)
-                if self.args.profile:
+                extra = None
+                if client == "sshfiles-cli":  # the target compares it with OpenSSH sftp to OpenSSH
+                    ref = next((r for r in self.rows if r["workload"] == f"{direction}, sftp client"), None)
+                    base = ref and ref["servers"].get("openssh", {}).get("median")
+                    if base:
+                        extra = {"vs_openssh_sftp": {n: statistics.median(v) / base
+                                                     for n, v in speeds.items()}}
+                row = self.add_row("single stream", f"{direction}, {client} client", "MB/s ↑", True,
+                                   speeds, cpus, extra)
+                if extra:
+                    log("  vs OpenSSH sftp to OpenSSH: " + "  ".join(
+                        f"{n}={r:.2f}" for n, r in row["vs_openssh_sftp"].items()))
+                if self.args.profile and client != "sshfiles-cli":
                     await self._profile_transfer(client, direction)
 
     async def _profile_transfer(self, client: str, direction: str) -> None:
@@ -910,6 +953,92 @@ def probe_main(spec: dict) -> int:
 # --------------------------------------------------------------------------- output
 
 
+# --------------------------------------------------------------------------- physical floor
+
+
+def openssl_floor(cipher: str, block: int = 32768) -> float | None:
+    """CPU seconds per GiB for ``cipher`` on this machine, one direction, ``block``-byte messages (OpenSSH's
+    packet size), from ``openssl speed -evp`` (which divides by its own user CPU time, so load on
+    the machine changes this number little)."""
+    if not shutil.which("openssl"):
+        return None
+    try:
+        res = subprocess.run(["openssl", "speed", "-mr", "-seconds", "2", "-bytes", str(block), "-evp", cipher],
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in res.stdout.splitlines():
+        if line.startswith("+F:"):  # +F:<n>:<name>:<bytes per second>
+            rate = float(line.rsplit(":", 1)[1])
+            return GiB / rate if rate > 0 else None
+    return None
+
+
+def loopback_tcp_floor(size: int) -> float:
+    """CPU seconds per GiB to push ``size`` bytes through a 127.0.0.1 TCP connection (both ends, this
+    process's rusage: sender and receiver threads), 256 KiB writes and reads."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = [0]
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buf = bytearray(256 * 1024)
+            while True:
+                n = conn.recv_into(buf)
+                if not n:
+                    return
+                received[0] += n
+
+    chunk = os.urandom(256 * 1024)
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    with socket.create_connection(("127.0.0.1", port)) as sender:
+        sent = 0
+        while sent < size:
+            sender.sendall(chunk)
+            sent += len(chunk)
+    thread.join(120)
+    listener.close()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return cpu / (received[0] / GiB)
+
+
+def measure_floors(size: int) -> list[dict]:
+    """The physical floor per GiB that any SSH server on this machine pays (issue 14)."""
+    floors = []
+    for cipher, label in (("chacha20-poly1305", "chacha20-poly1305 (openssl speed -evp, 32 KiB)"),
+                          ("aes-256-gcm", "aes-256-gcm (openssl speed -evp, 32 KiB)")):
+        floors.append({"floor": cipher, "label": label, "cpu_s_per_gib": openssl_floor(cipher)})
+    floors.append({"floor": "tcp", "label": "loopback TCP, send + receive (256 KiB calls)",
+                   "cpu_s_per_gib": loopback_tcp_floor(min(size, GiB))})
+    return floors
+
+
+def floor_tables(floors: list[dict], rows: list[dict], servers: list[Server], cipher: str | None) -> str:
+    """The floor rows, then each transfer row's server CPU as a multiple of cipher + TCP floor."""
+    by = {f["floor"]: f["cpu_s_per_gib"] for f in floors}
+    lines = ["| floor | CPU s/GiB (one direction) |", "|---|---|"]
+    lines += [f"| {f['label']} | {_fmt(f['cpu_s_per_gib'])} |" for f in floors]
+    aead = "aes-256-gcm" if cipher and "gcm" in cipher else "chacha20-poly1305"
+    if by.get(aead) is None or by.get("tcp") is None:
+        return "\n".join(lines)
+    floor = by[aead] + by["tcp"]
+    names = [s.name for s in servers]
+    lines += ["", f"Server CPU per GiB as a multiple of the floor ({aead} + loopback TCP = {_fmt(floor)} s/GiB):",
+              "", "| workload | " + " | ".join(f"{n} x floor" for n in names) + " |",
+              "|---|" + "---|" * len(names)]
+    for row in rows:
+        cells = [row["servers"].get(n, {}).get("cpu_s_per_gib") for n in names]
+        if any(c is not None for c in cells):
+            lines.append(f"| {row['workload']} | " + " | ".join(
+                "—" if c is None else f"{c / floor:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "—"
@@ -1025,6 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--profile-gil", action="store_true",
                    help="py-spy --gil: only samples holding the GIL (Python work, no syscalls)")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the floor rows (openssl speed -evp chacha20-poly1305/aes-256-gcm, loopback TCP)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) at the end")
     p.add_argument("--hold", type=float, default=0,
                    help="after setup, print server pids and wait this many seconds before measuring (for profilers)")
@@ -1155,6 +1286,10 @@ def main(argv: list[str] | None = None) -> int:
             if "lag" in args.only:
                 await bench.lag()
 
+        floors: list[dict] = []
+        if not args.no_floor:
+            log("floor: openssl speed (chacha20-poly1305, aes-256-gcm) and loopback TCP")
+            floors = measure_floors(args.size)
         load0 = os.getloadavg()
         if load0[0] > (os.cpu_count() or 1) / 2:
             notes.append(f"machine busy at start (load average {load0[0]:.1f} on {os.cpu_count()} CPUs): "
@@ -1182,8 +1317,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {n}")
         print()
         print(table)
+        vs = [(r["workload"], n, v) for r in bench.rows for n, v in r.get("vs_openssh_sftp", {}).items()]
+        if vs:
+            print()
+            for workload, name, ratio in vs:
+                print(f"{workload}: {name} / OpenSSH sftp to OpenSSH = {ratio:.2f}")
+        if floors:
+            table += "\n\n" + floor_tables(floors, bench.rows, servers, args.cipher)
+            print()
+            print(floor_tables(floors, bench.rows, servers, args.cipher))
         if args.json:
-            Path(args.json).write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps({"meta": meta, "rows": bench.rows, "floors": floors},
+                                                  indent=2) + "\n")
             log(f"wrote {args.json}")
         if args.markdown:
             Path(args.markdown).write_text(table + "\n")

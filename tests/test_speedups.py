@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from asyncssh.crypto.chacha import ChachaCipher
 
 from sshfiles.asyncssh_seam import FastChachaCipher
@@ -93,3 +94,85 @@ def test_packet_logging_still_works_when_asked_for(caplog):
     finally:
         asyncssh.set_debug_level(1)
         SSHPacketLogger._log_packet = original
+
+
+def test_unjoined_packet_encryption_is_the_same_bytes_as_asyncssh():
+    """Item 3f encrypts a packet's pieces one after the other: same ciphertext and tag as the whole."""
+    for sizes in ((2,), (2, 4, 32772, 9), (6, 262148, 4), (1, 1, 1, 1), (2, 0, 5)):
+        key = os.urandom(64)
+        parts = [os.urandom(n) for n in sizes]
+        header, nonce = os.urandom(4), os.urandom(8)
+        packet, tag = ChachaCipher(key).encrypt_and_sign(header, b"".join(parts), nonce)
+        pieces = FastChachaCipher(key).encrypt_and_sign_parts(header, parts, nonce)
+        assert b"".join(pieces) == packet + tag
+        assert [len(p) for p in pieces] == [4, *sizes, 16]
+
+
+def test_public_cipher_path_is_the_same_bytes(monkeypatch):
+    """The direct context (item 3d) must equal cryptography's public Cipher path, which is the fallback."""
+    from sshfiles import asyncssh_seam
+
+    key, nonce, data = os.urandom(32), os.urandom(16), os.urandom(1000)
+    assert asyncssh_seam._chacha20(key, nonce).update(data) == asyncssh_seam._chacha20_public(key, nonce).update(data)
+    monkeypatch.setattr(asyncssh_seam, "_chacha20", asyncssh_seam._chacha20_public)
+    key64, header, body, seq = os.urandom(64), os.urandom(4), os.urandom(40000), os.urandom(8)
+    assert FastChachaCipher(key64).encrypt_and_sign(header, body, seq) == \
+        ChachaCipher(key64).encrypt_and_sign(header, body, seq)
+
+
+def test_speedup_switch_names_items_or_all():
+    from sshfiles.asyncssh_seam import SPEEDUP_ITEMS, speedups_disabled
+
+    assert speedups_disabled(None) == frozenset() == speedups_disabled("")
+    assert speedups_disabled("1") == frozenset(SPEEDUP_ITEMS)
+    assert speedups_disabled("3e, 3f") == {"3e", "3f"}
+    assert speedups_disabled("3e,bogus") == frozenset(SPEEDUP_ITEMS)  # unknown: everything off
+
+
+@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "1"],
+                         ids=["all-on", "no-3e", "no-3f", "no-3g", "pure-asyncssh"])
+def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path, host_keys_dir, monkeypatch):
+    """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305) and asyncssh's client (256 KiB packets) up
+    and down, with all speed-ups, without the packet-sized input (3e) or the unjoined send path (3f),
+    without the batched replies (3g), and with none (the pure asyncssh path stays covered); odd sizes so packets end mid-read."""
+    import asyncio
+    import hashlib
+    import shutil
+
+    from tests.conftest import make_server
+
+    if not shutil.which("sftp"):
+        pytest.skip("OpenSSH sftp client not installed")
+    if switch:
+        monkeypatch.setenv("SSHFILES_NO_SPEEDUPS", switch)
+    else:
+        monkeypatch.delenv("SSHFILES_NO_SPEEDUPS", raising=False)
+    server = make_server(tmp_path, host_keys_dir)
+    server.start()
+    try:
+        user = server.add_user("bytes", key=True)
+        local = tmp_path / "local"
+        local.mkdir()
+        sizes = {"a.bin": 5 * 1024 * 1024 + 12345, "b.bin": 32768 * 3 + 1, "c.bin": 7}
+        for name, size in sizes.items():
+            (local / name).write_bytes(os.urandom(size))
+        puts = "".join(f"put {n}\n" for n in sizes)
+        gets = "".join(f"get {n} back-{n}\n" for n in sizes)
+        res = server.sftp_batch(user, puts + gets, cwd=local)
+        assert res.returncode == 0, res.stderr
+
+        async def with_asyncssh() -> None:
+            # a key exchange every MiB: the server's packets cross several rekeys mid-transfer
+            async with server.sftp(user, rekey_bytes=1 << 20) as sftp:
+                await sftp.put(str(local / "a.bin"), "d.bin")
+                await sftp.get("d.bin", str(local / "back-d.bin"))
+
+        asyncio.run(with_asyncssh())
+        digest = {n: hashlib.sha256((local / n).read_bytes()).hexdigest() for n in sizes}
+        for name in sizes:
+            assert hashlib.sha256((user.home / name).read_bytes()).hexdigest() == digest[name]
+            assert hashlib.sha256((local / f"back-{name}").read_bytes()).hexdigest() == digest[name]
+        assert hashlib.sha256((user.home / "d.bin").read_bytes()).hexdigest() == digest["a.bin"]
+        assert hashlib.sha256((local / "back-d.bin").read_bytes()).hexdigest() == digest["a.bin"]
+    finally:
+        server.stop()
