@@ -353,8 +353,8 @@ def user_perm_set(obj: Context, name: str, path: str, perms: str) -> None:
 @click.pass_obj
 def user_perm_unset(obj: Context, name: str, path: str) -> None:
     """Remove NAME's rule for PATH (the rule of the nearest directory above applies again)."""
-    obj.store.unset_permissions(name, path)
-    click.echo(f"removed the permission rule of {name} for {path}")
+    obj.store.unset_permissions(name, path)  # refuses a bad path, so it normalises below
+    click.echo(f"removed the permission rule of {name} for {normalize_rule_path(path)}")
 
 
 @user_perm.command("list")
