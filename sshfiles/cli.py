@@ -380,14 +380,16 @@ def _create_home(obj: Context, name: str, home: str | None) -> Path:
 @click.option("--files", "files_text", default="default", show_default=True,
               help="Most files and directories the home may hold: a number, 'unlimited', or 'default' "
                    "(one per 4 KiB of quota, at least 1000; unlimited without a quota).")
-@click.option("--read-only", "preset", flag_value="read-only", default=None,
-              help="Only list and download (the rule / = list,download; see `user perm`).")
-@click.option("--upload-only", "preset", flag_value="upload-only",
+@click.option("--read-only", is_flag=True, help="Only list and download (the rule / = list,download; see `user perm`).")
+@click.option("--upload-only", is_flag=True,
               help="Only upload new files: a drop box (the rule / = upload; see `user perm`).")
 @click.pass_obj
 def user_add(obj: Context, name: str, quota_text: str, password_stdin: bool, key_files: tuple[str, ...],
-             home: str | None, files_text: str, preset: str | None) -> None:
+             home: str | None, files_text: str, read_only: bool, upload_only: bool) -> None:
     """Create an account (prompts for a password unless --password-stdin or --key)."""
+    if read_only and upload_only:
+        raise click.UsageError("--read-only and --upload-only exclude each other")
+    preset = "read-only" if read_only else "upload-only" if upload_only else None
     validate_username(name)
     quota = _size(quota_text)
     max_entries = _files(files_text)
@@ -472,8 +474,8 @@ def user_perm_set(obj: Context, name: str, path: str, perms: str) -> None:
 @click.pass_obj
 def user_perm_unset(obj: Context, name: str, path: str) -> None:
     """Remove NAME's rule for PATH (the rule of the nearest directory above applies again)."""
-    obj.existing_store.unset_permissions(name, path)
-    click.echo(f"removed the permission rule of {name} for {path}")
+    obj.existing_store.unset_permissions(name, path)  # refuses a bad path, so it normalises below
+    click.echo(f"removed the permission rule of {name} for {normalize_rule_path(path)}")
 
 
 @user_perm.command("list")

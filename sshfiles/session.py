@@ -106,7 +106,7 @@ COPY_CHUNK = 1024 * 1024
 #: Entries of a directory read per READDIR reply (asyncssh sends at most 128 names per reply).
 DIR_BATCH = 128
 
-#: How many of its own new files one session remembers for `stat` in a directory it may not list.
+#: How many of its own new files one connection remembers for `stat` and hashes where it may not list.
 OWN_UPLOADS = 1024
 
 
@@ -412,7 +412,7 @@ class UserSession:
                     fd, upload, shown = await self._open_atomic(path, flags, trunc, perms)
         except FileExistsError:
             self._give_handle()
-            if asked_excl:
+            if asked_excl or not flags & os.O_EXCL:  # the client's own O_EXCL, or not ours at all
                 raise
             raise PermissionError(errno.EACCES, "Permission denied: the file exists and there is no overwrite "
                                   "permission here") from None
@@ -840,9 +840,9 @@ class UserSession:
 
     def stat(self, path: bytes | str, follow: bool = True) -> os.stat_result:
         """A path's attributes. Where the user may not `list`, only directories answer (clients
-        navigate through them: `cd`, `put x dir/`) and the files this session created itself (clients
-        check an upload's size); any other name, present or not, is EACCES, so a drop box does not
-        tell which files it holds."""
+        navigate through them: `cd`, `put x dir/`) and the files this connection created itself
+        (clients check an upload's size); any other name, present or not, is EACCES, so a drop box
+        does not tell which files it holds."""
         if self.perms.restricted:
             d, vpath = self._where(path, follow)
             if vpath != "/" and not allowed(self.perms.rules, d, "list"):

@@ -295,3 +295,25 @@ def test_sshfiles_cli_puts_and_verifies_into_a_drop_box(server: ServerHandle, tm
     assert res.returncode == 5 and "no overwrite permission" in res.stderr, res.stderr
     res = cli.run("get", "/report.bin", "back.bin")
     assert res.returncode == 5 and not (work / "back.bin").exists(), res.stderr
+
+
+def test_perm_cli_errors_are_one_line_and_exit_1(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sshfiles.cli import main as cli_main
+
+    base = ["--accounts-dir", str(tmp_path / "acc"), "--homes-dir", str(tmp_path / "homes"),
+            "--keys-dir", str(tmp_path / "keys")]
+    runner = CliRunner()
+    assert runner.invoke(cli_main, [*base, "user", "add", "u", "--password-stdin"], input="pw-u-1\n").exit_code == 0
+    for args, message in ((["set", "u", "/a", "list,fly"], "unknown permission 'fly'"),
+                          (["set", "u", "/a/../b", "list"], "'..' is not allowed"),
+                          (["set", "nobody", "/", "list"], "no such user: nobody"),
+                          (["unset", "u", "/a"], "has no permission rule for /a"),
+                          (["list", "nobody"], "no such user: nobody")):
+        res = runner.invoke(cli_main, [*base, "user", "perm", *args])
+        assert res.exit_code == 1 and message in res.output and res.output.count("\n") == 1, res.output
+    res = runner.invoke(cli_main, [*base, "user", "add", "v", "--read-only", "--upload-only", "--password-stdin"],
+                        input="pw-v-1\n")
+    assert res.exit_code == 2 and "exclude each other" in res.output
+    assert runner.invoke(cli_main, [*base, "user", "perm", "list", "v"]).exit_code == 1  # not created
