@@ -155,9 +155,7 @@ def test_removing_a_user_ends_their_sessions_on_every_node(cluster):
             for c in conns:
                 await c.run("echo hi", check=True)
             cluster.nodes[0].cli("user", "remove", "bob")
-            start = time.monotonic()
-            await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in conns)), 10)
-            assert time.monotonic() - start < 10
+            await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in conns)), 10)  # "within seconds"
         finally:
             for c in conns:
                 c.close()
