@@ -559,14 +559,18 @@ def user_quota(obj: Context, name: str, size: str, files_text: str | None) -> No
 
 @user.command("upload-mode")
 @click.argument("name")
-@click.argument("mode")
+@click.argument("mode", required=False)
 @click.pass_obj
-def user_upload_mode(obj: Context, name: str, mode: str) -> None:
-    """Set how NAME's uploads become visible: standard, atomic, atomic-resume, or 'default' (the
+def user_upload_mode(obj: Context, name: str, mode: str | None) -> None:
+    """Show or set how NAME's uploads become visible: standard, atomic, atomic-resume, or 'default' (the
     server's --upload-mode). Applies to the sessions (channels) opened after it, with no restart."""
     from .atomic import parse_mode
 
-    if mode.strip().lower() == "default":
+    if mode is None:
+        acct = obj.existing_store.require_user(name)
+        click.echo(acct.upload_mode or "default (the server's --upload-mode)")
+        return
+    if mode == "default":
         obj.existing_store.set_upload_mode(name, None)
         click.echo(f"upload mode of {name}: the server's default (--upload-mode)")
         return

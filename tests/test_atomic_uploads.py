@@ -8,9 +8,11 @@ equals a scan of the home.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -167,7 +169,9 @@ def test_per_user_mode_from_the_store_applies_to_new_sessions(tmp_path, host_key
         user = server.add_user("cid", password=None, quota="10MiB", key=True)
         res = server.cli("user", "upload-mode", "cid", "atomik", check=False)
         assert res.returncode == 1 and "expected one of standard, atomic, atomic-resume" in res.stderr
+        assert server.cli("user", "upload-mode", "cid").stdout.startswith("default")
         server.cli("user", "upload-mode", "cid", "atomic")
+        assert server.cli("user", "upload-mode", "cid").stdout == "atomic\n"
 
         async def upload_and_peek() -> bool:
             async with server.sftp(user) as sftp:
@@ -394,4 +398,33 @@ def test_what_another_session_sees_during_an_openssh_sftp_put(tmp_path, host_key
             assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
         assert (user.home / "contract.pdf").read_bytes() == local.read_bytes()
         assert temporaries(user.home) == []
+        assert_exact(server, user)
+
+
+def test_workers_rename_each_upload_once_and_stay_exact(tmp_path, host_keys_dir):
+    """With --workers 2 every connection may land on either process: each upload is renamed into place
+    once, by the process that took it, its hook runs once, and the ledger (shared through the store)
+    stays exact."""
+    lines = tmp_path / "uploads.txt"
+    hook = shlex.join(["sh", "-c", f'echo "$SSHFILES_PATH" >> {shlex.quote(str(lines))}'])
+    with serving(tmp_path, host_keys_dir, "--workers", "2", "--upload-mode", "atomic", "--on-upload", hook) as server:
+        user = server.add_user("ola", password=None, quota="10MiB", key=True)
+
+        async def one(i: int) -> None:
+            async with server.sftp(user, local_addr=(f"127.0.0.{10 + i}", 0)) as sftp:
+                async with sftp.open("shared.bin", "wb") as f:  # all replace one name
+                    await f.write(bytes([65 + i]) * (10_000 * (i + 1)))
+                async with sftp.open(f"own{i}.bin", "wb") as f:
+                    await f.write(b"o" * 5000)
+
+        async def many() -> None:
+            await asyncio.gather(*(one(i) for i in range(6)))
+
+        run(many())
+        assert temporaries(user.home) == []
+        data = (user.home / "shared.bin").read_bytes()
+        assert len(set(data)) == 1 and len(data) == 10_000 * (data[0] - 64)  # one whole upload, not a mix
+        wait_for(lambda: lines.exists() and len(lines.read_text().splitlines()) >= 12)
+        time.sleep(0.5)
+        assert sorted(lines.read_text().splitlines()) == sorted(["/shared.bin"] * 6 + [f"/own{i}.bin" for i in range(6)])
         assert_exact(server, user)

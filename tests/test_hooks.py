@@ -199,3 +199,25 @@ def test_hook_command_problems_are_one_line_at_start_and_logged_at_run(tmp_path,
         run(upload())
         wait_for(lambda: "hook event=upload user=lea path=/a result=cannot-start" in server.log())
 
+
+
+def test_the_readme_example_hook_moves_completed_uploads_into_processing(tmp_path, host_keys_dir):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    script = readme.split("Example: move every completed upload", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    processing = tmp_path / "processing"
+    hook = tmp_path / "to-processing.sh"
+    hook.write_text(script.replace("/srv/processing", str(processing)))
+    hook.chmod(0o755)
+    with serving(tmp_path, host_keys_dir, "--upload-mode", "atomic", "--on-upload", str(hook)) as server:
+        user = server.add_user("mia", password=None, key=True)
+        local = tmp_path / "invoice.pdf"
+        local.write_bytes(b"%PDF" + os.urandom(300_000))
+        res = server.sftp_batch(user, f"mkdir in\nput {local} in/invoice.pdf\n")
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: processing.exists() and any((processing / "mia").iterdir()))
+        moved = list((processing / "mia").iterdir())
+        assert len(moved) == 1 and moved[0].name.endswith("-invoice.pdf")
+        assert moved[0].read_bytes() == local.read_bytes()
+        assert not (user.home / "in" / "invoice.pdf").exists()
+        wait_for(lambda: "result=ok" in server.log() and "output=\"moved /in/invoice.pdf (300004 bytes) from 127.0.0.1:"
+                 in server.log())
