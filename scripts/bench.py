@@ -291,8 +291,10 @@ class SshfilesServer(Server):
             # The bench's clients all come from 127.0.0.1 (32 concurrent sftp logins, 500 idle
             # sessions): the per-source defence would refuse and ban them, so it is set like the
             # OpenSSH side's "MaxStartups 4000" (a benchmark of transfers, not of the defence).
+            # The memory row opens --sessions (500) idle sessions for one user: above the default
+            # per-user cap (64), which OpenSSH does not have.
             argv += ["--max-startups", "4000", "--per-source-max-startups", "0", "--per-source-rate", "0",
-                     "--ban-exempt", "127.0.0.0/8"]
+                     "--ban-exempt", "127.0.0.0/8", "--max-sessions-per-user", "100000"]
         if self.workers:
             argv += ["--workers", str(self.workers)]
         self._spawn(argv, "listening on")
