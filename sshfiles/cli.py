@@ -113,7 +113,8 @@ def _help(name: str) -> str:
     """A flag's help from the config model, with its default, environment variable and TOML key."""
     setting = SETTINGS[name]
     env = f", env {setting.env}" if setting.env else ""
-    return f"{setting.help} [default: {setting.default}{env}; TOML {setting.toml_key}]"
+    default = "none" if setting.default == "" else setting.default
+    return f"{setting.help} [default: {default}{env}; TOML {setting.toml_key}]"
 
 
 def _size(text: str) -> int | None:

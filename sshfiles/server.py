@@ -1118,7 +1118,10 @@ def _start_metrics(config: ServeConfig, sock: socket.socket, alive: Callable[[],
     """Serve /metrics and /healthz (metrics.serve) and say where (port 0 picks a free one)."""
     listen = metrics.parse_listen(config.metrics_listen)
     assert listen is not None
-    _, port = metrics.serve(listen[0], listen[1], _Health(config, sock, alive))
+    try:
+        _, port = metrics.serve(listen[0], listen[1], _Health(config, sock, alive))
+    except OSError as exc:  # one line (the CLI's RuntimeError path), not the SSH port's message
+        raise RuntimeError(f"cannot listen for metrics on {config.metrics_listen}: {exc.strerror or exc}") from None
     log.info("metrics listening on %s port %d (/metrics, /healthz)", listen[0], port)
 
 
@@ -1198,7 +1201,12 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
     if config.metrics_listen:
         metrics.enable()
         if not worker:
-            _start_metrics(config, sock, lambda: "stopping" if service.stopping else None)
+            try:
+                _start_metrics(config, sock, lambda: "stopping" if service.stopping else None)
+            except RuntimeError:
+                acceptor.close()
+                service.close()
+                raise
     lag = asyncio.create_task(metrics.watch_loop_lag())
     stop = asyncio.Event()
     force = asyncio.Event()

@@ -168,3 +168,10 @@ def test_workers_metrics_are_summed_by_the_supervisor(tmp_path: Path, host_keys_
         assert len(pids) >= 1
     finally:
         server.stop()
+
+
+def test_a_busy_metrics_port_is_one_line_exit_1(metrics_server: ServerHandle) -> None:
+    port = _metrics_port(metrics_server)
+    res = metrics_server.cli("serve", "--port", "0", "--metrics-listen", f"127.0.0.1:{port}", check=False)
+    assert res.returncode == 1 and f"cannot listen for metrics on 127.0.0.1:{port}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
