@@ -108,7 +108,13 @@ RESPAWN_STABLE = 10.0     # a worker that lived this long resets the backoff
 
 
 def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
-    """Load the host keys, generating any that are missing (mode 0600)."""
+    """Load the host keys, generating any that are missing (mode 0600).
+
+    Several servers may start at once on one keys directory (nodes on shared storage, a service and
+    an admin command): a new key is written whole to a private temporary file and published with
+    link(2), which fails if another process published first; the loser then uses the winner's key.
+    So no process ever reads a half-written key, and all agree on one key per type.
+    """
     keys_dir.mkdir(parents=True, exist_ok=True)
     keys = []
     for filename, alg, kwargs in HOST_KEY_TYPES:
@@ -116,11 +122,20 @@ def ensure_host_keys(keys_dir: Path) -> list[asyncssh.SSHKey]:
         if not path.exists():
             key = asyncssh.generate_private_key(alg, key_size=kwargs["key_size"]) if kwargs \
                 else asyncssh.generate_private_key(alg)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.export_private_key())
-            key.write_public_key(str(path) + ".pub")
-            log.info("generated host key %s", path)
+            fd, tmp = tempfile.mkstemp(dir=keys_dir, prefix=f".{filename}.")  # mode 0600
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key.export_private_key())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process published this key type first: use its key
+            else:
+                key.write_public_key(str(path) + ".pub")
+                log.info("generated host key %s", path)
+            finally:
+                os.unlink(tmp)
         keys.append(asyncssh.read_private_key(path))
     return keys
 
