@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Iterator
 
 import asyncssh
 import pytest
 from conftest import HOST, ServerHandle, User, haproxy, make_server, pg_schema
+from test_metrics import _get, _metrics_port
 from test_quota import QUOTA_MSG, KiB, disk_usage
 
 from sshfiles.stores import open_store
@@ -68,7 +70,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, host_keys_dir) -> Iterator
         nodes = []
         for i in range(NODES):
             node = make_server(root / f"node{i}", host_keys_dir,
-                               ("--node-lease", "3", "--proxy-protocol-from", "127.0.0.1/32", "--ban-threshold", "3"))
+                               ("--node-lease", "3", "--proxy-protocol-from", "127.0.0.1/32", "--ban-threshold", "3",
+                                "--metrics-listen", "127.0.0.1:0"))
             node.homes_dir = homes
             node.store = url
             nodes.append(node)
@@ -238,6 +241,34 @@ def test_a_permission_set_on_node_0_applies_on_node_1_and_kick_ends_the_user_eve
     for node in cluster.nodes:
         assert re.search(r'session ended user=dave source=127\.0\.0\.5:\d+ reason="credentials changed"', node.log())
     assert re.search(r"permissions reloaded user=dave", cluster.nodes[1].log())
+
+
+def test_healthz_is_503_while_the_shared_store_cannot_take_a_write(cluster):
+    """A balancer's health check must take a node out while its database would refuse or stall a write,
+    and answer within healthz's own 1 s bound (not the store's 5 s call timeout) so the check itself
+    does not time out. Here another session holds an exclusive lock on the store's version table."""
+    import psycopg
+
+    port = _metrics_port(cluster.nodes[1])
+    assert _get(port, "/healthz") == (200, "ok\n")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(cluster.url) as conn:
+            conn.execute("LOCK TABLE sshfiles_schema IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(3)  # 3 s: longer than healthz's bound, shorter than a store call's 5 s
+    locker = threading.Thread(target=hold)
+    locker.start()
+    try:
+        assert locked.wait(10)
+        status, body = _get(port, "/healthz")
+        assert status == 503 and "unhealthy" in body, body
+        assert "sshfiles:sshfiles" not in body and "127.0.0.1/" not in body  # no DSN in the answer
+    finally:
+        release.set()
+        locker.join(15)
+    assert _get(port, "/healthz") == (200, "ok\n")
 
 
 async def _echo(cluster: Cluster, user: User, node: int | None, source: str) -> str:

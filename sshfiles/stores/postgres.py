@@ -147,8 +147,9 @@ def _scrub(text: str, url: str) -> str:
 class PostgresAccountStore:
     """PostgreSQL implementation of `AccountStore`, for several nodes sharing one database."""
 
-    def __init__(self, url: str, *, lease: float | None = None, timeout: float = _TIMEOUT,
+    def __init__(self, url: str, *, lease: float | None = None, timeout: float | None = None,
                  node: str | None = None, migrate: bool = False, pool_size: int = 4) -> None:
+        timeout = _TIMEOUT if timeout is None else timeout  # open_store's busy_timeout (healthz: 1 s)
         self.url = url
         self.where = describe_url(url)
         self.lease = float(lease if lease is not None else os.environ.get("SSHFILES_NODE_LEASE", DEFAULT_LEASE))
