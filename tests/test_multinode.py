@@ -203,15 +203,15 @@ def test_a_permission_set_on_node_0_applies_on_node_1_and_kick_ends_the_user_eve
     """An administrator on one node locks a user down; the user's session already open on another node
     obeys within seconds (perm_rev over the shared store). `sshfiles status` on any node lists every
     node's sessions, and `sshfiles kick` ends them all."""
-    dave = cluster.nodes[0].add_user("dave")
+    erin = cluster.nodes[0].add_user("erin")
 
     async def scenario() -> None:
-        conns = [await cluster.connect(n, dave, "127.0.0.5") for n in range(NODES)]
+        conns = [await cluster.connect(n, erin, "127.0.0.5") for n in range(NODES)]
         try:
             async with conns[1].start_sftp_client() as sftp:
                 async with sftp.open("before.txt", "wb") as f:  # node 1: uploads allowed so far
                     await f.write(b"ok")
-                await asyncio.to_thread(cluster.nodes[0].cli, "user", "perm", "set", "dave", "/", "list,download")
+                await asyncio.to_thread(cluster.nodes[0].cli, "user", "perm", "set", "erin", "/", "list,download")
                 deadline = time.monotonic() + 10
                 while True:  # the same live session, no reconnect: refused once node 1 reloads the rules
                     try:
@@ -226,21 +226,21 @@ def test_a_permission_set_on_node_0_applies_on_node_1_and_kick_ends_the_user_eve
 
                 async def listed() -> int:
                     out = (await asyncio.to_thread(cluster.nodes[2].cli, "status", "--json")).stdout
-                    return out.count('"user": "dave"')
+                    return out.count('"user": "erin"')
                 deadline = time.monotonic() + 10
                 while await listed() != NODES:  # every node writes its rows to the shared store
-                    assert time.monotonic() < deadline, "status on node 2 never listed dave's 3 sessions"
+                    assert time.monotonic() < deadline, "status on node 2 never listed erin's 3 sessions"
                     await asyncio.sleep(0.3)
-                kicked = await asyncio.to_thread(cluster.nodes[0].cli, "kick", "dave")
-                assert f"kicked dave: {NODES} sessions" in kicked.stdout, kicked.stdout
+                kicked = await asyncio.to_thread(cluster.nodes[0].cli, "kick", "erin")
+                assert f"kicked erin: {NODES} sessions" in kicked.stdout, kicked.stdout
                 await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in conns)), 10)
         finally:
             for c in conns:
                 c.close()
     run(scenario())
     for node in cluster.nodes:
-        assert re.search(r'session ended user=dave source=127\.0\.0\.5:\d+ reason="credentials changed"', node.log())
-    assert re.search(r"permissions reloaded user=dave", cluster.nodes[1].log())
+        assert re.search(r'session ended user=erin source=127\.0\.0\.5:\d+ reason="credentials changed"', node.log())
+    assert re.search(r"permissions reloaded user=erin", cluster.nodes[1].log())
 
 
 def test_healthz_is_503_while_the_shared_store_cannot_take_a_write(cluster):
