@@ -243,6 +243,27 @@ def test_a_permission_set_on_node_0_applies_on_node_1_and_kick_ends_the_user_eve
     assert re.search(r"permissions reloaded user=erin", cluster.nodes[1].log())
 
 
+def test_a_nodes_sessions_dropped_under_it_are_listed_again_within_a_lease(cluster):
+    """A node taken for dead during a database outage longer than its lease has its session rows
+    dropped by another node (drop_owner); once back, its users must show in `sshfiles status` again
+    even though its sessions did not change."""
+    import psycopg
+
+    frank = cluster.nodes[0].add_user("frank")
+
+    def listed() -> bool:
+        return '"user": "frank"' in cluster.nodes[0].cli("status", "--json").stdout
+
+    async def session() -> None:
+        async with cluster.connect(1, frank, "127.0.0.6") as conn:
+            await conn.run("echo hi", check=True)
+            await asyncio.to_thread(wait_for, listed, 10, "frank listed")
+            with psycopg.connect(cluster.url, autocommit=True) as db:  # what the reclaiming node does
+                db.execute("DELETE FROM sessions WHERE \"user\" = 'frank'")
+            await asyncio.to_thread(wait_for, listed, 15, "frank listed again (node lease: 3 s)")
+    run(session())
+
+
 def test_healthz_is_503_while_the_shared_store_cannot_take_a_write(cluster):
     """A balancer's health check must take a node out while its database would refuse or stall a write,
     and answer within healthz's own 1 s bound (not the store's 5 s call timeout) so the check itself
