@@ -9,8 +9,10 @@ reservations come back within seconds.
 What a user and an administrator of such a cluster rely on: an account made on one node works
 on all; sessions on different nodes racing for a user's last bytes never store more than the
 quota; a node that dies mid-upload gives its reservations back and the ledger equals a scan;
-removing a user ends their sessions everywhere; a source banned through one node is refused by
-the others, which log the client's own address.
+removing a user ends their sessions everywhere; a permission rule set through one node applies to
+live sessions on another, `sshfiles status` lists every node's sessions and `sshfiles kick` ends them
+all; a source banned through one node is refused by the others, which log the client's own address;
+/healthz takes a node out while the shared store cannot take a write.
 """
 
 from __future__ import annotations
