@@ -495,6 +495,10 @@ class UserLedger:
             def then(_result: None, error: BaseException | None) -> None:
                 if error is not None:
                     log.warning("quota ledger of %s: presence not recorded (%s)", name, error)
+                # The last session may have ended while this write was queued (its close saw the
+                # ledger out of sync and left the row): drop it now, or a later crash of this
+                # process makes the survivors rescan a user it no longer served.
+                self._maybe_unmark()
 
             self._queue(lambda store: store.mark_present(owner, name), then)
 

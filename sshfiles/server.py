@@ -175,6 +175,7 @@ class SshfilesService:
         self.user_channels: dict[str, int] = {}      # user -> open session channels in this process
         self._refusals: dict[str, tuple[float, int]] = {}  # source -> (last logged, refused since)
         self._synced_sessions: list[LiveSession] = []  # what the store last got (sync_sessions)
+        self._synced_at = 0.0                          # monotonic time it got them
         self._load_bans()  # before the first connection: a banned source is refused from the start
         # One pool per process (a worker builds its own after the fork): hooks run in its threads.
         self.hooks = HookRunner({"upload": config.on_upload, "download": config.on_download,
@@ -319,9 +320,13 @@ class SshfilesService:
                 self._watch_store.set_sessions(self.owner, rows)
 
     async def sync_sessions(self) -> None:
-        """Write this process's rows when they changed (at most once per watcher round, off the loop)."""
+        """Write this process's rows when they changed (at most once per watcher round, off the loop),
+        and unchanged ones again once per node lease: a PostgreSQL node taken for dead during an
+        outage longer than its lease had its rows dropped by another node (drop_owner), and must
+        show up in `sshfiles status` again once it is back."""
         rows = self.live_sessions()
-        if rows == self._synced_sessions:
+        due = bool(rows) and time.monotonic() - self._synced_at >= self.config.node_lease
+        if rows == self._synced_sessions and not due:
             return
         try:
             await asyncio.to_thread(self._write_sessions, rows)
@@ -329,6 +334,7 @@ class SshfilesService:
             log.error("accounts store error writing live sessions: %s", exc)
             return
         self._synced_sessions = rows
+        self._synced_at = time.monotonic()
 
     # -- the session watcher -------------------------------------------------------------------
 

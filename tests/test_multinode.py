@@ -9,20 +9,24 @@ reservations come back within seconds.
 What a user and an administrator of such a cluster rely on: an account made on one node works
 on all; sessions on different nodes racing for a user's last bytes never store more than the
 quota; a node that dies mid-upload gives its reservations back and the ledger equals a scan;
-removing a user ends their sessions everywhere; a source banned through one node is refused by
-the others, which log the client's own address.
+removing a user ends their sessions everywhere; a permission rule set through one node applies to
+live sessions on another, `sshfiles status` lists every node's sessions and `sshfiles kick` ends them
+all; a source banned through one node is refused by the others, which log the client's own address;
+/healthz takes a node out while the shared store cannot take a write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Iterator
 
 import asyncssh
 import pytest
 from conftest import HOST, ServerHandle, User, haproxy, make_server, pg_schema
+from test_metrics import _get, _metrics_port
 from test_quota import QUOTA_MSG, KiB, disk_usage
 
 from sshfiles.stores import open_store
@@ -68,7 +72,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, host_keys_dir) -> Iterator
         nodes = []
         for i in range(NODES):
             node = make_server(root / f"node{i}", host_keys_dir,
-                               ("--node-lease", "3", "--proxy-protocol-from", "127.0.0.1/32", "--ban-threshold", "3"))
+                               ("--node-lease", "3", "--proxy-protocol-from", "127.0.0.1/32", "--ban-threshold", "3",
+                                "--metrics-listen", "127.0.0.1:0"))
             node.homes_dir = homes
             node.store = url
             nodes.append(node)
@@ -192,6 +197,99 @@ def test_a_source_banned_through_one_node_is_refused_by_the_others(cluster):
     wait_for(lambda: refused_by(1) and refused_by(None), what="node 1 and the balancer refusing it")
     assert re.search(r"connection refused source=127\.0\.0\.21:\d+ reason=banned", cluster.nodes[2].log())
     assert "hi" in run(_echo(cluster, carol, None, "127.0.0.22"))  # a bystander behind the balancer still works
+
+
+def test_a_permission_set_on_node_0_applies_on_node_1_and_kick_ends_the_user_everywhere(cluster):
+    """An administrator on one node locks a user down; the user's session already open on another node
+    obeys within seconds (perm_rev over the shared store). `sshfiles status` on any node lists every
+    node's sessions, and `sshfiles kick` ends them all."""
+    erin = cluster.nodes[0].add_user("erin")
+
+    async def scenario() -> None:
+        conns = [await cluster.connect(n, erin, "127.0.0.5") for n in range(NODES)]
+        try:
+            async with conns[1].start_sftp_client() as sftp:
+                async with sftp.open("before.txt", "wb") as f:  # node 1: uploads allowed so far
+                    await f.write(b"ok")
+                await asyncio.to_thread(cluster.nodes[0].cli, "user", "perm", "set", "erin", "/", "list,download")
+                deadline = time.monotonic() + 10
+                while True:  # the same live session, no reconnect: refused once node 1 reloads the rules
+                    try:
+                        async with sftp.open("after.txt", "wb") as f:
+                            await f.write(b"no")
+                    except asyncssh.SFTPPermissionDenied:
+                        break
+                    await sftp.remove("after.txt")
+                    assert time.monotonic() < deadline, "node 1 never applied the permission set on node 0"
+                    await asyncio.sleep(0.2)
+                assert [n.filename for n in await sftp.readdir(".") if n.filename == "before.txt"]  # still listable
+
+                async def listed() -> int:
+                    out = (await asyncio.to_thread(cluster.nodes[2].cli, "status", "--json")).stdout
+                    return out.count('"user": "erin"')
+                deadline = time.monotonic() + 10
+                while await listed() != NODES:  # every node writes its rows to the shared store
+                    assert time.monotonic() < deadline, "status on node 2 never listed erin's 3 sessions"
+                    await asyncio.sleep(0.3)
+                kicked = await asyncio.to_thread(cluster.nodes[0].cli, "kick", "erin")
+                assert f"kicked erin: {NODES} sessions" in kicked.stdout, kicked.stdout
+                await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in conns)), 10)
+        finally:
+            for c in conns:
+                c.close()
+    run(scenario())
+    for node in cluster.nodes:
+        assert re.search(r'session ended user=erin source=127\.0\.0\.5:\d+ reason="credentials changed"', node.log())
+    assert re.search(r"permissions reloaded user=erin", cluster.nodes[1].log())
+
+
+def test_a_nodes_sessions_dropped_under_it_are_listed_again_within_a_lease(cluster):
+    """A node taken for dead during a database outage longer than its lease has its session rows
+    dropped by another node (drop_owner); once back, its users must show in `sshfiles status` again
+    even though its sessions did not change."""
+    import psycopg
+
+    frank = cluster.nodes[0].add_user("frank")
+
+    def listed() -> bool:
+        return '"user": "frank"' in cluster.nodes[0].cli("status", "--json").stdout
+
+    async def session() -> None:
+        async with cluster.connect(1, frank, "127.0.0.6") as conn:
+            await conn.run("echo hi", check=True)
+            await asyncio.to_thread(wait_for, listed, 10, "frank listed")
+            with psycopg.connect(cluster.url, autocommit=True) as db:  # what the reclaiming node does
+                db.execute("DELETE FROM sessions WHERE \"user\" = 'frank'")
+            await asyncio.to_thread(wait_for, listed, 15, "frank listed again (node lease: 3 s)")
+    run(session())
+
+
+def test_healthz_is_503_while_the_shared_store_cannot_take_a_write(cluster):
+    """A balancer's health check must take a node out while its database would refuse or stall a write,
+    and answer within healthz's own 1 s bound (not the store's 5 s call timeout) so the check itself
+    does not time out. Here another session holds an exclusive lock on the store's version table."""
+    import psycopg
+
+    port = _metrics_port(cluster.nodes[1])
+    assert _get(port, "/healthz") == (200, "ok\n")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(cluster.url) as conn:
+            conn.execute("LOCK TABLE sshfiles_schema IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(3)  # 3 s: longer than healthz's bound, shorter than a store call's 5 s
+    locker = threading.Thread(target=hold)
+    locker.start()
+    try:
+        assert locked.wait(10)
+        status, body = _get(port, "/healthz")
+        assert status == 503 and "unhealthy" in body, body
+        assert "sshfiles:sshfiles" not in body and "127.0.0.1/" not in body  # no DSN in the answer
+    finally:
+        release.set()
+        locker.join(15)
+    assert _get(port, "/healthz") == (200, "ok\n")
 
 
 async def _echo(cluster: Cluster, user: User, node: int | None, source: str) -> str:

@@ -51,7 +51,9 @@ def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] =
 
     ``sqlite:PATH`` or ``sqlite:///ABSOLUTE/PATH`` names the directory that
     holds ``accounts.db``; ``postgresql://...`` (or ``postgres://``) a PostgreSQL
-    database (psycopg's URL syntax).  `lease` is the PostgreSQL owners' lease in
+    database (psycopg's URL syntax).  `busy_timeout` bounds how long a call waits for a lock (SQLite)
+    or for the database: connect, pool, statement and lock timeouts (PostgreSQL; default 5 s), so
+    healthz's probe answers within its own bound.  `lease` is the PostgreSQL owners' lease in
     seconds (SQLite's owners live as long as their flock); `migrate` lets a
     PostgreSQL store be upgraded to this version's schema (SQLite's migrate on open).
     Any other scheme is refused with a one-line error.
@@ -68,6 +70,6 @@ def open_store(url: str | None = None, *, accounts_dir: str | os.PathLike[str] =
         return SQLiteAccountStore(Path(path), busy_timeout=busy_timeout, create=create)
     if parts.scheme in ("postgresql", "postgres"):
         from .postgres import PostgresAccountStore
-        return PostgresAccountStore(url, lease=lease, migrate=migrate)
+        return PostgresAccountStore(url, lease=lease, migrate=migrate, timeout=busy_timeout)
     shown = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
     raise AccountError(f"unsupported store URL scheme {shown!r}: use sqlite:DIR or postgresql://USER@HOST/DB")

@@ -14,7 +14,8 @@ __all__ = ["copy_store"]
 
 
 def copy_store(source: AccountStore, target: AccountStore) -> tuple[int, int]:
-    """Copy users (with keys, quotas, usage, entries, disabled state) and bans; returns their counts.
+    """Copy users (with keys, quotas, usage, entries, disabled state, permission rules, upload mode)
+    and bans; returns their counts.
 
     Refuses a non-empty target (nothing is merged or overwritten) and a source that servers still
     hold reservations in.  Verifies the copy by reading both stores back.
@@ -34,6 +35,10 @@ def copy_store(source: AccountStore, target: AccountStore) -> tuple[int, int]:
             target.set_disabled(acct.name, True)
         if acct.max_entries is not None:
             target.set_max_entries(acct.name, acct.max_entries)
+        if acct.upload_mode is not None:
+            target.set_upload_mode(acct.name, acct.upload_mode)
+        for path, perms in source.permissions(acct.name).items():
+            target.set_permissions(acct.name, path, perms)
         target.set_usage(acct.name, acct.used, acct.entries)
     bans = source.bans()
     for b in bans:
@@ -43,11 +48,13 @@ def copy_store(source: AccountStore, target: AccountStore) -> tuple[int, int]:
 
 
 def _verify(source: AccountStore, target: AccountStore) -> None:
-    """Both stores read back the same, auth_rev aside (it is opaque; a copy starts new sessions anyway)."""
+    """Both stores read back the same, revisions aside (auth_rev and perm_rev are opaque: a copy
+    starts new sessions, which load their rules afresh)."""
     want = source.list_users()
     got = target.list_users()
     for a in (*want, *got):
-        a.auth_rev = 0
-    if want != got or source.bans() != target.bans():
+        a.auth_rev = a.perm_rev = 0
+    if (want != got or source.bans() != target.bans()
+            or any(source.permissions(a.name) != target.permissions(a.name) for a in want)):
         raise AccountError("the copy does not read back like the source (changed while copying?): "
                            "discard the target and try again with every server stopped")

@@ -23,8 +23,9 @@ for the rescan.
 
 Schema: ``sshfiles_schema`` holds the version; `_STEPS` maps a version to the
 statements that take the store from the previous one to it.  Versions match the
-SQLite store's numbers (v3 = users, keys, reservations, bans, plus owners here), so
-a later SQLite step N is ported by adding ``N: [...]`` below.
+SQLite store's numbers (v3 = users, keys, reservations, bans, plus owners here; v4
+permissions, v5 upload modes, v6 live sessions), so a later SQLite step N is ported
+by adding ``N: [...]`` below.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,7 +43,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .base import LEDGER_MAX, Account, AccountError, Ban, StoreCorrupt, StoredKey, validate_username
+from ..permissions import format_perms, normalize_rule_path, parse_perms
+from .base import LEDGER_MAX, Account, AccountError, Ban, LiveSession, StoreCorrupt, StoredKey, validate_username
 
 __all__ = ["SCHEMA_VERSION", "PostgresAccountStore", "describe_url"]
 
@@ -91,6 +93,31 @@ _STEPS: dict[int, list[str]] = {
             strikes INTEGER NOT NULL DEFAULT 1
         )""",
     ],
+    # v4: per-user, per-directory permissions (permissions.py) and their revision per user.
+    4: [
+        """CREATE TABLE permissions (
+            "user" TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            perms TEXT NOT NULL,
+            PRIMARY KEY ("user", path)
+        )""",
+        "ALTER TABLE users ADD COLUMN perm_rev BIGINT NOT NULL DEFAULT 0",
+    ],
+    # v5: per-user upload mode (atomic.py; NULL = the server's --upload-mode).
+    5: ["ALTER TABLE users ADD COLUMN upload_mode TEXT"],
+    # v6: who is logged in where (`sshfiles status`), one row per connection, per server process
+    # on any node; a dead owner's rows go when it is reconciled (drop_owner).
+    6: [
+        """CREATE TABLE sessions (
+            conn TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            "user" TEXT NOT NULL,
+            source TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL,
+            doing TEXT NOT NULL DEFAULT ''
+        )""",
+    ],
 }
 SCHEMA_VERSION = max(_STEPS)
 _MIGRATION_LOCK = 0x55F11E5  # pg_advisory_xact_lock key: one migrating node at a time
@@ -120,8 +147,9 @@ def _scrub(text: str, url: str) -> str:
 class PostgresAccountStore:
     """PostgreSQL implementation of `AccountStore`, for several nodes sharing one database."""
 
-    def __init__(self, url: str, *, lease: float | None = None, timeout: float = _TIMEOUT,
+    def __init__(self, url: str, *, lease: float | None = None, timeout: float | None = None,
                  node: str | None = None, migrate: bool = False, pool_size: int = 4) -> None:
+        timeout = _TIMEOUT if timeout is None else timeout  # open_store's busy_timeout (healthz: 1 s)
         self.url = url
         self.where = describe_url(url)
         self.lease = float(lease if lease is not None else os.environ.get("SSHFILES_NODE_LEASE", DEFAULT_LEASE))
@@ -231,26 +259,26 @@ class PostgresAccountStore:
         validate_username(name)
         now = time.time()
         with self._tx() as cur:
-            # auth_rev starts at the creation time in ms (see sqlite.py: a re-created name must not
-            # match a removed account's live session).
-            cur.execute("INSERT INTO users (name, home, password_hash, quota, used, created, auth_rev) "
-                        "VALUES (%s, %s, %s, %s, 0, %s, %s) ON CONFLICT (name) DO NOTHING",
-                        (name, home, password_hash, quota, now, int(now * 1000)))
+            # auth_rev and perm_rev start at the creation time in ms (see sqlite.py: a re-created
+            # name must not match a removed account's live session or its loaded rules).
+            cur.execute("INSERT INTO users (name, home, password_hash, quota, used, created, auth_rev, perm_rev) "
+                        "VALUES (%s, %s, %s, %s, 0, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                        (name, home, password_hash, quota, now, int(now * 1000), int(now * 1000)))
             if cur.rowcount == 0:
                 raise AccountError(f"user {name!r} already exists")
 
     def get_user(self, name: str) -> Account | None:
         with self._tx() as cur:
             cur.execute("SELECT name, home, password_hash, quota, used, disabled, auth_rev, entries, max_entries, "
-                        "reserved FROM users WHERE name = %s", (name,))
+                        "perm_rev, upload_mode, reserved FROM users WHERE name = %s", (name,))
             row = cur.fetchone()
             if row is None:
                 return None
             cur.execute('SELECT fingerprint, key, comment FROM keys WHERE "user" = %s ORDER BY seq', (name,))
             keys = [StoredKey(*r) for r in cur.fetchall()]
-        acct = Account(*row[:9])
+        acct = Account(*row[:11])
         acct.disabled = bool(acct.disabled)
-        acct.used = max(0, row[4] + row[9])
+        acct.used = max(0, row[4] + row[11])
         acct.keys = keys
         return acct
 
@@ -269,7 +297,7 @@ class PostgresAccountStore:
         with self._tx() as cur:
             self._lock_user(cur, name)
             cur.execute('DELETE FROM reservations WHERE "user" = %s', (name,))
-            cur.execute("DELETE FROM users WHERE name = %s", (name,))  # keys: ON DELETE CASCADE
+            cur.execute("DELETE FROM users WHERE name = %s", (name,))  # keys, permissions: ON DELETE CASCADE
         return acct
 
     def _update_user(self, sql: str, args: tuple[Any, ...], name: str) -> None:
@@ -295,6 +323,53 @@ class PostgresAccountStore:
     def auth_states(self, names: list[str]) -> dict[str, tuple[bool, int]]:
         rows = self._query("SELECT name, disabled, auth_rev FROM users WHERE name = ANY(%s)", (list(names),))
         return {name: (bool(disabled), rev) for name, disabled, rev in rows}
+
+    # -- permissions -----------------------------------------------------------------------
+
+    def set_permissions(self, name: str, path: str, perms: Iterable[str]) -> None:
+        """Set (or replace) NAME's rule for the directory PATH; a bad path or word is an AccountError.
+
+        The perm_rev bump comes first: it locks the user's row, so a concurrent removal either
+        happens before (no such user) or waits (and cascades the new rule away)."""
+        try:
+            path = normalize_rule_path(path)
+            text = format_perms(parse_perms(perms))
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        with self._tx() as cur:
+            cur.execute("UPDATE users SET perm_rev = perm_rev + 1 WHERE name = %s", (name,))
+            if cur.rowcount == 0:
+                raise AccountError(f"no such user: {name}")
+            cur.execute('INSERT INTO permissions ("user", path, perms) VALUES (%s, %s, %s) '
+                        'ON CONFLICT ("user", path) DO UPDATE SET perms = EXCLUDED.perms', (name, path, text))
+
+    def unset_permissions(self, name: str, path: str) -> None:
+        """Remove NAME's rule for PATH (the rule above it applies again); no rule: AccountError,
+        and the transaction (with its perm_rev bump) is rolled back."""
+        try:
+            path = normalize_rule_path(path)
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        with self._tx() as cur:
+            cur.execute("UPDATE users SET perm_rev = perm_rev + 1 WHERE name = %s", (name,))
+            if cur.rowcount == 0:
+                raise AccountError(f"no such user: {name}")
+            cur.execute('DELETE FROM permissions WHERE "user" = %s AND path = %s', (name, path))
+            if cur.rowcount == 0:
+                raise AccountError(f"user {name!r} has no permission rule for {path}")
+
+    def permissions(self, name: str) -> dict[str, frozenset[str]]:
+        """NAME's rules, directory -> permission set (empty: '*' everywhere), in one read."""
+        rows = self._query('SELECT p.path, p.perms FROM users u LEFT JOIN permissions p ON p."user" = u.name '
+                           "WHERE u.name = %s", (name,))
+        if not rows:
+            raise AccountError(f"no such user: {name}")
+        return {path: parse_perms(perms) for path, perms in rows if path is not None}
+
+    def permission_revs(self, names: list[str]) -> dict[str, int]:
+        """perm_rev of each named account that exists, in one read (the session watcher's query)."""
+        rows = self._query("SELECT name, perm_rev FROM users WHERE name = ANY(%s)", (list(names),))
+        return {name: rev for name, rev in rows}
 
     def set_quota(self, name: str, quota: int | None) -> None:
         self._update_user("UPDATE users SET quota = %s WHERE name = %s", (quota, name), name)
@@ -417,6 +492,10 @@ class PostgresAccountStore:
     def set_max_entries(self, name: str, max_entries: int | None) -> None:
         self._update_user("UPDATE users SET max_entries = %s WHERE name = %s", (max_entries, name), name)
 
+    def set_upload_mode(self, name: str, mode: str | None) -> None:
+        """A user's upload mode (atomic.MODES), or None for the server's default."""
+        self._update_user("UPDATE users SET upload_mode = %s WHERE name = %s", (mode, name), name)
+
     def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
         rows = self._query("SELECT quota, max_entries, entries FROM users WHERE name = %s", (name,))
         if not rows:
@@ -476,11 +555,14 @@ class PostgresAccountStore:
         return bool(rows and rows[0][0])
 
     def owners(self) -> list[str]:
-        return [o for o, in self._query("SELECT DISTINCT owner FROM reservations ORDER BY owner")]
+        """Owners that hold reservations or live-session rows (what `reconcile_dead_owners` checks)."""
+        return [o for o, in self._query("SELECT owner FROM reservations UNION SELECT owner FROM sessions "
+                                        "ORDER BY owner")]
 
     def drop_owner(self, owner: str) -> list[str]:
-        """Forget a process's reservations; returns the users to rescan.  Concurrent callers (two
-        nodes noticing the same death) get disjoint answers: a row is deleted, and returned, once."""
+        """Forget a process's reservations and live-session rows; returns the users to rescan.
+        Concurrent callers (two nodes noticing the same death) get disjoint answers: a row is
+        deleted, and returned, once."""
         with self._tx() as cur:
             cur.execute('SELECT name FROM users WHERE name IN (SELECT "user" FROM reservations WHERE owner = %s) '
                         "ORDER BY name FOR UPDATE", (owner,))
@@ -489,6 +571,7 @@ class PostgresAccountStore:
             for name, amount in gone:
                 if amount:
                     cur.execute("UPDATE users SET reserved = reserved - %s WHERE name = %s", (amount, name))
+            cur.execute("DELETE FROM sessions WHERE owner = %s", (owner,))
             if owner not in self._owned:
                 cur.execute("DELETE FROM owners WHERE owner = %s AND expires <= now()", (owner,))
         return sorted(name for name, _ in gone)
@@ -514,3 +597,51 @@ class PostgresAccountStore:
     def is_banned(self, source: str, now: float | None = None) -> bool:
         now = time.time() if now is None else now
         return bool(self._query("SELECT 1 FROM bans WHERE source = %s AND until > %s", (source, now)))
+
+    def prune_bans(self, expired_before: float) -> int:
+        """Forget bans that ended before `expired_before` (epoch seconds), strikes and all."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM bans WHERE until < %s", (expired_before,))
+            return cur.rowcount
+
+    # -- live sessions (sshfiles status) ----------------------------------------------------
+
+    def set_sessions(self, owner: str, sessions: list[LiveSession]) -> None:
+        """Make `sessions` the rows of `owner` (one process's whole set, in one transaction).
+
+        A connection id already stored under another owner is taken over, as SQLite's INSERT OR
+        REPLACE does (ids are random per connection: in practice a clash never happens)."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM sessions WHERE owner = %s", (owner,))
+            if sessions:
+                cur.executemany(
+                    'INSERT INTO sessions (conn, owner, pid, "user", source, since, doing) '
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (conn) DO UPDATE SET owner = EXCLUDED.owner, "
+                    'pid = EXCLUDED.pid, "user" = EXCLUDED."user", source = EXCLUDED.source, '
+                    "since = EXCLUDED.since, doing = EXCLUDED.doing",
+                    [(s.conn, owner, s.pid, s.user, s.source, s.since, s.doing) for s in sessions])
+
+    def live_sessions(self) -> list[LiveSession]:
+        """Every node's rows, oldest login first (a dead process's rows until it is reconciled)."""
+        return [LiveSession(*row) for row in self._query(
+            'SELECT conn, owner, pid, "user", source, since, doing FROM sessions ORDER BY since, conn COLLATE "C"')]
+
+    def kick_user(self, name: str) -> None:
+        """End the user's sessions on every node: each node's watcher sees auth_rev change."""
+        self._update_user("UPDATE users SET auth_rev = auth_rev + 1 WHERE name = %s", (name,), name)
+
+    # -- health ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Health probe (healthz): the database answers, still holds this store at the schema we
+        opened, and would take a write now.
+
+        ``FOR KEY SHARE`` is refused in a read-only transaction, so a node left on a hot standby
+        or a database switched read-only after a failover reports unhealthy instead of failing
+        every upload; it conflicts with no writer sshfiles has (the version row's UPDATE is not a
+        key update), so the probe never waits on the store's own traffic."""
+        with self._tx() as cur:
+            cur.execute("SELECT version FROM sshfiles_schema FOR KEY SHARE")
+            row = cur.fetchone()
+        if row is None or int(row[0]) != self.schema_version:
+            raise AccountError("accounts store was replaced")

@@ -362,6 +362,20 @@ def test_set_max_entries(store: AccountStore) -> None:
         assert acct is not None and acct.max_entries == value
 
 
+def test_upload_mode_set_read_by_other_handles_and_reset(open_store: OpenStore) -> None:
+    store, other = open_store(), open_store()
+    add(store, "alice")
+    add(store, "bob")
+    assert other.require_user("alice").upload_mode is None          # None: the server's --upload-mode
+    store.set_upload_mode("alice", "atomic-resume")
+    assert other.require_user("alice").upload_mode == "atomic-resume"
+    assert other.require_user("bob").upload_mode is None
+    store.set_upload_mode("alice", None)
+    assert other.require_user("alice").upload_mode is None
+    with pytest.raises(AccountError, match="no such user"):
+        store.set_upload_mode("nobody", "atomic")
+
+
 # --------------------------------------------------------------------------- owners (server processes)
 
 

@@ -22,8 +22,8 @@ import pytest
 from conftest import pg_schema
 
 from sshfiles.quota import reconcile_dead_owners
-from sshfiles.stores import AccountError, StoreCorrupt, open_store
-from sshfiles.stores.postgres import SCHEMA_VERSION
+from sshfiles.stores import AccountError, LiveSession, StoreCorrupt, open_store
+from sshfiles.stores.postgres import _STEPS, SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -166,4 +166,58 @@ def test_a_node_taken_for_dead_during_an_outage_is_alive_again_at_its_next_beat(
         assert other.owner_alive(owner)
     finally:
         other.close()
+        store.close()
+
+
+def test_a_v3_store_is_migrated_to_v6_keeping_its_accounts(url: str) -> None:
+    """A cluster's database written by the v3 release: refused until `store migrate`, then every later
+    feature (permissions, upload modes, live sessions) works on the old accounts."""
+    with psycopg.connect(url) as conn:  # the v3 store exactly as the v3 release created it
+        conn.execute("CREATE TABLE sshfiles_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO sshfiles_schema VALUES (3)")
+        for stmt in _STEPS[3]:
+            conn.execute(stmt)  # type: ignore[arg-type]  # our own constant SQL
+        conn.execute("INSERT INTO users (name, home, password_hash, quota, used, created, auth_rev) "
+                     "VALUES ('alice', '/h/alice', NULL, 100, 40, 0, 7)")
+    with pytest.raises(StoreCorrupt, match="run `sshfiles store migrate`"):
+        open_store(url)
+    open_store(url, migrate=True).close()
+    store = open_store(url)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 6  # type: ignore[attr-defined]
+        acct = store.require_user("alice")
+        assert (acct.used, acct.auth_rev, acct.upload_mode) == (40, 7, None)
+        assert store.permissions("alice") == {}
+        rev = store.permission_revs(["alice"])["alice"]
+        store.set_permissions("alice", "/in", "upload")
+        assert store.permissions("alice") == {"/in": frozenset({"upload"})}
+        assert store.permission_revs(["alice"])["alice"] != rev
+        store.set_upload_mode("alice", "atomic")
+        assert store.require_user("alice").upload_mode == "atomic"
+        owner = store.register_owner()
+        store.set_sessions(owner, [LiveSession("c1", owner, 1, "alice", "192.0.2.1:22", 1.0, "")])
+        assert [s.user for s in store.live_sessions()] == ["alice"]
+    finally:
+        store.close()
+
+
+def test_check_refuses_a_read_only_database_and_a_replaced_store(url: str) -> None:
+    """healthz asks `check`: a node whose database can no longer take a write (a hot standby, a
+    database set read-only after a failover) or whose store was dropped must report unhealthy."""
+    store = open_store(url)
+    store.add_user("alice", "/h", None, 10)
+    store.check()
+    read_only = open_store(url + "%20-cdefault_transaction_read_only%3Don")  # the same store, reads only
+    try:
+        assert read_only.require_user("alice").name == "alice"
+        with pytest.raises(AccountError) as err:
+            read_only.check()
+        assert "\n" not in str(err.value) and "sshfiles:sshfiles" not in str(err.value)
+        store.check()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP TABLE sshfiles_schema")  # the store is gone from under the node
+        with pytest.raises(AccountError):
+            store.check()
+    finally:
+        read_only.close()
         store.close()
