@@ -43,6 +43,7 @@ from .atomic import cleanup_homes
 from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
+from .folders import FolderMount
 from .hooks import HookRunner
 from .jail import openat2_available
 from .logsafe import esc
@@ -52,7 +53,16 @@ from .quota import QuotaManager, reconcile_dead_owners, rescan_user
 from .sdnotify import notify
 from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
-from .stores import Account, AccountError, AccountStore, Ban, LiveSession, open_store, validate_username
+from .stores import (
+    Account,
+    AccountError,
+    AccountStore,
+    Ban,
+    LiveSession,
+    folder_ledger,
+    open_store,
+    validate_username,
+)
 from .stores.worker import StoreWorker
 from .units import format_size
 
@@ -594,6 +604,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.channels = 0            # open session channels
         self.account: Account | None = None
         self.perm_rules = PermissionRules()  # the account's permission rules as read at the last channel open
+        self.mounts: list[FolderMount] = []  # the shared folders mounted for the user, as read at the last channel open
         self.own_uploads: dict[str, None] = {}  # files this login created: see UserSession._own
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
@@ -903,14 +914,22 @@ class _ConnectionHandler(asyncssh.SSHServer):
         never defaults to '*'."""
         username = self.username
 
-        def read(store: AccountStore) -> tuple[Account | None, dict[str, frozenset[str]]]:
+        def read(store: AccountStore) -> tuple[Account | None, dict[str, frozenset[str]], list[FolderMount]]:
             acct = store.get_user(username)
+            if acct is None:
+                return None, {}, []
             # Read after the account, so rules newer than acct.perm_rev are only ever reloaded again.
-            return acct, (store.permissions(username) if acct is not None else {})
+            rules = store.permissions(username)
+            mounts = []
+            for m in store.mounts(username):
+                folder = store.get_folder(m.folder)
+                if folder is not None:
+                    mounts.append(FolderMount(m.vpath, m.folder, folder.path, folder_ledger(m.folder), m.perms))
+            return acct, rules, mounts
 
         try:
             with metrics.store_timer("channel"):
-                acct, rules = await self.service.store_worker.read(read)
+                acct, rules, self.mounts = await self.service.store_worker.read(read)
         except AccountError as exc:
             log.error("accounts store error: %s", exc)
             return None
@@ -933,7 +952,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
                               on_close=self._session_closed, conn_id=self.cid, permissions=self.perm_rules,
                               own_uploads=self.own_uploads,
                               upload_mode=acct.upload_mode or self.service.config.upload_mode,
-                              hooks=self.service.hooks)
+                              hooks=self.service.hooks, mounts=self.mounts, ledger_of=self.service.quotas.ledger)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session
