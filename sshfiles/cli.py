@@ -719,6 +719,19 @@ def folder_list(obj: Context) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
 
 
+@folder.command("scan")
+@click.argument("name", required=False)
+@click.pass_obj
+def folder_scan(obj: Context, name: str | None) -> None:
+    """Recompute a folder's usage from disk (all folders without NAME), as `quota scan` does for users."""
+    reconcile_dead_owners(obj.existing_store)
+    names = [name] if name else [f.name for f in obj.existing_store.list_folders()]
+    for n in names:
+        before, after = rescan_user(obj.existing_store, folder_ledger(n))
+        change = "unchanged" if before == after else f"was {format_size(before)}"
+        click.echo(f"{n}: {format_size(after)} used ({change})")
+
+
 @folder.command("remove")
 @click.argument("name")
 @click.pass_obj
