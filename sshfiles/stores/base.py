@@ -29,6 +29,7 @@ __all__ = [
     "StoredKey",
     "folder_ledger",
     "folder_of_ledger",
+    "ledger_row",
     "validate_folder_name",
     "validate_username",
 ]
@@ -87,6 +88,17 @@ def folder_ledger(folder: str) -> str:
 def folder_of_ledger(key: str) -> str | None:
     """The folder a ledger key names, or None for a user's key."""
     return key[len(FOLDER_LEDGER_PREFIX):] if key.startswith(FOLDER_LEDGER_PREFIX) else None
+
+
+def ledger_row(key: str) -> tuple[str, str, str]:
+    """(table, row name, what) of a ledger key, for the SQL backends: a user's row in ``users`` or a
+    folder's in ``folders``. Both tables have the same ledger columns (quota, used, entries,
+    max_entries), so each ledger method is one query with the table chosen here, from a fixed pair,
+    never from input."""
+    folder = folder_of_ledger(key)
+    if folder is None:
+        return "users", key, "user"
+    return "folders", folder, "folder"
 
 
 @dataclass

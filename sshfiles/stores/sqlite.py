@@ -41,7 +41,7 @@ from .base import (
     StoreCorrupt,
     StoredKey,
     folder_ledger,
-    folder_of_ledger,
+    ledger_row,
     validate_folder_name,
     validate_username,
 )
@@ -144,17 +144,6 @@ _MIGRATIONS: dict[str, list[str]] = {
           "perms TEXT NOT NULL, PRIMARY KEY (user, vpath))"],
 }
 _NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5", "5": "6", "6": "7"}
-
-
-def _ledger(name: str) -> tuple[str, str, str]:
-    """(table, key, what) of a ledger key: a user's row, or a folder's (folder_ledger(name)).
-
-    The two tables have the same ledger columns (quota, used, entries, max_entries), so every
-    ledger method is one query with the table chosen here, from a fixed pair, never from input."""
-    folder = folder_of_ledger(name)
-    if folder is None:
-        return "users", name, "user"
-    return "folders", folder, "folder"
 
 
 class SQLiteAccountStore:
@@ -454,7 +443,7 @@ class SQLiteAccountStore:
 
     def _update_ledger(self, sql: str, args: tuple, name: str) -> None:
         """`sql` with {t} the ledger's table: an AccountError if the user or folder does not exist."""
-        table, key, what = _ledger(name)
+        table, key, what = ledger_row(name)
         with self._tx() as db:
             if db.execute(sql.format(t=table), (*args, key)).rowcount == 0:
                 raise AccountError(f"no such {what}: {key}")
@@ -463,7 +452,7 @@ class SQLiteAccountStore:
 
     def reserve(self, owner: str, name: str, amount: int) -> bool:
         """Atomically reserve `amount` bytes for `owner` if the quota allows it."""
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
             row = db.execute(f"SELECT quota, used FROM {table} WHERE name=?", (key,)).fetchone()
             if row is None:
@@ -483,7 +472,7 @@ class SQLiteAccountStore:
         """Move `consumed` reserved bytes into `used` and give `release` unused bytes back.
 
         `keep_row` keeps an emptied row as the owner's presence mark (see `mark_present`)."""
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
             db.execute(f"UPDATE {table} SET used = used + ? WHERE name=?", (consumed, key))
             db.execute("UPDATE reservations SET amount = amount - ? WHERE owner=? AND user=?",
@@ -507,7 +496,7 @@ class SQLiteAccountStore:
             db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
 
     def adjust_used(self, name: str, delta: int) -> None:
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
             db.execute(f"UPDATE {table} SET used = used + ? WHERE name=?", (delta, key))
 
@@ -516,7 +505,7 @@ class SQLiteAccountStore:
 
     def charged(self, name: str) -> int:
         """Bytes counted against the user: settled usage plus every live reservation."""
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         rows = self._query(
             "SELECT used + (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?) "
             f"FROM {table} WHERE name=?", (name, key))
@@ -524,7 +513,7 @@ class SQLiteAccountStore:
 
     def quota_state(self, name: str) -> tuple[int | None, int]:
         """(quota, charged) in one read, for statvfs and error messages."""
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         rows = self._query(
             "SELECT quota, used + (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?) "
             f"FROM {table} WHERE name=?", (name, key))
@@ -536,7 +525,7 @@ class SQLiteAccountStore:
 
     def charge_entries(self, name: str, n: int, limit: int | None) -> bool:
         """Count `n` new entries if they fit under `limit` (None: no limit); atomic across processes."""
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
             row = db.execute(f"SELECT entries FROM {table} WHERE name=?", (key,)).fetchone()
             if row is None:
@@ -547,7 +536,7 @@ class SQLiteAccountStore:
             return True
 
     def adjust_entries(self, name: str, delta: int) -> None:
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
             db.execute(f"UPDATE {table} SET entries = entries + ? WHERE name=?", (delta, key))
 
@@ -565,7 +554,7 @@ class SQLiteAccountStore:
 
     def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
         """(quota, max_entries as stored, entries) in one read."""
-        table, key, _ = _ledger(name)
+        table, key, _ = ledger_row(name)
         rows = self._query(f"SELECT quota, max_entries, entries FROM {table} WHERE name=?", (key,))
         if not rows:
             return 0, 0, 0
