@@ -696,7 +696,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         for session in self.sessions:
             for f in session.open_files:
                 done = f.bytes_written if f.writable else f.bytes_read
-                parts.append(f"{'upload' if f.writable else 'download'} {f.vpath} {format_size(done)}")
+                parts.append(f"{'upload' if f.writable else 'download'} {session.shown_path(f)} {format_size(done)}")
         if not parts and self.running:
             parts.append("command")
         parts.sort()

@@ -362,6 +362,10 @@ class UserSession:
         """The session whose tree a handle was opened in (its jail, ledger and rules)."""
         return f.owner if f.owner is not None and f.owner is not self else self
 
+    def shown_path(self, f: FileHandle) -> str:
+        """A handle's path as the user sees it (`sshfiles status`): under its mount point for a folder's."""
+        return self._of(f)._shown(f.vpath)
+
     def _holds_mount(self, path: bytes | str) -> bool:
         return bool(self.mounts) and holds_mount(self.mounts, normalize(path))
 

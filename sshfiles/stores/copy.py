@@ -8,7 +8,7 @@ reservations is refused, because those bytes belong to a running server, not to 
 
 from __future__ import annotations
 
-from .base import AccountError, AccountStore
+from .base import AccountError, AccountStore, folder_ledger
 
 __all__ = ["copy_store"]
 
@@ -19,7 +19,7 @@ def copy_store(source: AccountStore, target: AccountStore) -> tuple[int, int]:
     Refuses a non-empty target (nothing is merged or overwritten) and a source that servers still
     hold reservations in.  Verifies the copy by reading both stores back.
     """
-    if target.list_users() or target.bans():
+    if target.list_users() or target.bans() or target.list_folders():
         raise AccountError("the target store is not empty: copy only into a new, empty store")
     owners = source.owners()
     if owners:
@@ -35,6 +35,12 @@ def copy_store(source: AccountStore, target: AccountStore) -> tuple[int, int]:
         if acct.max_entries is not None:
             target.set_max_entries(acct.name, acct.max_entries)
         target.set_usage(acct.name, acct.used, acct.entries)
+    for folder in source.list_folders():  # shared folders: settings, usage, then every user's mounts
+        target.add_folder(folder.name, folder.path, folder.quota, folder.max_entries)
+        target.set_usage(folder_ledger(folder.name), folder.used, folder.entries)
+    for acct in accounts:
+        for m in source.mounts(acct.name):
+            target.add_mount(m.user, m.folder, m.vpath, m.perms)
     bans = source.bans()
     for b in bans:
         target.ban(b.source, b.until, b.reason, b.strikes)
@@ -48,6 +54,8 @@ def _verify(source: AccountStore, target: AccountStore) -> None:
     got = target.list_users()
     for a in (*want, *got):
         a.auth_rev = 0
-    if want != got or source.bans() != target.bans():
+    mounts_differ = any(source.mounts(a.name) != target.mounts(a.name) for a in want)
+    if want != got or source.bans() != target.bans() or source.list_folders() != target.list_folders() \
+            or mounts_differ:
         raise AccountError("the copy does not read back like the source (changed while copying?): "
                            "discard the target and try again with every server stopped")

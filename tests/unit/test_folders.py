@@ -165,3 +165,21 @@ def test_read_only_mount_refuses_writes_and_a_permission_change_reaches_the_moun
         assert bob.mounts["/team"].perms.rules == {"/": parse_perms("list,download"), "/drop": parse_perms("upload")}
 
     asyncio.run(run())
+
+
+def test_store_copy_carries_folders_their_usage_and_mounts(tmp_path: Path) -> None:
+    from sshfiles.stores.copy import copy_store
+
+    source, target = SQLiteAccountStore(tmp_path / "a"), SQLiteAccountStore(tmp_path / "b")
+    try:
+        source.add_user("alice", "/homes/alice", None, None)
+        source.add_folder("team", "/srv/team", 1000, 20)
+        source.set_usage(folder_ledger("team"), 300, 4)
+        source.add_mount("alice", "team", "/shared/team", "list,download")
+        copy_store(source, target)
+        assert target.list_folders() == source.list_folders()
+        assert target.charged(folder_ledger("team")) == 300
+        assert target.mounts("alice") == source.mounts("alice")
+    finally:
+        source.close()
+        target.close()
