@@ -49,11 +49,12 @@ def copy_store(source: AccountStore, target: AccountStore) -> tuple[int, int]:
 
 
 def _verify(source: AccountStore, target: AccountStore) -> None:
-    """Both stores read back the same, auth_rev aside (it is opaque; a copy starts new sessions anyway)."""
+    """Both stores read back the same, auth_rev and perm_rev aside (they are opaque revisions, which a
+    new account starts at its creation time; a copy starts new sessions anyway)."""
     want = source.list_users()
     got = target.list_users()
     for a in (*want, *got):
-        a.auth_rev = 0
+        a.auth_rev = a.perm_rev = 0
     mounts_differ = any(source.mounts(a.name) != target.mounts(a.name) for a in want)
     if want != got or source.bans() != target.bans() or source.list_folders() != target.list_folders() \
             or mounts_differ:
