@@ -60,6 +60,7 @@ from .stores import (
     Ban,
     LiveSession,
     folder_ledger,
+    folder_of_ledger,
     open_store,
     validate_username,
 )
@@ -1468,6 +1469,13 @@ def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:
         before, after = rescan_user(store, name)
         log.info("removed upload temporaries of %s left by an earlier run: usage %d -> %d bytes",
                  esc(name), before, after)
+    # Shared folders hold the uploads of every user mounting them, in whatever mode each uses: random
+    # temporaries go, partials younger than PARTIAL_MAX_AGE stay (an atomic-resume user may continue one).
+    folders = [(folder_ledger(f.name), f.path, "atomic-resume") for f in store.list_folders()]
+    for key in cleanup_homes(folders):
+        before, after = rescan_user(store, key)
+        log.info("removed upload temporaries in folder %s left by an earlier run: usage %d -> %d bytes",
+                 esc(folder_of_ledger(key) or key), before, after)
 
 
 def run_server(config: ServeConfig, announce: Callable[[str], None] = print, reload: Reloader | None = None) -> None:

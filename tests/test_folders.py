@@ -10,6 +10,7 @@ mount; `df` inside a folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -17,10 +18,11 @@ from pathlib import Path
 import asyncssh
 import paramiko
 import pytest
-from conftest import ServerHandle, User
+from conftest import ServerHandle, User, make_server
 from test_clients import make_file, need, ok
 from test_quota import ledger
 
+from sshfiles.atomic import RESERVED_PREFIX as PREFIX
 from sshfiles.quota import scan_usage
 from sshfiles.stores import folder_ledger
 from sshfiles.stores.sqlite import SQLiteAccountStore
@@ -254,3 +256,39 @@ def test_df_inside_a_folder_shows_the_folders_quota(server: ServerHandle, tmp_pa
     res = ok(server.sftp_batch(alice, "cd /shared/team\ndf\n", cwd=tmp_path))
     # OpenSSH prints KiB: Size Used Avail (root) %Capacity
     assert res.stdout.split("\n")[-2].split()[:3] == ["2048", "1024", "1024"], res.stdout
+
+
+def test_atomic_upload_into_a_folder_and_a_crash_mid_upload(tmp_path: Path, host_keys_dir: Path) -> None:
+    """An atomic upload into a folder is invisible to the other user until it completes; a server killed
+    mid-upload leaves a temporary that the next start removes, and the folder's ledger equals its disk."""
+    server = make_server(tmp_path, host_keys_dir, ("--upload-mode", "atomic", "--workers", "2"))
+    alice = server.add_user("alice")
+    bob = server.add_user("bob")
+    server.cli("folder", "add", "team", "--quota", "1M")
+    folder = server.homes_dir.parent / "folders" / "team"
+    server.cli("user", "folder", "add", "alice", "team", "/shared/team")
+    server.cli("user", "folder", "add", "bob", "team", "/shared/team", "--perms", "list,download")
+    server.start()
+    try:
+        async def upload_seen_only_when_done() -> None:
+            async with server.sftp(alice) as a, server.sftp(bob) as b:
+                async with a.open("/shared/team/done.bin", "wb") as f:
+                    await f.write(b"d" * 50_000)
+                    assert sorted(await b.listdir("/shared/team")) == [".", ".."]
+                assert "done.bin" in await b.listdir("/shared/team")
+                f = await a.open("/shared/team/broken.bin", "wb")
+                await f.write(b"b" * 70_000)  # never closed: the server dies under it
+                assert [p.name for p in folder.iterdir() if p.name.startswith(PREFIX)]  # the temporary
+                server.kill()
+
+        with contextlib.suppress(OSError, asyncssh.Error):
+            asyncio.run(upload_seen_only_when_done())
+        assert [p.name for p in folder.iterdir() if p.name.startswith(PREFIX)]  # left behind by the crash
+        server.start()
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(PREFIX)]
+        assert sorted(p.name for p in folder.iterdir()) == ["done.bin"]
+        assert_folder_ledger_matches_disk(server, "team", folder)
+        assert folder_state(server, "team") == (50_000, 1)
+        assert ledger(server, "alice") == 0
+    finally:
+        server.stop()
