@@ -292,3 +292,31 @@ def test_atomic_upload_into_a_folder_and_a_crash_mid_upload(tmp_path: Path, host
         assert ledger(server, "alice") == 0
     finally:
         server.stop()
+
+
+def test_hooks_name_the_users_path_in_a_folder(tmp_path: Path, host_keys_dir: Path) -> None:
+    from test_hooks import recorder, wait_events
+
+    cmd, events = recorder(tmp_path)
+    server = make_server(tmp_path, host_keys_dir, ("--on-upload", cmd, "--on-rename", cmd))
+    alice = server.add_user("alice")
+    server.cli("folder", "add", "team")
+    folder = (server.homes_dir.parent / "folders" / "team").resolve()
+    server.cli("user", "folder", "add", "alice", "team", "/shared/team")
+    server.start()
+    try:
+        transport, sftp = paramiko_client(server, alice)
+        try:
+            with sftp.open("/shared/team/x.bin", "w") as f:
+                f.write(b"x" * 1234)
+            wait_events(events, 1)
+            sftp.rename("/shared/team/x.bin", "/shared/team/y.bin")
+        finally:
+            transport.close()
+        up, ren = wait_events(events, 2)
+        assert (up["SSHFILES_EVENT"], up["SSHFILES_PATH"], up["SSHFILES_HOST_PATH"], up["SSHFILES_BYTES"]) == (
+            "upload", "/shared/team/x.bin", f"{folder}/x.bin", "1234")
+        assert (ren["SSHFILES_PATH"], ren["SSHFILES_TARGET"], ren["SSHFILES_HOST_TARGET"]) == (
+            "/shared/team/x.bin", "/shared/team/y.bin", f"{folder}/y.bin")
+    finally:
+        server.stop()
