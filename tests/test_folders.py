@@ -320,3 +320,36 @@ def test_hooks_name_the_users_path_in_a_folder(tmp_path: Path, host_keys_dir: Pa
             "/shared/team/x.bin", "/shared/team/y.bin", f"{folder}/y.bin")
     finally:
         server.stop()
+
+
+def test_check_file_and_copy_data_work_across_the_mount(server: ServerHandle) -> None:
+    """check-file (by name and by handle) hashes a folder's file; copy-data from the home into a folder
+    charges the folder, and from a folder into the home the user; a reader cannot copy into the folder."""
+    from sshfiles.client.transfer import check_file
+
+    alice, bob, folder = team(server)
+    data = os.urandom(70_000)
+    (alice.home / "src.bin").write_bytes(data)
+    server.cli("quota", "scan", "alice")
+
+    async def run() -> None:
+        async with server.sftp(alice) as sftp:
+            await sftp.remote_copy("/src.bin", "/shared/team/copy.bin")
+            alg, [digest] = await check_file(sftp, b"/shared/team/copy.bin", by_handle=False, algorithms="sha256")
+            assert (alg, digest) == ("sha256", hashlib.sha256(data).digest())
+            async with sftp.open("/shared/team/copy.bin", "rb") as f:
+                _, [again] = await check_file(sftp, f.handle, by_handle=True, algorithms="sha256")
+            assert again == digest
+            await sftp.remote_copy("/shared/team/copy.bin", "/back.bin")
+        async with server.sftp(bob) as sftp:
+            _, [seen] = await check_file(sftp, b"/shared/team/copy.bin", by_handle=False, algorithms="sha256")
+            assert seen == digest
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.remote_copy("/shared/team/copy.bin", "/shared/team/bob.bin")
+
+    asyncio.run(run())
+    assert (folder / "copy.bin").read_bytes() == data == (alice.home / "back.bin").read_bytes()
+    assert not (folder / "bob.bin").exists()
+    assert_folder_ledger_matches_disk(server, "team", folder)
+    assert folder_state(server, "team") == (70_000, 1)
+    assert ledger(server, "alice") == 140_000 and ledger(server, "bob") == 0
