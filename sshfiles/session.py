@@ -275,8 +275,8 @@ class UserSession:
             try:
                 self.mounts[m.vpath] = UserSession(
                     username, m.path, ledger_of(m.ledger), peer, conn_id=conn_id,
-                    permissions=mount_rules(self.perms, m.vpath, m.perms), upload_mode=upload_mode, hooks=hooks,
-                    parent=self, vroot=m.vpath)
+                    permissions=mount_rules(self.perms, m.vpath, m.perms), own_uploads=self._own,
+                    upload_mode=upload_mode, hooks=hooks, parent=self, vroot=m.vpath)
             except OSError as exc:  # a folder directory gone: that mount is absent, the rest works
                 log.warning("folder %s of %s not mounted at %s: %s", esc(m.folder), esc(username), esc(m.vpath),
                             esc(exc.strerror))
@@ -581,7 +581,7 @@ class UserSession:
             self._give_handle()
             raise
         if fresh and self.perms.restricted:
-            self._own[vpath] = None
+            self._own[self._shown(vpath)] = None  # user-visible paths: a folder's children share the dict
             if len(self._own) > OWN_UPLOADS:
                 del self._own[next(iter(self._own))]
         metrics.transfer_started()
@@ -727,11 +727,11 @@ class UserSession:
             return fd
         if self.perms.restricted:
             d, vpath = self._where(path, follow=True)
-            if vpath not in self._own:
+            if self._shown(vpath) not in self._own:
                 self._require(d, "download")
         fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
         try:
-            if self.perms.restricted and (vpath := self.jail.virtual_path(fd)) not in self._own:
+            if self.perms.restricted and self._shown(vpath := self.jail.virtual_path(fd)) not in self._own:
                 self._check_opened(vpath, path, os.O_RDONLY)
         except BaseException:
             self._close_fd(fd)
@@ -1015,7 +1015,7 @@ class UserSession:
                     st = self._stat_entry(path, follow)
                 except OSError:
                     st = None
-                if st is None or not (stat.S_ISDIR(st.st_mode) or vpath in self._own):
+                if st is None or not (stat.S_ISDIR(st.st_mode) or self._shown(vpath) in self._own):
                     self._require(d, "list")
                 assert st is not None
                 return st

@@ -353,3 +353,31 @@ def test_check_file_and_copy_data_work_across_the_mount(server: ServerHandle) ->
     assert_folder_ledger_matches_disk(server, "team", folder)
     assert folder_state(server, "team") == (70_000, 1)
     assert ledger(server, "alice") == 140_000 and ledger(server, "bob") == 0
+
+
+def test_drop_box_folder_answers_only_for_the_connections_own_uploads(server: ServerHandle) -> None:
+    """A folder mounted upload-only: the uploader cannot list it, but may check its own upload's size
+    and hash on the same connection (clients do; rclone over an exec channel); another connection may not."""
+    alice = server.add_user("alice")
+    server.cli("folder", "add", "inbox")
+    server.cli("user", "folder", "add", "alice", "inbox", "/drop", "--perms", "upload")
+    data = b"report" * 1000
+
+    async def run() -> None:
+        async with server.connect(alice) as conn:
+            async with conn.start_sftp_client() as sftp:
+                async with sftp.open("/drop/r.txt", "wb") as f:
+                    await f.write(data)
+                assert (await sftp.stat("/drop/r.txt")).size == len(data)
+                with pytest.raises(asyncssh.SFTPPermissionDenied):
+                    await sftp.listdir("/drop")
+            res = await conn.run("sha256sum /drop/r.txt")
+            assert res.stdout == f"{hashlib.sha256(data).hexdigest()}  /drop/r.txt\n", res.stderr
+        async with server.connect(alice) as conn:
+            res = await conn.run("sha256sum /drop/r.txt")
+            assert res.exit_status != 0 and "Permission denied" in str(res.stderr)
+            async with conn.start_sftp_client() as sftp:
+                with pytest.raises(asyncssh.SFTPPermissionDenied):
+                    await sftp.stat("/drop/r.txt")
+
+    asyncio.run(run())
