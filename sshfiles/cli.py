@@ -28,7 +28,9 @@ from .stores import (
     AccountStore,
     LiveSession,
     StoredKey,
+    folder_ledger,
     open_store,
+    validate_folder_name,
     validate_username,
 )
 from .units import format_size, parse_size
@@ -491,6 +493,53 @@ def user_perm_list(obj: Context, name: str) -> None:
         click.echo(f"{path}\t{format_perms(rules[path])}")
 
 
+@user.group("folder", cls=_Group)
+def user_folder() -> None:
+    """Shared folders mounted into a user's tree (`sshfiles folder` creates them).
+
+    A mount change applies to the user's next channel (a new SFTP session or command); the
+    channels open at the time keep the mounts they started with.
+    """
+
+
+@user_folder.command("add")
+@click.argument("name")
+@click.argument("folder")
+@click.argument("vpath")
+@click.option("--perms", default="*", show_default=True,
+              help="What NAME may do inside the folder (as `user perm set NAME VPATH PERMS` would).")
+@click.pass_obj
+def user_folder_add(obj: Context, name: str, folder: str, vpath: str, perms: str) -> None:
+    """Mount FOLDER into NAME's tree at VPATH (e.g. /shared/reports)."""
+    try:
+        vpath, parsed = normalize_rule_path(vpath), parse_perms(perms)
+    except ValueError as exc:
+        fail(str(exc))
+    obj.existing_store.add_mount(name, folder, vpath, parsed)
+    click.echo(f"mounted folder {folder} at {vpath} for {name} ({format_perms(parsed)}; "
+               "applies from the user's next channel)")
+
+
+@user_folder.command("remove")
+@click.argument("name")
+@click.argument("vpath")
+@click.pass_obj
+def user_folder_remove(obj: Context, name: str, vpath: str) -> None:
+    """Unmount the folder at VPATH from NAME's tree (the folder and its files stay)."""
+    obj.existing_store.remove_mount(name, vpath)
+    click.echo(f"unmounted {normalize_rule_path(vpath)} for {name}")
+
+
+@user_folder.command("list")
+@click.argument("name")
+@click.pass_obj
+def user_folder_list(obj: Context, name: str) -> None:
+    """NAME's mounts, one 'VPATH FOLDER PERMS' per line."""
+    obj.existing_store.require_user(name)
+    for m in obj.existing_store.mounts(name):
+        click.echo(f"{m.vpath}\t{m.folder}\t{format_perms(m.perms)}")
+
+
 @user.command("passwd")
 @click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="Read the password from one line of stdin.")
@@ -617,6 +666,80 @@ def user_key_remove(obj: Context, name: str, fingerprint: str) -> None:
     """Remove the key with FINGERPRINT (as `user key list` shows it) from NAME."""
     obj.existing_store.remove_key(name, fingerprint)
     click.echo(f"removed key {fingerprint} from {name}")
+
+
+# -- folder -----------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def folder() -> None:
+    """Shared (virtual) folders: a directory with its own quota, mounted into users' trees
+    (`sshfiles user folder add`)."""
+
+
+@folder.command("add")
+@click.argument("name")
+@click.option("--path", "path_text", default=None,
+              help="The folder's host directory (created 0700 if missing) [default: HOMES_DIR/../folders/NAME].")
+@click.option("--quota", "quota_text", default="unlimited", show_default=True,
+              help="Bytes the folder may hold, whoever writes them (e.g. 10G); unlimited is still counted.")
+@click.option("--files", "files_text", default="default", show_default=True,
+              help="Most files and directories the folder may hold: a number, 'unlimited', or 'default'.")
+@click.pass_obj
+def folder_add(obj: Context, name: str, path_text: str | None, quota_text: str, files_text: str) -> None:
+    """Create a shared folder NAME (an existing directory is adopted and its usage scanned)."""
+    validate_folder_name(name)
+    quota, max_entries = _size(quota_text), _files(files_text)
+    if obj.store.get_folder(name) is not None:
+        fail(f"folder {name!r} already exists")
+    path = Path(path_text) if path_text else obj.homes_dir.absolute().parent / "folders" / name
+    try:
+        if not path_text:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        fail(f"cannot create folder directory {path}: {exc.strerror}")
+    if not path.is_dir():
+        fail(f"folder path {path} is not a directory")
+    secure_homes(None, [path])  # the same rule as a home: nobody else may write it
+    obj.store.add_folder(name, str(path.resolve()), quota, max_entries)
+    rescan_user(obj.store, folder_ledger(name))
+    click.echo(f"added folder {name} ({path.resolve()}, quota {format_size(quota)})")
+
+
+@folder.command("list")
+@click.pass_obj
+def folder_list(obj: Context) -> None:
+    """Folders with their quota, usage (FILES: entries used/limit) and host path."""
+    rows = [("NAME", "QUOTA", "USED", "FILES", "PATH")]
+    for f in obj.existing_store.list_folders():
+        rows.append((f.name, format_size(f.quota), format_size(f.used),
+                     _format_files(f.entries, entries_limit(f.quota, f.max_entries)), f.path))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
+
+
+@folder.command("scan")
+@click.argument("name", required=False)
+@click.pass_obj
+def folder_scan(obj: Context, name: str | None) -> None:
+    """Recompute a folder's usage from disk (all folders without NAME), as `quota scan` does for users."""
+    reconcile_dead_owners(obj.existing_store)
+    names = [name] if name else [f.name for f in obj.existing_store.list_folders()]
+    for n in names:
+        before, after = rescan_user(obj.existing_store, folder_ledger(n))
+        change = "unchanged" if before == after else f"was {format_size(before)}"
+        click.echo(f"{n}: {format_size(after)} used ({change})")
+
+
+@folder.command("remove")
+@click.argument("name")
+@click.pass_obj
+def folder_remove(obj: Context, name: str) -> None:
+    """Delete folder NAME and every mount of it (its directory and files stay on disk)."""
+    f = obj.existing_store.remove_folder(name)
+    click.echo(f"removed folder {name} (directory {f.path} kept)")
 
 
 # -- quota ------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .stores import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, AccountStore
+from .stores import LEDGER_MAX, UNLIMITED_ENTRIES, AccountError, AccountStore, folder_of_ledger
 from .stores.worker import StoreWorker
 from .units import format_size
 
@@ -581,10 +581,18 @@ def scan_usage(home: str | os.PathLike[str]) -> Usage:
 
 def rescan_user(store: AccountStore, name: str,
                 on_change: Callable[[str, int, int], None] | None = None) -> tuple[int, int]:
-    """Set a user's settled usage (bytes and entries) to what is on disk; returns bytes (before, after)."""
-    acct = store.require_user(name)
-    before = acct.used
-    usage = scan_usage(acct.home) if Path(acct.home).is_dir() else Usage()
+    """Set a user's (or a folder's: a folder_ledger key) settled usage (bytes and entries) to what is
+    on disk; returns bytes (before, after)."""
+    folder_name = folder_of_ledger(name)
+    if folder_name is None:
+        acct = store.require_user(name)
+        before, root = acct.used, acct.home
+    else:
+        folder = store.get_folder(folder_name)
+        if folder is None:
+            raise AccountError(f"no such folder: {folder_name}")
+        before, root = folder.used, folder.path
+    usage = scan_usage(root) if Path(root).is_dir() else Usage()
     store.set_usage(name, usage.bytes, usage.entries)
     if on_change and before != usage.bytes:
         on_change(name, before, usage.bytes)
@@ -598,7 +606,8 @@ def reconcile_dead_owners(store: AccountStore) -> list[str]:
         if store.owner_alive(owner):
             continue
         for name in store.drop_owner(owner):
-            if store.get_user(name) is not None:
+            folder_name = folder_of_ledger(name)
+            if (store.get_user(name) if folder_name is None else store.get_folder(folder_name)) is not None:
                 before, after = rescan_user(store, name)
                 log.info("quota reconciled for %s after an unclean stop: %d -> %d bytes", name, before, after)
                 repaired.append(name)

@@ -43,6 +43,7 @@ from .atomic import cleanup_homes
 from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
 from .exec_commands import run_exec
+from .folders import FolderMount
 from .hooks import HookRunner
 from .jail import openat2_available
 from .logsafe import esc
@@ -52,7 +53,17 @@ from .quota import QuotaManager, reconcile_dead_owners, rescan_user
 from .sdnotify import notify
 from .session import UserSession, set_handle_limits
 from .sftp import JailedSFTPServer, SshfilesSFTPHandler
-from .stores import Account, AccountError, AccountStore, Ban, LiveSession, open_store, validate_username
+from .stores import (
+    Account,
+    AccountError,
+    AccountStore,
+    Ban,
+    LiveSession,
+    folder_ledger,
+    folder_of_ledger,
+    open_store,
+    validate_username,
+)
 from .stores.worker import StoreWorker
 from .units import format_size
 
@@ -615,6 +626,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.channels = 0            # open session channels
         self.account: Account | None = None
         self.perm_rules = PermissionRules()  # the account's permission rules as read at the last channel open
+        self.mounts: list[FolderMount] = []  # the shared folders mounted for the user, as read at the last channel open
         self.own_uploads: dict[str, None] = {}  # files this login created: see UserSession._own
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
@@ -706,7 +718,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         for session in self.sessions:
             for f in session.open_files:
                 done = f.bytes_written if f.writable else f.bytes_read
-                parts.append(f"{'upload' if f.writable else 'download'} {f.vpath} {format_size(done)}")
+                parts.append(f"{'upload' if f.writable else 'download'} {session.shown_path(f)} {format_size(done)}")
         if not parts and self.running:
             parts.append("command")
         parts.sort()
@@ -924,14 +936,22 @@ class _ConnectionHandler(asyncssh.SSHServer):
         never defaults to '*'."""
         username = self.username
 
-        def read(store: AccountStore) -> tuple[Account | None, dict[str, frozenset[str]]]:
+        def read(store: AccountStore) -> tuple[Account | None, dict[str, frozenset[str]], list[FolderMount]]:
             acct = store.get_user(username)
+            if acct is None:
+                return None, {}, []
             # Read after the account, so rules newer than acct.perm_rev are only ever reloaded again.
-            return acct, (store.permissions(username) if acct is not None else {})
+            rules = store.permissions(username)
+            mounts = []
+            for m in store.mounts(username):
+                folder = store.get_folder(m.folder)
+                if folder is not None:
+                    mounts.append(FolderMount(m.vpath, m.folder, folder.path, folder_ledger(m.folder), m.perms))
+            return acct, rules, mounts
 
         try:
             with metrics.store_timer("channel"):
-                acct, rules = await self.service.store_worker.read(read)
+                acct, rules, self.mounts = await self.service.store_worker.read(read)
         except AccountError as exc:
             log.error("accounts store error: %s", exc)
             return None
@@ -954,7 +974,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
                               on_close=self._session_closed, conn_id=self.cid, permissions=self.perm_rules,
                               own_uploads=self.own_uploads,
                               upload_mode=acct.upload_mode or self.service.config.upload_mode,
-                              hooks=self.service.hooks)
+                              hooks=self.service.hooks, mounts=self.mounts, ledger_of=self.service.quotas.ledger)
         self.service.sessions.add(session)
         self.sessions.add(session)
         return session
@@ -1478,6 +1498,13 @@ def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:
         before, after = rescan_user(store, name)
         log.info("removed upload temporaries of %s left by an earlier run: usage %d -> %d bytes",
                  esc(name), before, after)
+    # Shared folders hold the uploads of every user mounting them, in whatever mode each uses: random
+    # temporaries go, partials younger than PARTIAL_MAX_AGE stay (an atomic-resume user may continue one).
+    folders = [(folder_ledger(f.name), f.path, "atomic-resume") for f in store.list_folders()]
+    for key in cleanup_homes(folders):
+        before, after = rescan_user(store, key)
+        log.info("removed upload temporaries in folder %s left by an earlier run: usage %d -> %d bytes",
+                 esc(folder_of_ledger(key) or key), before, after)
 
 
 def run_server(config: ServeConfig, announce: Callable[[str], None] = print, reload: Reloader | None = None) -> None:

@@ -28,12 +28,13 @@ import posixpath
 import resource
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import atomic, audit, metrics
 from .atomic import ServerPath, Upload
+from .folders import FolderMount, ancestor_names, holds_mount, mount_rules, route
 from .hooks import HookEvent, HookRunner
 from .jail import DirEntries, Jail, normalize
 from .logsafe import esc
@@ -131,6 +132,35 @@ class FileHandle:
     upload: Upload | None = None  # written under a temporary name, renamed onto vpath at close (atomic.py)
     interrupted: bool = False     # the adapter saw its channel go before the close (SCP)
     quota: bool = False  # `failed` is a quota refusal: the transfer's result is "quota"
+    # The folder's session (a mount's child, see UserSession.mounts) that opened it; None: the home's.
+    owner: UserSession | None = None
+
+
+class _MountEntries:
+    """A listing of a directory that holds mounts (or leads to one): the mounts' names first, then
+    the home's own entries of that directory, if it exists on disk, without those names."""
+
+    def __init__(self, extra: list[tuple[bytes, os.stat_result]], entries: DirEntries | None) -> None:
+        self._extra = extra
+        self._names = {name for name, _ in extra}
+        self._entries = entries
+
+    def __iter__(self) -> _MountEntries:
+        return self
+
+    def __next__(self) -> tuple[bytes, os.stat_result]:
+        if self._extra:
+            return self._extra.pop(0)
+        if self._entries is None:
+            raise StopIteration
+        for item in self._entries:
+            if item[0] not in self._names:
+                return item
+        raise StopIteration
+
+    def close(self) -> None:
+        if self._entries is not None:
+            self._entries.close()
 
 
 class DirHandle:
@@ -138,7 +168,7 @@ class DirHandle:
 
     It holds one of the session's handles until `close` (which is idempotent)."""
 
-    def __init__(self, entries: DirEntries, on_close: Callable[[], None]) -> None:
+    def __init__(self, entries: DirEntries | _MountEntries, on_close: Callable[[], None]) -> None:
         self._entries = entries
         self._on_close: Callable[[], None] | None = on_close
 
@@ -196,8 +226,14 @@ class UserSession:
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
                  on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-",
                  permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None,
-                 upload_mode: str = "standard", hooks: HookRunner | None = None) -> None:
+                 upload_mode: str = "standard", hooks: HookRunner | None = None,
+                 mounts: Sequence[FolderMount] = (), ledger_of: Callable[[str], UserLedger] | None = None,
+                 parent: UserSession | None = None, vroot: str = "") -> None:
         self.username = username
+        # A mount's child session (see `mounts`): handles count against the parent's bounds, and
+        # `vroot` (the mount point) prefixes the paths it shows in the log, hooks and realpath.
+        self._parent = parent
+        self.vroot = vroot
         self.upload_mode = upload_mode  # atomic.MODES: how this session's uploads become visible
         self.hooks = hooks
         self.peer = peer
@@ -222,17 +258,47 @@ class UserSession:
             raise
         self.ledger = ledger
         ledger.session_opened()
-        # Set when the session ends with transfers still open (client vanished, or the
-        # server cut it): their handles are closed for them and logged as interrupted.
-        self.interrupted = False
+        self._interrupted = False
         self._on_close = on_close
         self._closed = False
         self.handles = 0  # open FileHandles and DirHandles of this session (HANDLE_LIMITS.per_session)
         self.open_files: set[FileHandle] = set()  # what `sshfiles status` shows the session doing
+        # Shared folders mounted into this user's tree (folders.py): one child session per mount,
+        # with the folder's own jail, namespace lock and ledger, and the mount's permissions. Every
+        # public operation routes a path under a mount to its child; a user without mounts pays one
+        # attribute test. Mounts are read when the channel opens: a change applies at the next one.
+        self.mounts: dict[str, UserSession] = {}
+        self._mount_perms: dict[str, frozenset[str]] = {}
+        self._hash_fds: dict[int, UserSession] = {}  # open_for_hash fds that a child opened
+        for m in mounts:
+            assert ledger_of is not None
+            try:
+                self.mounts[m.vpath] = UserSession(
+                    username, m.path, ledger_of(m.ledger), peer, conn_id=conn_id,
+                    permissions=mount_rules(self.perms, m.vpath, m.perms), own_uploads=self._own,
+                    upload_mode=upload_mode, hooks=hooks, parent=self, vroot=m.vpath)
+            except OSError as exc:  # a folder directory gone: that mount is absent, the rest works
+                log.warning("folder %s of %s not mounted at %s: %s", esc(m.folder), esc(username), esc(m.vpath),
+                            esc(exc.strerror))
+                continue
+            self._mount_perms[m.vpath] = m.perms
+
+    @property
+    def interrupted(self) -> bool:
+        """Set when the session ends with transfers still open (client vanished, or the server cut
+        it): their handles are closed for them and logged as interrupted. A mount's child session
+        follows its parent's."""
+        return self._interrupted or (self._parent is not None and self._parent.interrupted)
+
+    @interrupted.setter
+    def interrupted(self, value: bool) -> None:
+        self._interrupted = value
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for child in self.mounts.values():
+                child.close()
             # Handles the adapter did not close (it should have): give their places back anyway.
             self.ledger.open_handles -= self.handles
             self.handles = 0
@@ -251,9 +317,9 @@ class UserSession:
             yield
         except BaseException as exc:
             result, error = outcome(exc)
-            audit.event(name, self, path=normalize(path), **fields, result=result, error=error)
+            audit.event(name, self, path=self._shown(normalize(path)), **fields, result=result, error=error)
             raise
-        audit.event(name, self, path=normalize(path), **fields, result="ok")
+        audit.event(name, self, path=self._shown(normalize(path)), **fields, result="ok")
 
     @contextlib.contextmanager
     def _audit_refusals(self, name: str, path: bytes | str, **fields: Any) -> Iterator[None]:
@@ -263,8 +329,14 @@ class UserSession:
         except OSError as exc:
             result, error = outcome(exc)
             if result in ("denied", "quota"):
-                audit.event(name, self, path=normalize(path), **fields, result=result, error=error)
+                audit.event(name, self, path=self._shown(normalize(path)), **fields, result=result, error=error)
             raise
+
+    def _shown(self, vpath: str) -> str:
+        """A path of this session's tree as the user sees it (a mount's child: under its mount point)."""
+        if not self.vroot:
+            return vpath
+        return self.vroot if vpath == "/" else self.vroot + vpath
 
     @contextlib.contextmanager
     def _namespace(self) -> Iterator[None]:
@@ -274,6 +346,60 @@ class UserSession:
             yield
         finally:
             fcntl.flock(self._ns_fd, fcntl.LOCK_UN)
+
+    # -- shared folders (folders.py): which tree a path or handle belongs to -------------------
+
+    def _route(self, path: bytes | str) -> tuple[UserSession, bytes | str]:
+        """(the session whose tree holds `path`, the path in it): a mount's child for a path under a
+        mount point (the path inside the folder), else this session and the path unchanged."""
+        if self.mounts:
+            hit = route(self.mounts, normalize(path))
+            if hit is not None:
+                return hit
+        return self, path
+
+    def _of(self, f: FileHandle) -> UserSession:
+        """The session whose tree a handle was opened in (its jail, ledger and rules)."""
+        return f.owner if f.owner is not None and f.owner is not self else self
+
+    def shown_path(self, f: FileHandle) -> str:
+        """A handle's path as the user sees it (`sshfiles status`): under its mount point for a folder's."""
+        return self._of(f)._shown(f.vpath)
+
+    def _holds_mount(self, path: bytes | str) -> bool:
+        return bool(self.mounts) and holds_mount(self.mounts, normalize(path))
+
+    def _refuse_mount_change(self, event: str, path: bytes | str, **fields: Any) -> None:
+        """A mount point (or a directory above one) is part of the admin's layout: never removed or renamed."""
+        err = PermissionError(errno.EACCES, "Permission denied: a shared folder's mount point cannot be removed, "
+                              "renamed or changed")
+        audit.event(event, self, path=normalize(path), **fields, result="denied", error=err.strerror)
+        raise err
+
+    def _mount_entries(self, npath: str) -> list[tuple[bytes, os.stat_result]]:
+        """The entries a listing of `npath` shows for mounts: a mount point as its folder's root, a
+        directory on the way to one as it is in the home (or as the home's root if it is not on disk)."""
+        out = []
+        for name, vpath in ancestor_names(self.mounts, npath).items():
+            try:
+                if vpath is not None:
+                    st = self.mounts[vpath].jail.stat("/")
+                else:
+                    st = self._virtual_dir_stat(posixpath.join(npath, name))
+            except OSError:
+                continue
+            out.append((os.fsencode(name), st))
+        return out
+
+    def _virtual_dir_stat(self, npath: str) -> os.stat_result:
+        """A directory on the way to a mount: the home's own if it is one, else the home root's attributes."""
+        try:
+            st = self.jail.stat(npath, follow=True)
+            if stat.S_ISDIR(st.st_mode):
+                return st
+        except OSError:
+            pass
+        return self.jail.stat("/")
 
     # -- permissions ----------------------------------------------------------
     #
@@ -286,6 +412,8 @@ class UserSession:
     def set_permissions(self, rules: PermissionRules) -> None:
         """New rules (the server's watcher saw the store's revision move): they apply from the next operation."""
         self.perms = rules
+        for vpath, child in self.mounts.items():
+            child.set_permissions(mount_rules(rules, vpath, self._mount_perms[vpath]))
 
     def _where(self, path: bytes | str, follow: bool = False) -> tuple[str, str]:
         """(directory whose rule applies, virtual path of the entry), as the kernel resolves `path`.
@@ -379,6 +507,9 @@ class UserSession:
 
     def _take_handle(self) -> None:
         """Count one more open handle, or refuse with EMFILE past the session's or the user's bound."""
+        if self._parent is not None:  # a mount's handles are the channel's and the user's, not the folder's
+            self._parent._take_handle()
+            return
         limits = HANDLE_LIMITS
         if self.handles >= limits.per_session:
             raise OSError(errno.EMFILE, f"Too many open files ({limits.per_session} per session)")
@@ -388,6 +519,9 @@ class UserSession:
         self.ledger.open_handles += 1
 
     def _give_handle(self) -> None:
+        if self._parent is not None:
+            self._parent._give_handle()
+            return
         if self.handles > 0:
             self.handles -= 1
             self.ledger.open_handles -= 1
@@ -395,6 +529,14 @@ class UserSession:
     async def open(self, path: bytes | str, flags: int, trunc: bool = False, append: bool = False,
                    perms: int = 0o666) -> FileHandle:
         """Open a regular file; `flags` are os.O_* (access mode, O_CREAT, O_EXCL)."""
+        if self.mounts:
+            tree, inner = self._route(path)
+            if tree is not self:
+                f = await tree.open(inner, flags, trunc, append, perms)
+                self.open_files.add(f)
+                return f
+            if self._holds_mount(path):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory")
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if (trunc or append) and not writable:
             raise OSError(errno.EINVAL, "truncate or append needs write access")
@@ -439,11 +581,12 @@ class UserSession:
             self._give_handle()
             raise
         if fresh and self.perms.restricted:
-            self._own[vpath] = None
+            self._own[self._shown(vpath)] = None  # user-visible paths: a folder's children share the dict
             if len(self._own) > OWN_UPLOADS:
                 del self._own[next(iter(self._own))]
         metrics.transfer_started()
-        f = FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload)
+        f = FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload,
+                       owner=self if self._parent is not None else None)
         self.open_files.add(f)
         return f
 
@@ -453,6 +596,10 @@ class UserSession:
         An atomic upload is renamed onto its name first (or its temporary dropped, see
         `_finish_upload`); a completed transfer then fires its hook.  A rename that fails is the
         CLOSE's error, after the handle is closed all the same."""
+        if (tree := self._of(f)) is not self:
+            self.open_files.discard(f)
+            tree.close_file(f)
+            return
         if f.fd < 0:
             return
         fd, f.fd = f.fd, -1
@@ -574,13 +721,17 @@ class UserSession:
 
         A hash tells what a file holds, so it needs `download` like reading it (except for a file the
         client uploaded itself on this connection)."""
+        if (tree := self._route(path)[0]) is not self:
+            fd = tree.open_for_hash(self._route(path)[1])
+            self._hash_fds[fd] = tree
+            return fd
         if self.perms.restricted:
             d, vpath = self._where(path, follow=True)
-            if vpath not in self._own:
+            if self._shown(vpath) not in self._own:
                 self._require(d, "download")
         fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
         try:
-            if self.perms.restricted and (vpath := self.jail.virtual_path(fd)) not in self._own:
+            if self.perms.restricted and self._shown(vpath := self.jail.virtual_path(fd)) not in self._own:
                 self._check_opened(vpath, path, os.O_RDONLY)
         except BaseException:
             self._close_fd(fd)
@@ -590,12 +741,14 @@ class UserSession:
     def fd_for_hash(self, f: FileHandle) -> int:
         """An open handle's fd for check-file-handle: `download`, unless the handle created the file
         (a client verifying its own upload learns only what it wrote)."""
+        if (tree := self._of(f)) is not self:
+            return tree.fd_for_hash(f)
         if not f.fresh:
             self._may(f, write=False)
         return f.fd
 
     def close_fd(self, fd: int) -> None:
-        self._close_fd(fd)
+        self._hash_fds.pop(fd, self)._close_fd(fd)  # the last holder of a removed file credits its tree
 
     async def _open_fd(self, path: bytes | str, flags: int, perms: int = 0o666) -> int:
         """Open a regular file as a holder of its inode, charging an entry if this creates it.
@@ -691,6 +844,8 @@ class UserSession:
     # -- data -----------------------------------------------------------------
 
     def read(self, f: FileHandle, offset: int, size: int) -> bytes:
+        if (tree := self._of(f)) is not self:
+            return tree.read(f, offset, size)
         self._may(f, write=False)
         if offset > MAX_FILE_SIZE:
             return b""  # past any possible end of file: EOF, as for any offset past the end
@@ -730,6 +885,8 @@ class UserSession:
 
     async def write(self, f: FileHandle, offset: int, data: bytes) -> int:
         """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all."""
+        if (tree := self._of(f)) is not self:
+            return await tree.write(f, offset, data)
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
         self._may(f, write=True)
@@ -789,8 +946,8 @@ class UserSession:
         """
         if not dst.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
-        self._may(src, write=False)
-        self._may(dst, write=True)
+        self._of(src)._may(src, write=False)  # each side by the rules of its own tree (home or a folder)
+        self._of(dst)._may(dst, write=True)
         if length == 0:
             end = os.fstat(src.fd).st_size
         else:
@@ -806,13 +963,15 @@ class UserSession:
             if not data:
                 break
             src.bytes_read += len(data)
-            await self.write(dst, dst_offset + copied, data)
+            await self._of(dst).write(dst, dst_offset + copied, data)
             copied += len(data)
             if len(data) < want:
                 break
         return copied
 
     async def truncate(self, f: FileHandle, size: int) -> None:
+        if (tree := self._of(f)) is not self:
+            return await tree.truncate(f, size)
         if not f.writable:
             raise PermissionError(errno.EACCES, "File not open for writing")
         self._may(f, write=True)  # `overwrite` unless this handle created the file
@@ -843,6 +1002,12 @@ class UserSession:
         navigate through them: `cd`, `put x dir/`) and the files this connection created itself
         (clients check an upload's size); any other name, present or not, is EACCES, so a drop box
         does not tell which files it holds."""
+        if self.mounts:
+            tree, inner = self._route(path)
+            if tree is not self:
+                return tree.stat(inner, follow)
+            if self._holds_mount(path):
+                return self._virtual_dir_stat(normalize(path))
         if self.perms.restricted:
             d, vpath = self._where(path, follow)
             if vpath != "/" and not allowed(self.perms.rules, d, "list"):
@@ -850,7 +1015,7 @@ class UserSession:
                     st = self._stat_entry(path, follow)
                 except OSError:
                     st = None
-                if st is None or not (stat.S_ISDIR(st.st_mode) or vpath in self._own):
+                if st is None or not (stat.S_ISDIR(st.st_mode) or self._shown(vpath) in self._own):
                     self._require(d, "list")
                 assert st is not None
                 return st
@@ -873,6 +1038,12 @@ class UserSession:
     def realpath(self, path: bytes | str) -> str:
         """The canonical name; inside a directory the user may not `list`, the lexical one (the
         kernel's answer would tell whether the name exists)."""
+        if self.mounts:
+            tree, inner = self._route(path)
+            if tree is not self:
+                return tree._shown(tree.realpath(inner))
+            if self._holds_mount(path):
+                return normalize(path)
         if self.perms.restricted:
             name = normalize(path)
             if name != "/" and not allowed(self.perms.rules, posixpath.dirname(name), "list"):
@@ -913,6 +1084,12 @@ class UserSession:
         saying what was asked to change (none: nothing to do, nothing logged)."""
         if size is None and mode is None and times is None:
             return
+        if self.mounts:
+            tree, inner = self._route(path)
+            if self._holds_mount(path):
+                self._refuse_mount_change("setstat", path, **_changes(size, mode, times))
+            if tree is not self:
+                return await tree.setstat(inner, size=size, mode=mode, times=times, follow=follow)
         with self._audited("setstat", path, **_changes(size, mode, times)):
             if size is not None:
                 await self.set_size(path, size, follow)
@@ -926,6 +1103,8 @@ class UserSession:
         """SFTP FSETSTAT: `setstat` on an open handle (the event names the path it was opened as)."""
         if size is None and mode is None and times is None:
             return
+        if (tree := self._of(f)) is not self:
+            return await tree.fsetstat(f, size=size, mode=mode, times=times)
         with self._audited("setstat", f.vpath, **_changes(size, mode, times)):
             if size is not None:
                 await self.truncate(f, size)
@@ -934,9 +1113,13 @@ class UserSession:
             if times is not None:
                 self.futime(f, times)
 
-    async def space(self) -> SpaceInfo:
-        """The user's quota and usage with the filesystem's numbers, for statvfs."""
-        name = self.username
+    async def space(self, path: bytes | str | None = None, f: FileHandle | None = None) -> SpaceInfo:
+        """The quota and usage of the tree `path` (or handle `f`) is in, with the filesystem's numbers,
+        for statvfs: the user's in the home, the folder's inside a mount."""
+        tree = self._route(path)[0] if path is not None else self._of(f) if f is not None else self
+        if tree is not self:
+            return await tree.space()
+        name = self.ledger.name
 
         def read(store: AccountStore) -> tuple[tuple[int | None, int], tuple[int | None, int | None, int]]:
             return store.quota_state(name), store.entries_state(name)
@@ -948,6 +1131,13 @@ class UserSession:
 
     def opendir(self, path: bytes | str) -> DirHandle:
         """Open a directory for listing (it counts as an open handle until closed); needs `list` on it."""
+        if self.mounts:
+            tree, inner = self._route(path)
+            if tree is not self:
+                return tree.opendir(inner)
+            extra = self._mount_entries(normalize(path))
+            if extra:
+                return self._opendir_with_mounts(path, extra)
         if self.perms.restricted:
             self._require(self._where(path, follow=True)[1], "list")
         self._take_handle()
@@ -957,6 +1147,22 @@ class UserSession:
             self._give_handle()
             raise
         return DirHandle(entries, self._give_handle)
+
+    def _opendir_with_mounts(self, path: bytes | str, extra: list[tuple[bytes, os.stat_result]]) -> DirHandle:
+        """A directory holding mounts, or on the way to one (then it may not exist in the home)."""
+        if self.perms.restricted:
+            self._require(normalize(path), "list")
+        self._take_handle()
+        try:
+            entries: DirEntries | None = self.jail.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            entries = None
+            st = self.jail.stat("/")
+            extra = [(b".", st), (b"..", st), *extra]
+        except BaseException:
+            self._give_handle()
+            raise
+        return DirHandle(_MountEntries(extra, entries), self._give_handle)
 
     def listdir(self, path: bytes | str) -> Iterator[tuple[bytes, os.stat_result]]:
         """Every entry at once (for callers that want a whole, small listing)."""
@@ -968,10 +1174,14 @@ class UserSession:
             d.close()
 
     def readlink(self, path: bytes | str) -> bytes:
+        if (tree := self._route(path)[0]) is not self:
+            return tree.readlink(self._route(path)[1])
         self._check(path, "list")  # a link's target is part of what a listing shows
         return self.jail.readlink(path)
 
     async def mkdir(self, path: bytes | str, mode: int = 0o777) -> None:
+        if (tree := self._route(path)[0]) is not self:
+            return await tree.mkdir(self._route(path)[1], mode)
         with self._audited("mkdir", path, mode=f"{mode & 0o7777:04o}"):
             self._check(path, "create_dirs")
             await self._charge_entry(path)
@@ -982,12 +1192,20 @@ class UserSession:
                 raise
 
     def rmdir(self, path: bytes | str) -> None:
+        if self._holds_mount(path):
+            self._refuse_mount_change("rmdir", path)
+        if (tree := self._route(path)[0]) is not self:
+            return tree.rmdir(self._route(path)[1])
         with self._audited("rmdir", path):
             self._check(path, "delete")
             self.jail.rmdir(path)
         self.ledger.credit_entries(1)
 
     def remove(self, path: bytes | str) -> None:
+        if self._holds_mount(path):
+            self._refuse_mount_change("remove", path)
+        if (tree := self._route(path)[0]) is not self:
+            return tree.remove(self._route(path)[1])
         with self._audited("remove", path):
             self._check(path, "delete")
             self._remove(path)
@@ -1009,7 +1227,9 @@ class UserSession:
 
     def rename(self, old: bytes | str, new: bytes | str) -> None:
         """SFTP's classic rename: fails if `new` exists."""
-        with self._audited("rename", old, to=normalize(new)):
+        if (tree := self._rename_tree(old, new)) is not self:
+            return tree.rename(self._route(old)[1], self._route(new)[1])
+        with self._audited("rename", old, to=self._shown(normalize(new))):
             self._check_rename(old, new)
             with self._namespace():
                 self.jail.rename(old, new, replace=False)
@@ -1019,12 +1239,30 @@ class UserSession:
         """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them).
 
         Replacing needs `overwrite` where `new` is; without it this is the classic rename."""
-        with self._audited("rename", old, to=normalize(new), replace=True):
+        if (tree := self._rename_tree(old, new)) is not self:
+            return tree.posix_rename(self._route(old)[1], self._route(new)[1])
+        with self._audited("rename", old, to=self._shown(normalize(new)), replace=True):
             if self._check_rename(old, new):
                 self._rename_no_overwrite(old, new)
             else:
                 self._rename_over(old, new)
         self._rename_hook(old, new)
+
+    def _rename_tree(self, old: bytes | str, new: bytes | str) -> UserSession:
+        """The one tree a rename happens in. Across trees (home <-> folder, folder <-> folder) it is
+        refused with EXDEV: the bytes would have to be copied between ledgers (and, on different
+        filesystems, copied at all), which SFTP's rename cannot do atomically; the client copies."""
+        if not self.mounts:
+            return self
+        for p in (old, new):
+            if self._holds_mount(p):
+                self._refuse_mount_change("rename", old, to=normalize(new))
+        tree = self._route(old)[0]
+        if self._route(new)[0] is not tree:
+            err = OSError(errno.EXDEV, "cannot move between a folder and the home; copy instead")
+            audit.event("rename", self, path=normalize(old), to=normalize(new), result=f"failed: {err.strerror}")
+            raise err
+        return tree
 
     def _rename_over(self, old: bytes | str, new: bytes | str) -> None:
         with self._namespace():
@@ -1078,8 +1316,9 @@ class UserSession:
 
     def _fire(self, event: str, vpath: str, nbytes: int, target: str = "") -> None:
         assert self.hooks is not None
-        self.hooks.fire(HookEvent(event, self.username, vpath, self.jail.host_path(vpath), nbytes, self.peer,
-                                  target, self.jail.host_path(target) if target else ""))
+        self.hooks.fire(HookEvent(event, self.username, self._shown(vpath), self.jail.host_path(vpath), nbytes,
+                                  self.peer, self._shown(target) if target else "",
+                                  self.jail.host_path(target) if target else ""))
 
     def _rename_hook(self, old: bytes | str, new: bytes | str) -> None:
         if self.hooks is not None and self.hooks.wants("rename"):
@@ -1119,7 +1358,7 @@ class UserSession:
             result = f"failed: {f.failed}"
         else:
             result = "interrupted" if self.interrupted or f.interrupted else "ok"
-        audit.event("transfer", self, path=f.vpath, direction=direction, bytes=nbytes,
+        audit.event("transfer", self, path=self._shown(f.vpath), direction=direction, bytes=nbytes,
                     seconds=time.monotonic() - f.opened, result=result, error=error)
 
 

@@ -36,7 +36,7 @@ from asyncssh import (
 
 from . import __version__, checkfile
 from .asyncssh_seam import ExtendedReply, SFTPServerHandlerBase, SSHPacket, String, UInt64
-from .session import DIR_BATCH, HANDLE_LIMITS, MAX_READ, DirHandle, FileHandle, UserSession
+from .session import DIR_BATCH, HANDLE_LIMITS, MAX_READ, DirHandle, FileHandle, SpaceInfo, UserSession
 
 __all__ = ["MAX_READ", "MAX_WRITE", "DirListing", "ExtendedReply", "JailedSFTPServer", "SshfilesSFTPHandler"]
 
@@ -203,12 +203,12 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
     async def statvfs(self, path: bytes) -> SFTPVFSAttrs:
         self.session.stat(path)  # a missing path is an error, as for OpenSSH
-        return await self._vfs()
+        return await self._vfs(await self.session.space(path))
 
     async def fstatvfs(self, file_obj: object) -> SFTPVFSAttrs:
-        return await self._vfs()
+        return await self._vfs(await self.session.space(f=file_obj if isinstance(file_obj, FileHandle) else None))
 
-    async def _vfs(self) -> SFTPVFSAttrs:
+    async def _vfs(self, space: SpaceInfo) -> SFTPVFSAttrs:
         """The quota as a filesystem: size = quota, used = usage, free = the rest.
 
         Blocks are 1 byte, and f_bsize == f_frsize == 1: the counts are then
@@ -217,7 +217,6 @@ class JailedSFTPServer(asyncssh.SFTPServer):
         showed 256 TiB for a 1 GiB quota when f_bsize was 256 KiB).  The
         entry quota shows as the inode counts (`df -i`).
         """
-        space = await self.session.space()
         fsv = space.fs
         files, ffree, favail = fsv.f_files, fsv.f_ffree, fsv.f_favail
         if space.entry_limit is not None:

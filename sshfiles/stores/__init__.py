@@ -19,9 +19,14 @@ from .base import (
     AccountError,
     AccountStore,
     Ban,
+    Folder,
     LiveSession,
+    Mount,
     StoreCorrupt,
     StoredKey,
+    folder_ledger,
+    folder_of_ledger,
+    validate_folder_name,
     validate_username,
 )
 
@@ -32,10 +37,15 @@ __all__ = [
     "AccountError",
     "AccountStore",
     "Ban",
+    "Folder",
     "LiveSession",
+    "Mount",
     "StoreCorrupt",
     "StoredKey",
+    "folder_ledger",
+    "folder_of_ledger",
     "open_store",
+    "validate_folder_name",
     "validate_username",
 ]
 

@@ -15,15 +15,22 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "FOLDER_LEDGER_PREFIX",
     "LEDGER_MAX",
     "UNLIMITED_ENTRIES",
     "Account",
     "AccountError",
     "AccountStore",
     "Ban",
+    "Folder",
     "LiveSession",
+    "Mount",
     "StoreCorrupt",
     "StoredKey",
+    "folder_ledger",
+    "folder_of_ledger",
+    "ledger_row",
+    "validate_folder_name",
     "validate_username",
 ]
 
@@ -55,6 +62,63 @@ def validate_username(name: str) -> str:
             f"invalid user name {name!r}: use 1-64 letters, digits, '_', '.', '@', '-', "
             "not starting with '-' or '.'")
     return name
+
+
+#: A shared folder's ledger key: the ledger methods (reserve, settle, charge_entries, ...) take it
+#: where they take a user name, so quota.py's reservations, presence rows and reconciliation work
+#: per folder unchanged. ':' can never be in a login name (`validate_username`), so no user can
+#: ever be charged as, or log in as, a folder.
+FOLDER_LEDGER_PREFIX = "folder:"
+
+
+def validate_folder_name(name: str) -> str:
+    """A folder name follows the user-name rules (it names a directory by default, see cli.py)."""
+    if not isinstance(name, str) or not _USERNAME.match(name) or ".." in name:
+        raise AccountError(
+            f"invalid folder name {name!r}: use 1-64 letters, digits, '_', '.', '@', '-', "
+            "not starting with '-' or '.'")
+    return name
+
+
+def folder_ledger(folder: str) -> str:
+    """The ledger key of a folder."""
+    return FOLDER_LEDGER_PREFIX + folder
+
+
+def folder_of_ledger(key: str) -> str | None:
+    """The folder a ledger key names, or None for a user's key."""
+    return key[len(FOLDER_LEDGER_PREFIX):] if key.startswith(FOLDER_LEDGER_PREFIX) else None
+
+
+def ledger_row(key: str) -> tuple[str, str, str]:
+    """(table, row name, what) of a ledger key, for the SQL backends: a user's row in ``users`` or a
+    folder's in ``folders``. Both tables have the same ledger columns (quota, used, entries,
+    max_entries), so each ledger method is one query with the table chosen here, from a fixed pair,
+    never from input."""
+    folder = folder_of_ledger(key)
+    if folder is None:
+        return "users", key, "user"
+    return "folders", folder, "folder"
+
+
+@dataclass
+class Folder:
+    """A shared (virtual) folder: a host directory with its own ledger, mounted into users' trees."""
+    name: str
+    path: str
+    quota: int | None          # bytes; None = unlimited (still counted, see README "Shared folders")
+    max_entries: int | None = None  # as Account.max_entries
+    used: int = 0              # settled bytes plus live reservations, as Account.used
+    entries: int = 0
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A folder mounted into one user's tree at `vpath`, with the permissions that apply inside it."""
+    user: str
+    folder: str
+    vpath: str
+    perms: frozenset[str]
 
 
 @dataclass
@@ -135,6 +199,14 @@ class AccountStore(Protocol):
     def unset_permissions(self, name: str, path: str) -> None: ...
     def permissions(self, name: str) -> dict[str, frozenset[str]]: ...
     def permission_revs(self, names: list[str]) -> dict[str, int]: ...
+    # shared folders: a folder's ledger key is folder_ledger(name), usable with every ledger method
+    def add_folder(self, name: str, path: str, quota: int | None, max_entries: int | None = None) -> None: ...
+    def get_folder(self, name: str) -> Folder | None: ...
+    def list_folders(self) -> list[Folder]: ...
+    def remove_folder(self, name: str) -> Folder: ...  # its mounts go with it
+    def add_mount(self, user: str, folder: str, vpath: str, perms: Iterable[str]) -> None: ...
+    def remove_mount(self, user: str, vpath: str) -> None: ...
+    def mounts(self, user: str) -> list[Mount]: ...  # with `perms` parsed, ordered by vpath
     # ledger
     def reserve(self, owner: str, name: str, amount: int) -> bool: ...
     def settle(self, owner: str, name: str, consumed: int, release: int, keep_row: bool = False) -> None: ...

@@ -44,7 +44,21 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..permissions import format_perms, normalize_rule_path, parse_perms
-from .base import LEDGER_MAX, Account, AccountError, Ban, LiveSession, StoreCorrupt, StoredKey, validate_username
+from .base import (
+    LEDGER_MAX,
+    Account,
+    AccountError,
+    Ban,
+    Folder,
+    LiveSession,
+    Mount,
+    StoreCorrupt,
+    StoredKey,
+    folder_ledger,
+    ledger_row,
+    validate_folder_name,
+    validate_username,
+)
 
 __all__ = ["SCHEMA_VERSION", "PostgresAccountStore", "describe_url"]
 
@@ -116,6 +130,26 @@ _STEPS: dict[int, list[str]] = {
             source TEXT NOT NULL,
             since DOUBLE PRECISION NOT NULL,
             doing TEXT NOT NULL DEFAULT ''
+        )""",
+    ],
+    # v7: shared folders (sqlite.py's v7): their own ledger row (with `reserved`, as users have) and mounts.
+    7: [
+        """CREATE TABLE folders (
+            name TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            quota BIGINT,
+            max_entries BIGINT,
+            used BIGINT NOT NULL DEFAULT 0,
+            reserved BIGINT NOT NULL DEFAULT 0,
+            entries BIGINT NOT NULL DEFAULT 0,
+            created DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE mounts (
+            "user" TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            folder TEXT NOT NULL REFERENCES folders(name) ON DELETE CASCADE,
+            vpath TEXT NOT NULL,
+            perms TEXT NOT NULL,
+            PRIMARY KEY ("user", vpath)
         )""",
     ],
 }
@@ -241,7 +275,8 @@ class PostgresAccountStore:
     def _lock_user(cur: psycopg.Cursor[Any], name: str) -> bool:
         """Lock the user's row first in every transaction that touches its reservations: one lock
         order everywhere (user row, then reservation rows), so two nodes never deadlock."""
-        cur.execute("SELECT 1 FROM users WHERE name = %s FOR UPDATE", (name,))
+        table, key, _ = ledger_row(name)  # a folder's ledger row (folder_ledger) as a user's
+        cur.execute(f"SELECT 1 FROM {table} WHERE name = %s FOR UPDATE", (key,))
         return cur.fetchone() is not None
 
     def close(self) -> None:
@@ -297,7 +332,7 @@ class PostgresAccountStore:
         with self._tx() as cur:
             self._lock_user(cur, name)
             cur.execute('DELETE FROM reservations WHERE "user" = %s', (name,))
-            cur.execute("DELETE FROM users WHERE name = %s", (name,))  # keys, permissions: ON DELETE CASCADE
+            cur.execute("DELETE FROM users WHERE name = %s", (name,))  # keys, permissions, mounts: ON DELETE CASCADE
         return acct
 
     def _update_user(self, sql: str, args: tuple[Any, ...], name: str) -> None:
@@ -407,10 +442,11 @@ class PostgresAccountStore:
         exists for a race to slip through.  Compared as NUMERIC so a sum near LEDGER_MAX
         cannot overflow BIGINT; a user without a quota is bounded by LEDGER_MAX (exact integers).
         """
+        table, key, _ = ledger_row(name)
         with self._tx() as cur:
-            cur.execute("UPDATE users SET reserved = reserved + %s WHERE name = %s "
+            cur.execute(f"UPDATE {table} SET reserved = reserved + %s WHERE name = %s "
                         "AND used::numeric + reserved::numeric + %s <= COALESCE(quota, %s)",
-                        (amount, name, amount, LEDGER_MAX))
+                        (amount, key, amount, LEDGER_MAX))
             if cur.rowcount != 1:
                 return False
             cur.execute('INSERT INTO reservations (owner, "user", amount) VALUES (%s, %s, %s) '
@@ -423,13 +459,14 @@ class PostgresAccountStore:
 
         ``reserved`` only moves with a reservation row that exists: a row another node reclaimed
         (this owner's lease ran out) was already taken out of ``reserved`` then."""
+        table, key, _ = ledger_row(name)
         with self._tx() as cur:
             self._lock_user(cur, name)
-            cur.execute("UPDATE users SET used = used + %s WHERE name = %s", (consumed, name))
+            cur.execute(f"UPDATE {table} SET used = used + %s WHERE name = %s", (consumed, key))
             cur.execute('UPDATE reservations SET amount = amount - %s WHERE owner = %s AND "user" = %s',
                         (consumed + release, owner, name))
             if cur.rowcount:
-                cur.execute("UPDATE users SET reserved = reserved - %s WHERE name = %s", (consumed + release, name))
+                cur.execute(f"UPDATE {table} SET reserved = reserved - %s WHERE name = %s", (consumed + release, key))
             if not keep_row:
                 self._drop_empty(cur, owner, name)
 
@@ -440,7 +477,8 @@ class PostgresAccountStore:
                     (owner, name))
         row = cur.fetchone()
         if row and row[0]:
-            cur.execute("UPDATE users SET reserved = reserved - %s WHERE name = %s", (row[0], name))
+            table, key, _ = ledger_row(name)
+            cur.execute(f"UPDATE {table} SET reserved = reserved - %s WHERE name = %s", (row[0], key))
 
     def reservation(self, owner: str, name: str) -> int:
         rows = self._query('SELECT amount FROM reservations WHERE owner = %s AND "user" = %s', (owner, name))
@@ -456,19 +494,30 @@ class PostgresAccountStore:
             self._lock_user(cur, name)
             self._drop_empty(cur, owner, name)
 
-    def adjust_used(self, name: str, delta: int) -> None:
+    def _update_ledger(self, sql: str, args: tuple[Any, ...], name: str) -> None:
+        """`sql` with {t} the ledger's table: an AccountError if the user or folder does not exist."""
+        table, key, what = ledger_row(name)
         with self._tx() as cur:
-            cur.execute("UPDATE users SET used = used + %s WHERE name = %s", (delta, name))
+            cur.execute(sql.format(t=table), (*args, key))
+            if cur.rowcount == 0:
+                raise AccountError(f"no such {what}: {key}")
+
+    def adjust_used(self, name: str, delta: int) -> None:
+        table, key, _ = ledger_row(name)
+        with self._tx() as cur:
+            cur.execute(f"UPDATE {table} SET used = used + %s WHERE name = %s", (delta, key))
 
     def set_used(self, name: str, used: int) -> None:
-        self._update_user("UPDATE users SET used = %s WHERE name = %s", (used, name), name)
+        self._update_ledger("UPDATE {t} SET used = %s WHERE name = %s", (used,), name)
 
     def charged(self, name: str) -> int:
-        rows = self._query("SELECT used, reserved FROM users WHERE name = %s", (name,))
+        table, key, _ = ledger_row(name)
+        rows = self._query(f"SELECT used, reserved FROM {table} WHERE name = %s", (key,))
         return max(0, rows[0][0] + rows[0][1]) if rows else 0
 
     def quota_state(self, name: str) -> tuple[int | None, int]:
-        rows = self._query("SELECT quota, used, reserved FROM users WHERE name = %s", (name,))
+        table, key, _ = ledger_row(name)
+        rows = self._query(f"SELECT quota, used, reserved FROM {table} WHERE name = %s", (key,))
         if not rows:
             return 0, 0
         return rows[0][0], max(0, rows[0][1] + rows[0][2])
@@ -477,27 +526,30 @@ class PostgresAccountStore:
 
     def charge_entries(self, name: str, n: int, limit: int | None) -> bool:
         """Count `n` new entries if they fit under `limit`: one conditional UPDATE (see `reserve`)."""
+        table, key, _ = ledger_row(name)
         with self._tx() as cur:
-            cur.execute("UPDATE users SET entries = entries + %s WHERE name = %s "
-                        "AND entries::numeric + %s <= %s", (n, name, n, LEDGER_MAX if limit is None else limit))
+            cur.execute(f"UPDATE {table} SET entries = entries + %s WHERE name = %s "
+                        "AND entries::numeric + %s <= %s", (n, key, n, LEDGER_MAX if limit is None else limit))
             return cur.rowcount == 1
 
     def adjust_entries(self, name: str, delta: int) -> None:
+        table, key, _ = ledger_row(name)
         with self._tx() as cur:
-            cur.execute("UPDATE users SET entries = entries + %s WHERE name = %s", (delta, name))
+            cur.execute(f"UPDATE {table} SET entries = entries + %s WHERE name = %s", (delta, key))
 
     def set_usage(self, name: str, used: int, entries: int) -> None:
-        self._update_user("UPDATE users SET used = %s, entries = %s WHERE name = %s", (used, entries, name), name)
+        self._update_ledger("UPDATE {t} SET used = %s, entries = %s WHERE name = %s", (used, entries), name)
 
     def set_max_entries(self, name: str, max_entries: int | None) -> None:
-        self._update_user("UPDATE users SET max_entries = %s WHERE name = %s", (max_entries, name), name)
+        self._update_ledger("UPDATE {t} SET max_entries = %s WHERE name = %s", (max_entries,), name)
 
     def set_upload_mode(self, name: str, mode: str | None) -> None:
         """A user's upload mode (atomic.MODES), or None for the server's default."""
         self._update_user("UPDATE users SET upload_mode = %s WHERE name = %s", (mode, name), name)
 
     def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
-        rows = self._query("SELECT quota, max_entries, entries FROM users WHERE name = %s", (name,))
+        table, key, _ = ledger_row(name)
+        rows = self._query(f"SELECT quota, max_entries, entries FROM {table} WHERE name = %s", (key,))
         if not rows:
             return 0, 0, 0
         return rows[0][0], rows[0][1], rows[0][2]
@@ -566,11 +618,15 @@ class PostgresAccountStore:
         with self._tx() as cur:
             cur.execute('SELECT name FROM users WHERE name IN (SELECT "user" FROM reservations WHERE owner = %s) '
                         "ORDER BY name FOR UPDATE", (owner,))
+            cur.execute("SELECT name FROM folders WHERE %s || name IN "
+                        '(SELECT "user" FROM reservations WHERE owner = %s) ORDER BY name FOR UPDATE',
+                        (folder_ledger(""), owner))
             cur.execute('DELETE FROM reservations WHERE owner = %s RETURNING "user", amount', (owner,))
             gone = cur.fetchall()
             for name, amount in gone:
                 if amount:
-                    cur.execute("UPDATE users SET reserved = reserved - %s WHERE name = %s", (amount, name))
+                    table, key, _ = ledger_row(name)
+                    cur.execute(f"UPDATE {table} SET reserved = reserved - %s WHERE name = %s", (amount, key))
             cur.execute("DELETE FROM sessions WHERE owner = %s", (owner,))
             if owner not in self._owned:
                 cur.execute("DELETE FROM owners WHERE owner = %s AND expires <= now()", (owner,))
@@ -645,3 +701,72 @@ class PostgresAccountStore:
             row = cur.fetchone()
         if row is None or int(row[0]) != self.schema_version:
             raise AccountError("accounts store was replaced")
+
+    # -- shared folders (schema v7; sqlite.py's methods, in PostgreSQL) -----------------------
+
+    def add_folder(self, name: str, path: str, quota: int | None, max_entries: int | None = None) -> None:
+        validate_folder_name(name)
+        with self._tx() as cur:
+            cur.execute("INSERT INTO folders (name, path, quota, max_entries, created) VALUES (%s, %s, %s, %s, %s) "
+                        "ON CONFLICT (name) DO NOTHING", (name, path, quota, max_entries, time.time()))
+            if cur.rowcount == 0:
+                raise AccountError(f"folder {name!r} already exists")
+
+    def get_folder(self, name: str) -> Folder | None:
+        rows = self._query("SELECT name, path, quota, max_entries, used, reserved, entries FROM folders "
+                           "WHERE name = %s", (name,))
+        if not rows:
+            return None
+        n, path, quota, max_entries, used, reserved, entries = rows[0]
+        return Folder(n, path, quota, max_entries, max(0, used + reserved), entries)
+
+    def list_folders(self) -> list[Folder]:
+        return [f for n, in self._query('SELECT name FROM folders ORDER BY name COLLATE "C"')
+                if (f := self.get_folder(n))]
+
+    def remove_folder(self, name: str) -> Folder:
+        with self._tx() as cur:
+            if not self._lock_user(cur, folder_ledger(name)):
+                raise AccountError(f"no such folder: {name}")
+            folder = self.get_folder(name)
+            assert folder is not None
+            cur.execute('DELETE FROM reservations WHERE "user" = %s', (folder_ledger(name),))
+            cur.execute("DELETE FROM folders WHERE name = %s", (name,))  # mounts: ON DELETE CASCADE
+        return folder
+
+    def add_mount(self, user: str, folder: str, vpath: str, perms: Iterable[str]) -> None:
+        """sqlite.py's `add_mount`: the user's row is locked, so two admins never add overlapping mounts."""
+        try:
+            vpath = normalize_rule_path(vpath)
+            text = format_perms(parse_perms(perms))
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        if vpath == "/":
+            raise AccountError("a folder cannot be mounted at /: give a directory such as /shared/team")
+        with self._tx() as cur:
+            if not self._lock_user(cur, user):
+                raise AccountError(f"no such user: {user}")
+            cur.execute("SELECT 1 FROM folders WHERE name = %s", (folder,))
+            if cur.fetchone() is None:
+                raise AccountError(f"no such folder: {folder}")
+            cur.execute('SELECT vpath FROM mounts WHERE "user" = %s', (user,))
+            for other, in cur.fetchall():
+                if other == vpath or other.startswith(vpath + "/") or vpath.startswith(other + "/"):
+                    raise AccountError(f"user {user!r} already has a folder mounted at {other}; "
+                                       "mounts cannot overlap")
+            cur.execute('INSERT INTO mounts ("user", folder, vpath, perms) VALUES (%s, %s, %s, %s)',
+                        (user, folder, vpath, text))
+
+    def remove_mount(self, user: str, vpath: str) -> None:
+        try:
+            vpath = normalize_rule_path(vpath)
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        with self._tx() as cur:
+            cur.execute('DELETE FROM mounts WHERE "user" = %s AND vpath = %s', (user, vpath))
+            if cur.rowcount == 0:
+                raise AccountError(f"user {user!r} has no folder mounted at {vpath}")
+
+    def mounts(self, user: str) -> list[Mount]:
+        return [Mount(u, f, v, parse_perms(p)) for u, f, v, p in self._query(
+            'SELECT "user", folder, vpath, perms FROM mounts WHERE "user" = %s ORDER BY vpath COLLATE "C"', (user,))]

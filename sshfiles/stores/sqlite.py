@@ -30,7 +30,21 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..permissions import format_perms, normalize_rule_path, parse_perms
-from .base import LEDGER_MAX, Account, AccountError, Ban, LiveSession, StoreCorrupt, StoredKey, validate_username
+from .base import (
+    LEDGER_MAX,
+    Account,
+    AccountError,
+    Ban,
+    Folder,
+    LiveSession,
+    Mount,
+    StoreCorrupt,
+    StoredKey,
+    folder_ledger,
+    ledger_row,
+    validate_folder_name,
+    validate_username,
+)
 
 __all__ = ["SQLiteAccountStore"]
 
@@ -85,8 +99,24 @@ CREATE TABLE IF NOT EXISTS sessions (
     since REAL NOT NULL,
     doing TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS folders (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    quota INTEGER,
+    max_entries INTEGER,
+    used INTEGER NOT NULL DEFAULT 0,
+    entries INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    folder TEXT NOT NULL REFERENCES folders(name) ON DELETE CASCADE,
+    vpath TEXT NOT NULL,
+    perms TEXT NOT NULL,
+    PRIMARY KEY (user, vpath)
+);
 """
-_SCHEMA_VERSION = "6"
+_SCHEMA_VERSION = "7"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
@@ -105,8 +135,15 @@ _MIGRATIONS: dict[str, list[str]] = {
     # v6: who is logged in where (`sshfiles status`), one row per connection, per server process.
     "5": ["CREATE TABLE IF NOT EXISTS sessions (conn TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER NOT NULL, "
           "user TEXT NOT NULL, source TEXT NOT NULL, since REAL NOT NULL, doing TEXT NOT NULL DEFAULT '')"],
+    # v7: shared folders (their own ledger, keyed folder_ledger(name) in reservations) and their mounts.
+    "6": ["CREATE TABLE IF NOT EXISTS folders (name TEXT PRIMARY KEY, path TEXT NOT NULL, quota INTEGER, "
+          "max_entries INTEGER, used INTEGER NOT NULL DEFAULT 0, entries INTEGER NOT NULL DEFAULT 0, "
+          "created REAL NOT NULL)",
+          "CREATE TABLE IF NOT EXISTS mounts (user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, "
+          "folder TEXT NOT NULL REFERENCES folders(name) ON DELETE CASCADE, vpath TEXT NOT NULL, "
+          "perms TEXT NOT NULL, PRIMARY KEY (user, vpath))"],
 }
-_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5", "5": "6"}
+_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5", "5": "6", "6": "7"}
 
 
 class SQLiteAccountStore:
@@ -294,6 +331,7 @@ class SQLiteAccountStore:
         with self._tx() as db:
             db.execute("DELETE FROM keys WHERE user=?", (name,))
             db.execute("DELETE FROM permissions WHERE user=?", (name,))
+            db.execute("DELETE FROM mounts WHERE user=?", (name,))
             db.execute("DELETE FROM reservations WHERE user=?", (name,))
             db.execute("DELETE FROM users WHERE name=?", (name,))
         return acct
@@ -403,12 +441,20 @@ class SQLiteAccountStore:
                 raise AccountError(f"user {name!r} has no key {fingerprint}")
             db.execute("UPDATE users SET auth_rev=auth_rev+1 WHERE name=?", (name,))
 
+    def _update_ledger(self, sql: str, args: tuple, name: str) -> None:
+        """`sql` with {t} the ledger's table: an AccountError if the user or folder does not exist."""
+        table, key, what = ledger_row(name)
+        with self._tx() as db:
+            if db.execute(sql.format(t=table), (*args, key)).rowcount == 0:
+                raise AccountError(f"no such {what}: {key}")
+
     # -- usage ledger -------------------------------------------------------
 
     def reserve(self, owner: str, name: str, amount: int) -> bool:
         """Atomically reserve `amount` bytes for `owner` if the quota allows it."""
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
-            row = db.execute("SELECT quota, used FROM users WHERE name=?", (name,)).fetchone()
+            row = db.execute(f"SELECT quota, used FROM {table} WHERE name=?", (key,)).fetchone()
             if row is None:
                 return False
             quota, used = row
@@ -426,8 +472,9 @@ class SQLiteAccountStore:
         """Move `consumed` reserved bytes into `used` and give `release` unused bytes back.
 
         `keep_row` keeps an emptied row as the owner's presence mark (see `mark_present`)."""
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
-            db.execute("UPDATE users SET used = used + ? WHERE name=?", (consumed, name))
+            db.execute(f"UPDATE {table} SET used = used + ? WHERE name=?", (consumed, key))
             db.execute("UPDATE reservations SET amount = amount - ? WHERE owner=? AND user=?",
                        (consumed + release, owner, name))
             if not keep_row:
@@ -449,24 +496,27 @@ class SQLiteAccountStore:
             db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
 
     def adjust_used(self, name: str, delta: int) -> None:
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
-            db.execute("UPDATE users SET used = used + ? WHERE name=?", (delta, name))
+            db.execute(f"UPDATE {table} SET used = used + ? WHERE name=?", (delta, key))
 
     def set_used(self, name: str, used: int) -> None:
-        self._update_user("UPDATE users SET used=? WHERE name=?", (used, name), name)
+        self._update_ledger("UPDATE {t} SET used=? WHERE name=?", (used,), name)
 
     def charged(self, name: str) -> int:
         """Bytes counted against the user: settled usage plus every live reservation."""
+        table, key, _ = ledger_row(name)
         rows = self._query(
             "SELECT used + (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?) "
-            "FROM users WHERE name=?", (name, name))
+            f"FROM {table} WHERE name=?", (name, key))
         return max(0, rows[0][0]) if rows else 0
 
     def quota_state(self, name: str) -> tuple[int | None, int]:
         """(quota, charged) in one read, for statvfs and error messages."""
+        table, key, _ = ledger_row(name)
         rows = self._query(
             "SELECT quota, used + (SELECT COALESCE(SUM(amount), 0) FROM reservations WHERE user=?) "
-            "FROM users WHERE name=?", (name, name))
+            f"FROM {table} WHERE name=?", (name, key))
         if not rows:
             return 0, 0
         return rows[0][0], max(0, rows[0][1])
@@ -475,26 +525,28 @@ class SQLiteAccountStore:
 
     def charge_entries(self, name: str, n: int, limit: int | None) -> bool:
         """Count `n` new entries if they fit under `limit` (None: no limit); atomic across processes."""
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
-            row = db.execute("SELECT entries FROM users WHERE name=?", (name,)).fetchone()
+            row = db.execute(f"SELECT entries FROM {table} WHERE name=?", (key,)).fetchone()
             if row is None:
                 return False
             if row[0] + n > (LEDGER_MAX if limit is None else limit):
                 return False
-            db.execute("UPDATE users SET entries = entries + ? WHERE name=?", (n, name))
+            db.execute(f"UPDATE {table} SET entries = entries + ? WHERE name=?", (n, key))
             return True
 
     def adjust_entries(self, name: str, delta: int) -> None:
+        table, key, _ = ledger_row(name)
         with self._tx() as db:
-            db.execute("UPDATE users SET entries = entries + ? WHERE name=?", (delta, name))
+            db.execute(f"UPDATE {table} SET entries = entries + ? WHERE name=?", (delta, key))
 
     def set_usage(self, name: str, used: int, entries: int) -> None:
         """A scan's result: settled bytes and entries as they are on disk."""
-        self._update_user("UPDATE users SET used=?, entries=? WHERE name=?", (used, entries, name), name)
+        self._update_ledger("UPDATE {t} SET used=?, entries=? WHERE name=?", (used, entries), name)
 
     def set_max_entries(self, name: str, max_entries: int | None) -> None:
         """None: the default for the user's byte quota; UNLIMITED_ENTRIES: no limit."""
-        self._update_user("UPDATE users SET max_entries=? WHERE name=?", (max_entries, name), name)
+        self._update_ledger("UPDATE {t} SET max_entries=? WHERE name=?", (max_entries,), name)
 
     def set_upload_mode(self, name: str, mode: str | None) -> None:
         """A user's upload mode (atomic.MODES), or None for the server's default."""
@@ -502,10 +554,74 @@ class SQLiteAccountStore:
 
     def entries_state(self, name: str) -> tuple[int | None, int | None, int]:
         """(quota, max_entries as stored, entries) in one read."""
-        rows = self._query("SELECT quota, max_entries, entries FROM users WHERE name=?", (name,))
+        table, key, _ = ledger_row(name)
+        rows = self._query(f"SELECT quota, max_entries, entries FROM {table} WHERE name=?", (key,))
         if not rows:
             return 0, 0, 0
         return rows[0][0], rows[0][1], rows[0][2]
+
+    # -- shared folders -----------------------------------------------------------
+
+    def add_folder(self, name: str, path: str, quota: int | None, max_entries: int | None = None) -> None:
+        validate_folder_name(name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM folders WHERE name=?", (name,)).fetchone():
+                raise AccountError(f"folder {name!r} already exists")
+            db.execute("INSERT INTO folders (name, path, quota, max_entries, used, entries, created) "
+                       "VALUES (?,?,?,?,0,0,?)", (name, path, quota, max_entries, time.time()))
+
+    def get_folder(self, name: str) -> Folder | None:
+        rows = self._query("SELECT name, path, quota, max_entries, entries FROM folders WHERE name=?", (name,))
+        if not rows:
+            return None
+        n, path, quota, max_entries, entries = rows[0]
+        return Folder(n, path, quota, max_entries, self.charged(folder_ledger(n)), entries)
+
+    def list_folders(self) -> list[Folder]:
+        return [f for n, in self._query("SELECT name FROM folders ORDER BY name") if (f := self.get_folder(n))]
+
+    def remove_folder(self, name: str) -> Folder:
+        folder = self.get_folder(name)
+        if folder is None:
+            raise AccountError(f"no such folder: {name}")
+        with self._tx() as db:
+            db.execute("DELETE FROM mounts WHERE folder=?", (name,))
+            db.execute("DELETE FROM reservations WHERE user=?", (folder_ledger(name),))
+            db.execute("DELETE FROM folders WHERE name=?", (name,))
+        return folder
+
+    def add_mount(self, user: str, folder: str, vpath: str, perms: Iterable[str]) -> None:
+        """Mount FOLDER into USER's tree at VPATH; a mount never nests in or over another of the user's."""
+        try:
+            vpath = normalize_rule_path(vpath)
+            text = format_perms(parse_perms(perms))
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        if vpath == "/":
+            raise AccountError("a folder cannot be mounted at /: give a directory such as /shared/team")
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone():
+                raise AccountError(f"no such user: {user}")
+            if not db.execute("SELECT 1 FROM folders WHERE name=?", (folder,)).fetchone():
+                raise AccountError(f"no such folder: {folder}")
+            for other, in db.execute("SELECT vpath FROM mounts WHERE user=?", (user,)):
+                if other == vpath or other.startswith(vpath + "/") or vpath.startswith(other + "/"):
+                    raise AccountError(f"user {user!r} already has a folder mounted at {other}; "
+                                       "mounts cannot overlap")
+            db.execute("INSERT INTO mounts (user, folder, vpath, perms) VALUES (?,?,?,?)", (user, folder, vpath, text))
+
+    def remove_mount(self, user: str, vpath: str) -> None:
+        try:
+            vpath = normalize_rule_path(vpath)
+        except ValueError as exc:
+            raise AccountError(str(exc)) from None
+        with self._tx() as db:
+            if db.execute("DELETE FROM mounts WHERE user=? AND vpath=?", (user, vpath)).rowcount == 0:
+                raise AccountError(f"user {user!r} has no folder mounted at {vpath}")
+
+    def mounts(self, user: str) -> list[Mount]:
+        return [Mount(u, f, v, parse_perms(p)) for u, f, v, p in self._query(
+            "SELECT user, folder, vpath, perms FROM mounts WHERE user=? ORDER BY vpath", (user,))]
 
     # -- owners (serving processes) ------------------------------------------
 

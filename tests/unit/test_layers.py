@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "server": 5,
     "sftp": 4, "exec_commands": 4, "scp": 4,      # protocol adapters
     "session": 3,                                  # one user's operations: the policy layer
-    "jail": 2, "quota": 2, "hashing": 2, "checkfile": 2, "passwords": 2,
+    "jail": 2, "folders": 2, "quota": 2, "hashing": 2, "checkfile": 2, "passwords": 2,
     "accounts": 1, "stores": 1,
     "units": 0, "logsafe": 0, "audit": 0, "metrics": 0, "sdnotify": 0, "config": 0, "permissions": 0, "atomic": 0, "hooks": 0, "defence": 0, "proxy_protocol": 0, "asyncssh_seam": 0, "__init__": 0,
 }

@@ -25,6 +25,7 @@ from sshfiles.stores import (
     AccountError,
     AccountStore,
     StoredKey,
+    folder_ledger,
 )
 from sshfiles.stores import open_store as open_store_url
 from sshfiles.stores.sqlite import SQLiteAccountStore
@@ -522,3 +523,104 @@ def test_bans_are_shared_and_a_later_ban_never_shortens(open_store: OpenStore) -
     assert second.is_banned("192.0.2.1", now=1999) and not second.is_banned("192.0.2.1", now=2001)
     assert second.unban("192.0.2.1") and not first.unban("192.0.2.1")
     assert [b.source for b in first.bans()] == ["2001:db8::/64"]
+
+
+# --------------------------------------------------------------------------- shared folders
+
+
+def test_folders_add_get_list_remove(store: AccountStore) -> None:
+    store.add_folder("team", "/srv/folders/team", 1000, 50)
+    store.add_folder("archive", "/srv/folders/archive", None)
+    team = store.get_folder("team")
+    assert team is not None and (team.path, team.quota, team.max_entries, team.used, team.entries) == (
+        "/srv/folders/team", 1000, 50, 0, 0)
+    assert [f.name for f in store.list_folders()] == ["archive", "team"]
+    with pytest.raises(AccountError, match="already exists"):
+        store.add_folder("team", "/elsewhere", None)
+    with pytest.raises(AccountError, match="invalid folder name"):
+        store.add_folder("../x", "/x", None)
+    assert store.remove_folder("archive").name == "archive"
+    assert store.get_folder("archive") is None
+    with pytest.raises(AccountError, match="no such folder"):
+        store.remove_folder("archive")
+
+
+def test_folder_ledger_is_its_own_principal(store: AccountStore) -> None:
+    """A folder's ledger key works with every ledger method and never touches a user's numbers."""
+    add(store, "alice", quota=100)
+    store.add_folder("team", "/srv/team", 50)
+    key = folder_ledger("team")
+    assert store.reserve("w1", key, 40)
+    assert not store.reserve("w2", key, 11)
+    assert store.reserve("w2", key, 10)
+    assert store.quota_state(key) == (50, 50) and store.charged("alice") == 0
+    store.settle("w1", key, consumed=30, release=10)
+    store.settle("w2", key, consumed=10, release=0)
+    assert store.charged(key) == 40 and store.owners() == []
+    assert store.charge_entries(key, 2, 2) and not store.charge_entries(key, 1, 2)
+    store.adjust_entries(key, -1)
+    assert store.entries_state(key) == (50, None, 1)
+    store.set_usage(key, 7, 3)
+    folder = store.get_folder("team")
+    assert folder is not None and (folder.used, folder.entries) == (7, 3)
+    store.set_max_entries(key, 9)
+    assert store.entries_state(key) == (50, 9, 3)
+    assert store.get_user("alice") is not None and store.entries_state("alice")[2] == 0
+    with pytest.raises(AccountError, match="no such folder"):
+        store.set_usage(folder_ledger("nope"), 0, 0)
+    assert not store.reserve("w1", folder_ledger("nope"), 1)
+    # a dead owner's folder reservation is reported for a rescan like a user's
+    assert store.reserve("dead", key, 1)
+    assert store.drop_owner("dead") == [key] and store.charged(key) == 7
+
+
+def test_folder_without_quota_is_unlimited_but_counted(store: AccountStore) -> None:
+    store.add_folder("open", "/srv/open", None)
+    key = folder_ledger("open")
+    assert store.reserve("w1", key, 10**12)
+    store.settle("w1", key, consumed=10**12, release=0)
+    assert store.quota_state(key) == (None, 10**12)
+
+
+def test_folder_reserve_race_never_over_admits(open_store: OpenStore) -> None:
+    store = open_store()
+    store.add_folder("team", "/srv/team", 1000)
+    key = folder_ledger("team")
+    wins = _race(open_store, lambda s, i: s.reserve(f"w{i}", key, 7), rounds=100)
+    assert sum(wins) == 1000 // 7 and store.charged(key) == sum(wins) * 7
+
+
+def test_mounts_add_list_remove(store: AccountStore) -> None:
+    add(store, "alice")
+    add(store, "bob")
+    store.add_folder("team", "/srv/team", None)
+    store.add_mount("alice", "team", "/shared/team/", ["*"])
+    store.add_mount("bob", "team", "shared/reports", "list,download")
+    [m] = store.mounts("alice")
+    assert (m.user, m.folder, m.vpath, m.perms) == ("alice", "team", "/shared/team", frozenset({"*"}))
+    assert store.mounts("bob")[0].perms == frozenset({"list", "download"})
+    for bad in ("/shared/team", "/shared", "/shared/team/sub"):
+        with pytest.raises(AccountError, match="overlap"):
+            store.add_mount("alice", "team", bad, "*")
+    for user, folder, vpath, perms, msg in [("nobody", "team", "/t", "*", "no such user"),
+                                            ("alice", "nope", "/t", "*", "no such folder"),
+                                            ("alice", "team", "/", "*", "cannot be mounted at /"),
+                                            ("alice", "team", "/a/../b", "*", "not allowed"),
+                                            ("alice", "team", "/t", "fly", "unknown permission")]:
+        with pytest.raises(AccountError, match=msg):
+            store.add_mount(user, folder, vpath, perms)
+    store.remove_mount("alice", "/shared/team")
+    assert store.mounts("alice") == []
+    with pytest.raises(AccountError, match="no folder mounted"):
+        store.remove_mount("alice", "/shared/team")
+    store.remove_folder("team")  # its mounts go with it
+    assert store.mounts("bob") == []
+
+
+def test_removed_user_loses_its_mounts(store: AccountStore) -> None:
+    add(store, "alice")
+    store.add_folder("team", "/srv/team", None)
+    store.add_mount("alice", "team", "/t", "*")
+    store.remove_user("alice")
+    add(store, "alice")
+    assert store.mounts("alice") == []
