@@ -380,8 +380,11 @@ def find_config(env: Mapping[str, str]) -> Path | None:
     """The first existing file of ``config_candidates``, or None (then every setting is a flag,
     a variable or its default)."""
     for path in config_candidates(env):
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except OSError:  # e.g. a service user whose $HOME is another user's (/root): not its file
+            continue
     return None
 
 

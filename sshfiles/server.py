@@ -830,9 +830,9 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.attempts += 1
         if self.ended is not None or self.attempts > self.service.config.max_auth_tries:
             return self._result(username, "password", None, False, "refused")
-        acct = await self._lookup(username)
-        stored = acct.password_hash if acct else None
-        try:
+        try:  # cancelled while its account is read or while in argon2: either way an abandoned check
+            acct = await self._lookup(username)
+            stored = acct.password_hash if acct else None
             verdict = await passwords.verify_password_fair(stored, password, self.source)
         except asyncio.CancelledError:
             self._result(username, "password", None, False, "abandoned")

@@ -451,8 +451,8 @@ def test_crashing_worker_logs_its_traceback_exits_nonzero_and_backs_off(workers_
 
     async def scenario() -> None:
         conn = None
-        for _ in range(30):  # a session on the worker that stays up
-            conn = await server.connect(user)
+        for i in range(30):  # a session on the worker that stays up (distinct sources: per-source rate limit)
+            conn = await server.connect(user, local_addr=(f"127.0.0.{20 + i}", 0))
             if login_pid(server, user, conn) == other:
                 break
             conn.close()
