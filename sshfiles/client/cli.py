@@ -34,9 +34,10 @@ from .errors import (
     from_os_error,
     from_sftp_error,
 )
+from .multiconn import MAX_CONNECTIONS, ConnectionPool, get_file_ranged, put_file_ranged
 from .progress import human, make_progress
 from .session import RemoteSession
-from .transfer import TransferOptions, plan_get, plan_put, remote_hash, run_jobs
+from .transfer import Job, TransferOptions, plan_get, plan_put, remote_hash, run_jobs
 
 DEFAULT_PORT = 2222
 #: -h as well as --help, for the command line and for every command inside ``shell``.
@@ -115,6 +116,10 @@ _transfer_options = [
     click.option("-r", "--recursive", is_flag=True, help="Copy directory trees."),
     click.option("-j", "--jobs", type=click.IntRange(1, 32), default=1, show_default=True,
                  help="Files to transfer at once."),
+    click.option("-c", "--connections", type=click.IntRange(1, MAX_CONNECTIONS), default=1, show_default=True,
+                 help="SSH connections per large file: each moves a byte range (a server with --workers N "
+                      "runs them on different cores); resumable and verified like one. Files under K "
+                      "hash blocks (256 KiB or more each) use one."),
     click.option("--resume/--no-resume", default=True, show_default=True,
                  help="Resume a partial destination when its content matches (checked by hashing)."),
     click.option("--verify/--no-verify", default=True, show_default=True,
@@ -131,6 +136,20 @@ def transfer_options(fn: F) -> F:
     return fn
 
 
+async def _run_jobs(state: State, sftp: asyncssh.SFTPClient, plan: list[Job], direction: str,
+                    opts: TransferOptions, jobs: int, connections: int) -> list[ClientError]:
+    """``run_jobs``, over ``connections`` SSH connections per large file when asked (multiconn.py)."""
+    progress = make_progress(state.quiet)
+    if connections <= 1:
+        return await run_jobs(sftp, plan, direction, opts, progress, jobs)
+    pool = ConnectionPool(state.opts, sftp, connections, progress)
+    try:
+        return await run_jobs(sftp, plan, direction, opts, progress, jobs,
+                              put=partial(put_file_ranged, pool), get=partial(get_file_ranged, pool))
+    finally:
+        await pool.close()
+
+
 def _finish(state: State, errors: list[ClientError]) -> int:
     for err in errors:
         click.echo(f"sshfiles-cli: {err}", err=True)
@@ -144,15 +163,15 @@ def _finish(state: State, errors: list[ClientError]) -> int:
 @transfer_options
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_obj
-def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume: bool,
-        verify: bool, mkdir: bool) -> int:
+def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, connections: int,
+        resume: bool, verify: bool, mkdir: bool) -> int:
     """Upload LOCAL... [REMOTE] (REMOTE defaults to the current remote directory)."""
     sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
     opts = TransferOptions(resume=resume, verify=verify)
 
     async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[ClientError]:
         plan = await plan_put(sftp, sources, resolve(dest), recursive, mkdir)
-        return await run_jobs(sftp, plan, "put", opts, make_progress(state.quiet), jobs)
+        return await _run_jobs(state, sftp, plan, "put", opts, jobs, connections)
 
     return _finish(state, _remote(state, go))
 
@@ -161,15 +180,15 @@ def put(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume
 @transfer_options
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_obj
-def get(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, resume: bool,
-        verify: bool, mkdir: bool) -> int:
+def get(state: State, paths: tuple[str, ...], recursive: bool, jobs: int, connections: int,
+        resume: bool, verify: bool, mkdir: bool) -> int:
     """Download REMOTE... [LOCAL] (LOCAL defaults to the current directory)."""
     sources, dest = (list(paths[:-1]), paths[-1]) if len(paths) > 1 else (list(paths), ".")
     opts = TransferOptions(resume=resume, verify=verify)
 
     async def go(sftp: asyncssh.SFTPClient, resolve: Resolve) -> list[ClientError]:
         plan = await plan_get(sftp, [resolve(s) for s in sources], dest, recursive, mkdir)
-        return await run_jobs(sftp, plan, "get", opts, make_progress(state.quiet), jobs)
+        return await _run_jobs(state, sftp, plan, "get", opts, jobs, connections)
 
     return _finish(state, _remote(state, go))
 
@@ -313,8 +332,8 @@ def hash_(state: State, algorithm: str, paths: tuple[str, ...]) -> int:
 
 SHELL_HELP = """Commands (each takes -h for its options):
   ls [-l] [PATH]                      list a directory (or show one file)
-  put [-r] [-j N] [--mkdir] LOCAL... [REMOTE]   upload (REMOTE ending in / must be a directory)
-  get [-r] [-j N] [--mkdir] REMOTE... [LOCAL]   download
+  put [-r] [-j N] [-c K] [--mkdir] LOCAL... [REMOTE]   upload (REMOTE ending in / must be a directory)
+  get [-r] [-j N] [-c K] [--mkdir] REMOTE... [LOCAL]   download
   mkdir [-p] PATH...    rm [-r] PATH...    rmdir PATH...    mv SRC DST
   df                    hash [-a ALG] PATH...
   cd [PATH]   pwd   lcd [PATH]   help   exit (or quit, Ctrl-D)

@@ -132,8 +132,15 @@ class _Client(asyncssh.SSHClient):
         if self._password_tries > 3 or not sys.stdin.isatty():
             return None
         self.prompted = True
+        return self._prompt()
+
+    async def _prompt(self) -> str:
+        """Ask once per command: the answer is kept in the options, so the further connections of
+        ``--connections K`` log in with it instead of prompting K times."""
         user = self._opts.user or getpass.getuser()
-        return asyncio.to_thread(getpass.getpass, f"{user}@{self._opts.host}'s password: ")
+        typed = await asyncio.to_thread(getpass.getpass, f"{user}@{self._opts.host}'s password: ")
+        self._opts.password = typed
+        return typed
 
     def kbdint_auth_requested(self) -> str | None:
         return None  # sshfiles uses plain password auth; avoids double prompts

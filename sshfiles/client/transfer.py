@@ -67,13 +67,18 @@ class TransferResult:
     restarted: bool = False
     verified: bool | None = None
     seconds: float = 0.0
+    connections: int = 1   # SSH connections that moved the bytes (multiconn.py)
 
     def summary(self) -> str:
         rate = human(self.sent / self.seconds) + "/s" if self.seconds else "-"
         moved = "sent" if self.direction == "put" else "received"
         parts = [f"{self.direction} {self.source} -> {self.dest}: {human(self.size)}",
                  f"{moved} {human(self.sent)} in {self.seconds:.1f}s ({rate})"]
-        if self.resumed_from:
+        if self.connections > 1:
+            parts.append(f"over {self.connections} connections")
+        if self.resumed_from and self.connections > 1:  # ranges with holes: no single resume offset
+            parts.append(f"resumed, {human(self.resumed_from)} already in place")
+        elif self.resumed_from:
             parts.append(f"resumed at {human(self.resumed_from)}")
         if self.restarted:
             parts.append("restarted (partial did not match)")
@@ -517,9 +522,18 @@ async def plan_get(sftp: asyncssh.SFTPClient, sources: list[str], dest: str,
     return jobs
 
 
+#: put_file/get_file's signature: (sftp, source, dest, options, progress) -> result.
+Mover = Callable[[asyncssh.SFTPClient, str, str, TransferOptions, Progress], Awaitable[TransferResult]]
+
+
 async def run_jobs(sftp: asyncssh.SFTPClient, jobs: list[Job], direction: str,
-                   opts: TransferOptions, progress: Progress, parallel: int = 1) -> list[ClientError]:
-    """Run jobs with up to ``parallel`` files at once; report each; return the errors (keep going)."""
+                   opts: TransferOptions, progress: Progress, parallel: int = 1,
+                   put: Mover | None = None, get: Mover | None = None) -> list[ClientError]:
+    """Run jobs with up to ``parallel`` files at once; report each; return the errors (keep going).
+
+    ``put``/``get`` replace the one-connection movers (``--connections K`` passes multiconn's)."""
+    put_fn: Mover = put or put_file
+    get_fn: Mover = get or get_file
     progress.set_overall(sum(j.size for j in jobs), len(jobs))
     sem = asyncio.Semaphore(max(1, parallel))
     errors: list[ClientError] = []
@@ -528,9 +542,9 @@ async def run_jobs(sftp: asyncssh.SFTPClient, jobs: list[Job], direction: str,
         async with sem:
             try:
                 if direction == "put":
-                    res = await put_file(sftp, job.source, job.dest, opts, progress)
+                    res = await put_fn(sftp, job.source, job.dest, opts, progress)
                 else:
-                    res = await get_file(sftp, job.source, job.dest, opts, progress)
+                    res = await get_fn(sftp, job.source, job.dest, opts, progress)
                 progress.done(res.summary())
             except ClientError as exc:
                 errors.append(exc)

@@ -1,0 +1,113 @@
+"""``sshfiles-cli put/get --connections K``: one file over K SSH connections to a ``--workers 2`` server.
+
+Black-box: the real server (``workers_server``), the real client as a subprocess (SIGKILLed mid-way
+like an interrupted run), bytes counted by test_client's loopback proxy. A killed K-connection
+transfer leaves K partly written ranges with holes between them; the re-run must send only what is
+missing (whole-file block comparison), then verify the whole file.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_client import Cli, CountingProxy, kill_when, make_file, no_traceback, sha256
+from test_quota import assert_ledger_matches_disk
+
+MiB = 1024 * 1024
+SIZE = 40 * MiB + 12345  # not a multiple of the block: the last range is short
+
+
+@pytest.fixture
+def mcli(workers_server, tmp_path):
+    user = workers_server.add_user("alice", quota="1GiB")
+    work = tmp_path / "work"
+    work.mkdir()
+    return Cli(workers_server, user, work)
+
+
+def logins(server, name: str) -> int:
+    return len(re.findall(rf"login .*user={name}\b.*result=ok", server.log()))
+
+
+def test_put_and_get_over_three_connections(mcli):
+    src = make_file(mcli.tmp / "big.bin", SIZE)
+    before = logins(mcli.server, "alice")
+    res = mcli.run("put", "--connections", "3", "big.bin")
+    assert res.returncode == 0, res.stderr
+    no_traceback(res)
+    assert "over 3 connections" in res.stderr and "sha256 verified" in res.stderr, res.stderr
+    assert sha256(mcli.user.home / "big.bin") == sha256(src)
+    assert logins(mcli.server, "alice") - before == 3, mcli.server.log()
+
+    res = mcli.run("get", "-c", "3", "big.bin", "back.bin")
+    assert res.returncode == 0, res.stderr
+    assert "over 3 connections" in res.stderr and "sha256 verified" in res.stderr, res.stderr
+    assert sha256(mcli.tmp / "back.bin") == sha256(src)
+    assert logins(mcli.server, "alice") - before == 6
+    assert_ledger_matches_disk(mcli.server, mcli.user)
+
+
+def test_small_file_uses_one_connection(mcli):
+    make_file(mcli.tmp / "small.bin", 600 * 1024)  # under 3 blocks of 256 KiB
+    before = logins(mcli.server, "alice")
+    res = mcli.run("put", "-c", "3", "small.bin")
+    assert res.returncode == 0, res.stderr
+    assert "connections" not in res.stderr and "sha256 verified" in res.stderr
+    assert logins(mcli.server, "alice") - before == 1
+
+
+def test_errors_stay_one_line(mcli):
+    assert mcli.run("ls").returncode == 0  # records the host key: its first-use line is not an error
+    res = mcli.run("get", "-c", "3", "nope.bin")
+    assert res.returncode == 5
+    assert res.stderr.strip() == "sshfiles-cli: nope.bin: No such file or directory"
+    res = mcli.run("put", "-c", "99", "x")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_upload_killed_then_resumed_sends_only_the_holes(mcli):
+    src = make_file(mcli.tmp / "big.bin", SIZE)
+    proxy = CountingProxy(mcli.server.port, delay=0.01)
+    try:
+        proc = mcli.spawn("put", "-c", "3", "big.bin", port=proxy.port)
+        kill_when(proc, lambda: proxy.up > SIZE * 0.4)
+        target = mcli.user.home / "big.bin"
+        assert sha256(target) != sha256(src)
+
+        proxy.reset()
+        proxy.delay = 0
+        res = mcli.run("put", "-c", "3", "big.bin", port=proxy.port)
+        assert res.returncode == 0, res.stderr
+        no_traceback(res)
+        assert "resumed" in res.stderr and "warning" not in res.stderr, res.stderr
+        assert "sha256 verified" in res.stderr
+        assert sha256(target) == sha256(src)
+        assert proxy.up < SIZE * 0.8, (proxy.up, SIZE)
+    finally:
+        proxy.close()
+    assert_ledger_matches_disk(mcli.server, mcli.user)
+
+
+@pytest.mark.slow
+def test_download_killed_then_resumed_receives_only_the_holes(mcli):
+    make_file(mcli.user.home / "big.bin", SIZE)
+    mcli.server.cli("quota", "scan", "alice")  # a file the server did not write: count it
+    proxy = CountingProxy(mcli.server.port, delay=0.01)
+    try:
+        proc = mcli.spawn("get", "-c", "3", "big.bin", "local.bin", port=proxy.port)
+        kill_when(proc, lambda: proxy.down > SIZE * 0.4)
+        local = mcli.tmp / "local.bin"
+        assert sha256(local) != sha256(mcli.user.home / "big.bin")
+
+        proxy.reset()
+        proxy.delay = 0
+        res = mcli.run("get", "-c", "3", "big.bin", "local.bin", port=proxy.port)
+        assert res.returncode == 0, res.stderr
+        no_traceback(res)
+        assert "resumed" in res.stderr and "warning" not in res.stderr, res.stderr
+        assert sha256(local) == sha256(mcli.user.home / "big.bin")
+        assert proxy.down < SIZE * 0.8, (proxy.down, SIZE)
+    finally:
+        proxy.close()
