@@ -57,6 +57,19 @@ def test_put_and_get_over_three_connections(mcli):
     assert_ledger_matches_disk(mcli.server, mcli.user)
 
 
+def test_replacing_a_file_uses_every_connection(mcli):
+    """Standard mode: a put over a larger or unwanted file truncates it, and all K connections write."""
+    src = make_file(mcli.tmp / "big.bin", SIZE)
+    make_file(mcli.tmp / "old.bin", SIZE + 3 * MiB, seed=2)
+    for what in (["old.bin", "big.bin"], ["big.bin", "big.bin"], ["--no-resume", "big.bin", "big.bin"]):
+        res = mcli.run("put", "-c", "3", *what)
+        assert res.returncode == 0, (what, res.stderr)
+        assert "over 3 connections" in res.stderr and "sha256 verified" in res.stderr, (what, res.stderr)
+        assert ("warning" in res.stderr) == (what[0] == "big.bin"), res.stderr  # only the restart warns
+    assert sha256(mcli.user.home / "big.bin") == sha256(src)
+    assert_ledger_matches_disk(mcli.server, mcli.user)
+
+
 def test_small_file_uses_one_connection(mcli):
     make_file(mcli.tmp / "small.bin", 600 * 1024)  # under 3 blocks of 256 KiB
     before = logins(mcli.server, "alice")
@@ -120,3 +133,22 @@ def test_download_killed_then_resumed_receives_only_the_holes(mcli):
         assert proxy.down < SIZE * 0.8, (proxy.down, SIZE)
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("mode", ["atomic", "atomic-resume"])
+def test_atomic_upload_modes_stay_whole(mcli, mode):
+    """In the atomic modes a truncating open writes a hidden temporary, which the other connections
+    cannot open by name: the upload must still land whole (on fewer connections), never split
+    between the temporary and the old file."""
+    mcli.server.cli("user", "upload-mode", "alice", mode)
+    src = make_file(mcli.tmp / "big.bin", SIZE)
+    old = make_file(mcli.tmp / "old.bin", SIZE + 3 * MiB, seed=2)  # larger: a put must truncate it
+    for what in (["old.bin", "big.bin"], ["big.bin", "big.bin"], ["--no-resume", "big.bin", "big.bin"]):
+        res = mcli.run("put", "-c", "3", *what)
+        assert res.returncode == 0, (what, res.stderr)
+        no_traceback(res)
+        assert "sha256 verified" in res.stderr
+    assert sha256(mcli.user.home / "big.bin") == sha256(src)
+    assert sorted(p.name for p in mcli.user.home.iterdir()) == ["big.bin"]
+    assert_ledger_matches_disk(mcli.server, mcli.user)
+    assert old.exists()

@@ -181,11 +181,10 @@ async def _pull(pieces: deque[tuple[int, int]], read_at: ReadAt, write_at: Write
         await _copy_range(read_at, write_at, start, end, opts, advance)
 
 
-async def _open_extra(stack: AsyncExitStack, sftp: asyncssh.SFTPClient, path: str,
-                      mode: str) -> asyncssh.SFTPClientFile | None:
+async def _open_extra(sftp: asyncssh.SFTPClient, path: str, mode: str) -> asyncssh.SFTPClientFile | None:
     """A further connection's handle on the file, or None when that connection cannot open it."""
     try:
-        return await stack.enter_async_context(await sftp.open(path, mode))
+        return await sftp.open(path, mode)
     except asyncssh.SFTPError:
         return None
 
@@ -220,9 +219,40 @@ def _ranged_size(path_size: int | None, k: int) -> int | None:
     return block if path_size >= k * block else None
 
 
+async def _same_file(f: asyncssh.SFTPClientFile, existing: int) -> bool:
+    """Whether a further connection's handle reached the file the primary just truncated.
+
+    In the atomic upload modes a truncating open writes a hidden temporary while the name keeps
+    the old file until the upload ends; a further ``r+b`` open of the name then gets the *old* file.
+    Only the truncation tells them apart: the primary's file is empty, the old one is not (an old
+    empty file cannot be told from it: then the primary goes alone)."""
+    if not existing:
+        return False
+    try:
+        return (await f.stat()).size == 0
+    except asyncssh.SFTPError:
+        return False
+
+
+async def _close_quietly(f: asyncssh.SFTPClientFile) -> asyncssh.SFTPError | None:
+    try:
+        await f.close()
+    except asyncssh.SFTPError as exc:
+        return exc
+    return None
+
+
 async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local: str, remote: str,
                           opts: TransferOptions, progress: Progress | None = None) -> TransferResult:
-    """``transfer.put_file`` over the pool's connections, for a file of at least K blocks."""
+    """``transfer.put_file`` over the pool's connections, for a file of at least K blocks.
+
+    The primary connection opens (and creates or truncates) the file first; the others open it
+    without truncating and are used only if they reach that same file (see ``_same_file``; in the
+    atomic modes a fresh upload's temporary has no name yet, so they cannot open it at all). The
+    primary's handle is closed first, so in atomic-resume it is the one that publishes the partial;
+    a further handle's close error after that is judged by the whole-file sha256, which runs then
+    even with ``--no-verify``.
+    """
     try:
         st = os.stat(local)
         size: int | None = st.st_size if statmod.S_ISREG(st.st_mode) else None
@@ -236,27 +266,31 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
     result = TransferResult("put", local, remote, size)
     with local_errors(local):
         fd = os.open(local, os.O_RDONLY)
-    local_sum = asyncio.create_task(local_hash(local)) if opts.verify else None
+    local_sum = asyncio.create_task(local_hash(local))
     try:
         clients = await pool.clients()
         existing = await _remote_size(sftp, remote)
         resume = bool(opts.resume and existing and existing <= size)
-        async with AsyncExitStack() as stack:
-            first = await stack.enter_async_context(await sftp.open(remote, "r+b" if resume else "wb"))
+        first = await sftp.open(remote, "r+b" if resume else "wb")
+        extras: list[tuple[asyncssh.SFTPClient, asyncssh.SFTPClientFile]] = []
+        close_errors: list[asyncssh.SFTPError] = []
+        failed = True
+        try:
             todo = await _plan(sftp, first.handle, local, (existing or 0) if resume else 0, size, block)
             pieces = deque(split_ranges(todo, block, size, len(clients)))
             present = size - bytes_in(pieces)
-            if resume and not present:
+            if opts.resume and existing and not present:  # (a larger file cannot be ours: also a restart)
                 result.restarted = True
-                progress.warn(f"{remote}: remote partial ({human(existing or 0)}) does not match {local}; "
+                progress.warn(f"{remote}: remote partial ({human(existing)}) does not match {local}; "
                               f"restarting from zero")
             result.resumed_from = present
-            handles = [first.handle]
             for c in clients[1:]:
-                f = await _open_extra(stack, c, remote, "r+b")
-                handles.append(f.handle if f is not None else b"")
-            used = [(c, h) for c, h in zip(clients, handles, strict=True) if h]
-            result.connections = len(used)
+                f = await _open_extra(c, remote, "r+b")
+                if f is not None and (existing is None or resume or await _same_file(f, existing)):
+                    extras.append((c, f))
+                elif f is not None:
+                    await _close_quietly(f)
+            result.connections = 1 + len(extras)
             fitted = _fit_chunk(opts, sftp.limits.max_write_len)
             task = progress.start_file(posixpath.basename(remote) or remote, size, present)
             advance = _make_advance(result, task)
@@ -271,16 +305,27 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
                 return write_at
 
             try:
-                await _all_or_first_error([_pull(pieces, read_at, writer(c, h), fitted, advance) for c, h in used])
+                await _all_or_first_error([_pull(pieces, read_at, writer(c, f.handle), fitted, advance)
+                                           for c, f in [(sftp, first), *extras]])
             finally:
                 task.close()
+            failed = False
+        finally:
+            primary_error = await _close_quietly(first)
+            for _, f in extras:
+                if (cerr := await _close_quietly(f)) is not None:
+                    close_errors.append(cerr)
+            if primary_error is not None and not failed:
+                raise primary_error
         result.seconds = timer.elapsed()
-        if local_sum is not None:
+        if opts.verify or close_errors:
             theirs = await remote_hash(sftp, remote)
             ours = await local_sum
             if theirs != ours:
+                if close_errors:
+                    raise close_errors[0]
                 raise VerifyError(f"{remote}: verification failed: server sha256 {theirs} != local {ours}")
-            result.verified = True
+            result.verified = True if opts.verify else None
         return result
     except asyncssh.SFTPError as exc:
         err = from_sftp_error(exc, remote)
@@ -288,7 +333,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
             err = await _with_partial_note(sftp, remote, err)
         raise err from None
     finally:
-        if local_sum is not None and not local_sum.done():
+        if not local_sum.done():
             local_sum.cancel()
         os.close(fd)
 
@@ -322,14 +367,16 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             todo = await _plan(sftp, first.handle, local, existing if resume else 0, size, block)
             pieces = deque(split_ranges(todo, block, size, len(clients)))
             present = size - bytes_in(pieces)
-            if resume and not present:
+            if opts.resume and existing and not present:
                 result.restarted = True
                 progress.warn(f"{local}: local partial ({human(existing)}) does not match {remote}; "
                               f"restarting from zero")
             result.resumed_from = present
             handles = [first.handle]
             for c in clients[1:]:
-                f = await _open_extra(stack, c, remote, "rb")
+                f = await _open_extra(c, remote, "rb")
+                if f is not None:
+                    await stack.enter_async_context(f)
                 handles.append(f.handle if f is not None else b"")
             used = [(c, h) for c, h in zip(clients, handles, strict=True) if h]
             result.connections = len(used)
