@@ -152,3 +152,26 @@ def test_atomic_upload_modes_stay_whole(mcli, mode):
     assert sorted(p.name for p in mcli.user.home.iterdir()) == ["big.bin"]
     assert_ledger_matches_disk(mcli.server, mcli.user)
     assert old.exists()
+
+
+def test_quota_refusal_is_one_line_then_resumes(workers_server, tmp_path):
+    """Over quota on any connection: exit 6, one line naming the kept partial; after the quota is
+    raised the same command continues it, and the ledger equals a scan."""
+    user = workers_server.add_user("bob", quota="10MiB")
+    work = tmp_path / "w"
+    work.mkdir()
+    c = Cli(workers_server, user, work)
+    src = make_file(work / "big.bin", 16 * MiB)
+    res = c.run("put", "-c", "3", "big.bin")
+    assert res.returncode == 6, res.stderr
+    no_traceback(res)
+    err = [line for line in res.stderr.strip().splitlines() if "trusted on first use" not in line]
+    assert len(err) == 1 and "quota" in err[0].lower() and "partial file" in err[0], res.stderr
+    assert_ledger_matches_disk(workers_server, user)
+
+    workers_server.cli("user", "quota", "bob", "64MiB")
+    res = c.run("put", "-c", "3", "big.bin")
+    assert res.returncode == 0, res.stderr
+    assert "resumed" in res.stderr and "sha256 verified" in res.stderr, res.stderr
+    assert sha256(user.home / "big.bin") == sha256(src)
+    assert_ledger_matches_disk(workers_server, user)
