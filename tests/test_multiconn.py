@@ -9,6 +9,10 @@ missing (whole-file block comparison), then verify the whole file.
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +179,31 @@ def test_quota_refusal_is_one_line_then_resumes(workers_server, tmp_path):
     assert "resumed" in res.stderr and "sha256 verified" in res.stderr, res.stderr
     assert sha256(user.home / "big.bin") == sha256(src)
     assert_ledger_matches_disk(workers_server, user)
+
+
+def test_a_prompted_password_is_asked_once(mcli):
+    """On a terminal without $SSHFILES_PASSWORD the password is prompted for once, not per connection."""
+    make_file(mcli.tmp / "big.bin", SIZE)
+    env = {k: v for k, v in mcli.env.items() if k != "SSHFILES_PASSWORD"}
+    cmd = " ".join(shlex.quote(a) for a in mcli.argv("put", "-c", "3", "big.bin"))
+    proc = subprocess.Popen(["script", "-qec", cmd, "/dev/null"], env=env, cwd=mcli.tmp,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read1(4096), b"")))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while b"password:" not in b"".join(chunks):  # typed before the prompt, getpass would flush it
+            assert time.monotonic() < deadline and proc.poll() is None, b"".join(chunks)
+            time.sleep(0.05)
+        time.sleep(0.2)  # getpass has turned echo off and flushed by now
+        proc.stdin.write((mcli.user.password + "\n").encode())
+        proc.stdin.flush()
+        assert proc.wait(120) == 0, b"".join(chunks)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(10)
+    out = b"".join(chunks).decode(errors="replace")
+    assert out.count("'s password:") == 1, out
+    assert "over 3 connections" in out and "sha256 verified" in out, out
