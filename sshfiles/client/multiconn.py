@@ -266,7 +266,8 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
     result = TransferResult("put", local, remote, size)
     with local_errors(local):
         fd = os.open(local, os.O_RDONLY)
-    local_sum = asyncio.create_task(local_hash(local))
+    # hashed while the bytes move; with --no-verify only if a further handle's close failed (below)
+    local_sum = asyncio.create_task(local_hash(local)) if opts.verify else None
     try:
         clients = await pool.clients()
         existing = await _remote_size(sftp, remote)
@@ -320,7 +321,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
         result.seconds = timer.elapsed()
         if opts.verify or close_errors:
             theirs = await remote_hash(sftp, remote)
-            ours = await local_sum
+            ours = await (local_sum or local_hash(local))
             if theirs != ours:
                 if close_errors:
                     raise close_errors[0]
@@ -333,7 +334,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
             err = await _with_partial_note(sftp, remote, err)
         raise err from None
     finally:
-        if not local_sum.done():
+        if local_sum is not None and not local_sum.done():
             local_sum.cancel()
         os.close(fd)
 
