@@ -35,10 +35,10 @@ from typing import Any
 
 import asyncssh
 
-from sshfiles.asyncssh_seam import request_read, request_write
+from sshfiles.asyncssh_seam import request_write
 
 from .connect import ConnectOptions, connect
-from .errors import EXIT_QUOTA, VerifyError, from_sftp_error, local_errors
+from .errors import VerifyError, from_sftp_error, local_errors
 from .progress import Progress, QuietProgress, Timer, human
 from .transfer import (
     VERIFY_ALGORITHM,
@@ -48,13 +48,14 @@ from .transfer import (
     _fit_chunk,
     _local_block_digests,
     _remote_size,
-    _with_partial_note,
     check_file,
     compare_block_size,
     get_file,
     local_hash,
     put_file,
     remote_hash,
+    remote_reader,
+    upload_error,
 )
 
 #: Upper bound of ``--connections``: each one is a login, a server session and 8 MiB in flight.
@@ -211,6 +212,17 @@ async def _plan(sftp: asyncssh.SFTPClient, handle: bytes, local: str, partial: i
     return blocks_to_send(local_digests, remote, block, partial, size)
 
 
+async def _pieces(sftp: asyncssh.SFTPClient, handle: bytes, local: str, partial: int | None, block: int,
+                  k: int, result: TransferResult) -> deque[tuple[int, int]]:
+    """The ranges still to move (planned from the destination's ``partial`` bytes), recorded in
+    ``result`` as what is already in place."""
+    size = result.size
+    todo = await _plan(sftp, handle, local, partial or 0, size, block)
+    pieces = deque(split_ranges(todo, block, size, k))
+    result.resumed_from = size - bytes_in(pieces)
+    return pieces
+
+
 def _ranged_size(path_size: int | None, k: int) -> int | None:
     """The block size to use, or None when the file is too small for ``k`` connections."""
     if path_size is None or k <= 1:
@@ -277,14 +289,12 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
         close_errors: list[asyncssh.SFTPError] = []
         failed = True
         try:
-            todo = await _plan(sftp, first.handle, local, (existing or 0) if resume else 0, size, block)
-            pieces = deque(split_ranges(todo, block, size, len(clients)))
-            present = size - bytes_in(pieces)
-            if opts.resume and existing and not present:  # (a larger file cannot be ours: also a restart)
+            pieces = await _pieces(sftp, first.handle, local, existing if resume else 0, block, len(clients),
+                                   result)
+            if opts.resume and existing and not result.resumed_from:  # (a larger file: also a restart)
                 result.restarted = True
                 progress.warn(f"{remote}: remote partial ({human(existing)}) does not match {local}; "
                               f"restarting from zero")
-            result.resumed_from = present
             for c in clients[1:]:
                 f = await _open_extra(c, remote, "r+b")
                 if f is not None and (existing is None or resume or await _same_file(f, existing)):
@@ -293,7 +303,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
                     await _close_quietly(f)
             result.connections = 1 + len(extras)
             fitted = _fit_chunk(opts, sftp.limits.max_write_len)
-            task = progress.start_file(posixpath.basename(remote) or remote, size, present)
+            task = progress.start_file(posixpath.basename(remote) or remote, size, result.resumed_from)
             advance = _make_advance(result, task)
 
             async def read_at(off: int, n: int) -> bytes:
@@ -329,10 +339,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
             result.verified = True if opts.verify else None
         return result
     except asyncssh.SFTPError as exc:
-        err = from_sftp_error(exc, remote)
-        if err.exit_code == EXIT_QUOTA:
-            err = await _with_partial_note(sftp, remote, err)
-        raise err from None
+        raise await upload_error(sftp, remote, exc) from None
     finally:
         if local_sum is not None and not local_sum.done():
             local_sum.cancel()
@@ -365,14 +372,12 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             if not resume:
                 with local_errors(local):
                     os.ftruncate(fd, 0)
-            todo = await _plan(sftp, first.handle, local, existing if resume else 0, size, block)
-            pieces = deque(split_ranges(todo, block, size, len(clients)))
-            present = size - bytes_in(pieces)
-            if opts.resume and existing and not present:
+            pieces = await _pieces(sftp, first.handle, local, existing if resume else 0, block, len(clients),
+                                   result)
+            if opts.resume and existing and not result.resumed_from:
                 result.restarted = True
                 progress.warn(f"{local}: local partial ({human(existing)}) does not match {remote}; "
                               f"restarting from zero")
-            result.resumed_from = present
             handles = [first.handle]
             for c in clients[1:]:
                 f = await _open_extra(c, remote, "rb")
@@ -382,29 +387,16 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             used = [(c, h) for c, h in zip(clients, handles, strict=True) if h]
             result.connections = len(used)
             fitted = _fit_chunk(opts, sftp.limits.max_read_len)
-            task = progress.start_file(os.path.basename(local) or local, size, present)
+            task = progress.start_file(os.path.basename(local) or local, size, result.resumed_from)
             advance = _make_advance(result, task)
-
-            def reader(c: asyncssh.SFTPClient, h: bytes) -> ReadAt:
-                async def read_at(off: int, n: int) -> bytes:
-                    parts: list[bytes] = []
-                    while n > 0:
-                        try:
-                            data = await request_read(c, h, off, n)
-                        except asyncssh.SFTPEOFError:
-                            break
-                        parts.append(data)
-                        off += len(data)
-                        n -= len(data)
-                    return b"".join(parts)
-                return read_at
 
             async def write_at(off: int, data: bytes) -> None:
                 with local_errors(local):
                     os.pwrite(fd, data, off)
 
             try:
-                await _all_or_first_error([_pull(pieces, reader(c, h), write_at, fitted, advance) for c, h in used])
+                await _all_or_first_error([_pull(pieces, remote_reader(c, h), write_at, fitted, advance)
+                                           for c, h in used])
                 with local_errors(local):
                     os.ftruncate(fd, size)
             finally:

@@ -223,6 +223,23 @@ async def _copy_range(read_at: ReadAt, write_at: WriteAt, start: int, end: int,
 
 # --------------------------------------------------------------------------- put / get of one file
 
+def remote_reader(sftp: asyncssh.SFTPClient, handle: bytes) -> ReadAt:
+    """``read_at`` for a remote file: one READ per chunk, repeated if the server returns less
+    (a short read is not EOF), fewer bytes only at EOF (``_copy_range`` calls that a size change)."""
+    async def read_at(off: int, n: int) -> bytes:
+        parts: list[bytes] = []
+        while n > 0:
+            try:
+                data = await request_read(sftp, handle, off, n)
+            except asyncssh.SFTPEOFError:
+                break
+            parts.append(data)
+            off += len(data)
+            n -= len(data)
+        return b"".join(parts)
+    return read_at
+
+
 def _fit_chunk(opts: TransferOptions, server_max: int) -> TransferOptions:
     """Chunks no larger than the server accepts in one request (limits@openssh.com)."""
     if server_max and opts.chunk_size > server_max:
@@ -300,15 +317,20 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                 result.verified = True
             return result
         except asyncssh.SFTPError as exc:
-            err = from_sftp_error(exc, remote)
-            if err.exit_code == EXIT_QUOTA:
-                err = await _with_partial_note(sftp, remote, err)
-            raise err from None
+            raise await upload_error(sftp, remote, exc) from None
         finally:
             if local_sum is not None and not local_sum.done():
                 local_sum.cancel()
     finally:
         os.close(fd)
+
+
+async def upload_error(sftp: asyncssh.SFTPClient, remote: str, exc: asyncssh.SFTPError) -> ClientError:
+    """An upload's SFTP error as its one line; a quota refusal names the partial it leaves."""
+    err = from_sftp_error(exc, remote)
+    if err.exit_code == EXIT_QUOTA:
+        err = await _with_partial_note(sftp, remote, err)
+    return err
 
 
 async def _with_partial_note(sftp: asyncssh.SFTPClient, remote: str, err: ClientError) -> ClientError:
@@ -360,18 +382,7 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                     # One READ request per chunk, see put_file.
                     opts = _fit_chunk(opts, sftp.limits.max_read_len)
 
-                    async def read_at(off: int, n: int) -> bytes:
-                        parts: list[bytes] = []
-                        while n > 0:
-                            try:
-                                data = await request_read(sftp, rf.handle, off, n)
-                            except asyncssh.SFTPEOFError:
-                                break
-                            parts.append(data)
-                            off += len(data)
-                            n -= len(data)
-                        return b"".join(parts)
-
+                    read_at = remote_reader(sftp, rf.handle)
                     async def write_at(off: int, data: bytes) -> None:
                         with local_errors(local):
                             os.pwrite(fd, data, off)
