@@ -74,6 +74,14 @@ def test_replacing_a_file_uses_every_connection(mcli):
     assert_ledger_matches_disk(mcli.server, mcli.user)
 
 
+def test_shell_commands_take_connections(mcli):
+    src = make_file(mcli.tmp / "big.bin", SIZE)
+    res = mcli.run("shell", input="put -c 3 big.bin up.bin\nget -c 3 up.bin back.bin\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("over 3 connections") == 2, res.stderr
+    assert sha256(mcli.user.home / "up.bin") == sha256(src) == sha256(mcli.tmp / "back.bin")
+
+
 def test_small_file_uses_one_connection(mcli):
     make_file(mcli.tmp / "small.bin", 600 * 1024)  # under 3 blocks of 256 KiB
     before = logins(mcli.server, "alice")
