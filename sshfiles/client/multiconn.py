@@ -58,8 +58,10 @@ from .transfer import (
     upload_error,
 )
 
-#: Upper bound of ``--connections``: each one is a login, a server session and 8 MiB in flight.
-MAX_CONNECTIONS = 16
+#: Upper bound of ``--connections``: each one is a login, a server session and 8 MiB in flight, and
+#: they arrive together: 8 stays inside the server's default per-source burst and unauthenticated
+#: limits (10 each), whose refusals would count towards a ban of the client's own address.
+MAX_CONNECTIONS = 8
 
 
 # --------------------------------------------------------------------------- planning (pure)
