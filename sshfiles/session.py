@@ -432,16 +432,46 @@ class UserSession:
             finally:
                 os.close(fd)
         else:
-            try:
-                parent = self.jail.parent(path)
-                try:
-                    base = self.jail.virtual_path(parent.fd)
-                finally:
-                    parent.close()
-                vpath = posixpath.join(base, parent.name.rstrip(b"/").decode("utf-8", "surrogateescape"))
-            except OSError:
-                vpath = normalize(path)
+            vpath = self._stuck_at(path)
         return posixpath.dirname(vpath), vpath
+
+    def _stuck_at(self, path: bytes | str) -> str:
+        """The virtual path of the entry where the kernel's walk of `path` stops (a path that does
+        not resolve): the first component that is missing, or the non-directory a later component
+        (``..`` included) was looked up in.
+
+        Why not the lexical spelling: ``/drop/NAME/..`` spells ``/drop``, whose parent may allow
+        `list`, while the walk failed on NAME, inside the drop box; its error (ENOTDIR for a file,
+        ENOENT for nothing) would tell a user who may not list /drop whether NAME exists. The
+        longest prefix that resolves is found by bisection (walks resolve left to right, so a
+        prefix that fails makes every longer one fail): a few openat2 calls, on failures only.
+        """
+        raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else bytes(path)
+        parts = [p for p in raw.split(b"/") if p and p != b"."]
+        good, bad = 0, len(parts)  # the prefix of `good` parts resolves ("" is the root); of `bad`, not
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            try:
+                os.close(self.jail.open(b"/".join(parts[:mid]), os.O_PATH))
+            except OSError:
+                bad = mid
+            else:
+                good = mid
+        if bad == 0:
+            return "/"
+        try:
+            fd = self.jail.open(b"/".join(parts[:good]), os.O_PATH)
+        except OSError:
+            return normalize(path)  # changed meanwhile: name it as spelled
+        try:
+            base = self.jail.virtual_path(fd)
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        name = parts[bad - 1]
+        if not is_dir or name == b"..":
+            return base  # a name looked up in a non-directory: the walk stopped at that entry
+        return posixpath.join(base, name.decode("utf-8", "surrogateescape"))
 
     def _require(self, directory: str, *perms: str) -> None:
         """Refuse with EACCES (SFTP PERMISSION_DENIED) and a one-line reason unless all `perms` hold there."""
