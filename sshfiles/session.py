@@ -477,7 +477,8 @@ class UserSession:
         """Refuse with EACCES (SFTP PERMISSION_DENIED) and a one-line reason unless all `perms` hold there."""
         for perm in perms:
             if not allowed(self.perms.rules, directory, perm):
-                raise PermissionError(errno.EACCES, f"Permission denied: no {perm} permission in {esc(directory)}")
+                raise PermissionError(errno.EACCES,
+                                      f"Permission denied: no {perm} permission in {esc(self._shown(directory))}")
 
     def _check(self, path: bytes | str, *perms: str, follow: bool = False) -> None:
         """`_require` on the directory holding `path` (nothing to do for a user without rules)."""
@@ -496,8 +497,8 @@ class UserSession:
                 allowed(rules, d, "upload") and (f.fresh or allowed(rules, d, "overwrite")))
         if not (f.may_write if write else f.may_read):
             perm = ("upload" if f.fresh else "upload or overwrite") if write else "download"
-            raise PermissionError(errno.EACCES,
-                                  f"Permission denied: no {perm} permission in {esc(posixpath.dirname(f.vpath))}")
+            where = esc(self._shown(posixpath.dirname(f.vpath)))
+            raise PermissionError(errno.EACCES, f"Permission denied: no {perm} permission in {where}")
 
     def _open_rules(self, path: bytes | str, flags: int, trunc: bool) -> tuple[int, bool, bool]:
         """Check an open against the rules; returns (flags, trunc, fresh) as the open must be done.
@@ -610,10 +611,8 @@ class UserSession:
             self._close_fd(fd)
             self._give_handle()
             raise
-        if fresh and self.perms.restricted:
-            self._own[self._shown(vpath)] = None  # user-visible paths: a folder's children share the dict
-            if len(self._own) > OWN_UPLOADS:
-                del self._own[next(iter(self._own))]
+        if fresh and upload is None:  # (an atomic upload is its own once its rename made it the name's file)
+            self._remember_own(vpath)
         metrics.transfer_started()
         f = FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload,
                        owner=self if self._parent is not None else None)
@@ -649,6 +648,16 @@ class UserSession:
         self._transfer_hook(f)
         if error is not None:
             raise error
+
+    def _remember_own(self, vpath: str) -> None:
+        """Remember a file this connection created (see `_own`), once it is the file under that name.
+
+        Not before: an atomic upload's name shows someone else's file until its rename, and if the
+        rename fails (a file appeared meanwhile) the name keeps that file, which must stay unreadable."""
+        if self.perms.restricted:
+            self._own[self._shown(vpath)] = None  # user-visible paths: a folder's children share the dict
+            if len(self._own) > OWN_UPLOADS:
+                del self._own[next(iter(self._own))]
 
     # -- atomic uploads (atomic.py) -----------------------------------------------
 
@@ -729,6 +738,8 @@ class UserSession:
             else:
                 if up.resumable:
                     atomic.unclaim(up.key)
+                if f.fresh:
+                    self._remember_own(f.vpath)
                 return None
         self._drop_upload(up)
         return error

@@ -6,6 +6,7 @@ suffered (the files on disk, the ledger).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import asyncssh
 import pytest
@@ -48,3 +49,41 @@ def test_drop_box_does_not_tell_which_names_exist_through_dotdot(server: ServerH
             assert "no download permission in /drop" in str(present_hash.stderr)
     asyncio.run(asyncio.wait_for(go(), 60))
     assert snapshot(user.home) == before
+
+
+@pytest.mark.parametrize("mode", ["atomic", "atomic-resume"])
+def test_a_failed_atomic_upload_does_not_make_another_users_file_ones_own(server: ServerHandle, mode: str) -> None:
+    """A drop-box folder shared by two customers, uploads atomic. Mallory opens /drop/invoice.pdf (a
+    guessed name) and waits; Carol uploads hers under that name; Mallory's close fails ("File exists").
+    Her connection used to remember the name as her own upload from the open on, so `stat` and
+    `sha256sum` then answered for Carol's file: its size and hash, in a folder Mallory may not list or
+    read. Only a completed upload is one's own."""
+    mallory = server.add_user("mallory", password=None, key=True)
+    carol = server.add_user("carol", password=None, key=True)
+    server.cli("folder", "add", "inbox")
+    for name in ("mallory", "carol"):
+        server.cli("user", "folder", "add", name, "inbox", "/drop", "--perms", "upload")
+    server.cli("user", "upload-mode", "mallory", mode)  # (carol's in place: a partial would be shared)
+    inbox = server.homes_dir.parent / "folders" / "inbox"
+    secret = b"carol's invoice\n"
+
+    async def go() -> None:
+        async with server.connect(mallory) as conn, conn.start_sftp_client() as sftp:
+            f = await sftp.open("/drop/invoice.pdf", "wb")
+            await f.write(b"decoy")
+            async with server.connect(carol) as c2, c2.start_sftp_client() as carol_sftp:
+                async with carol_sftp.open("/drop/invoice.pdf", "wb") as g:
+                    await g.write(secret)
+            with pytest.raises(asyncssh.SFTPError, match="File exists"):
+                await f.close()
+            code, _ = await _error(sftp.stat("/drop/invoice.pdf"))
+            assert code == asyncssh.FX_PERMISSION_DENIED
+            res = await conn.run("sha256sum /drop/invoice.pdf")
+            assert res.exit_status == 1 and hashlib.sha256(secret).hexdigest() not in str(res.stdout)
+            assert "no download permission in /drop" in str(res.stderr)
+            # her own, completed upload still answers on this connection
+            async with sftp.open("/drop/mine.pdf", "wb") as h:
+                await h.write(b"mine")
+            assert (await sftp.stat("/drop/mine.pdf")).size == 4
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert (inbox / "invoice.pdf").read_bytes() == secret
