@@ -655,9 +655,26 @@ class UserSession:
         Not before: an atomic upload's name shows someone else's file until its rename, and if the
         rename fails (a file appeared meanwhile) the name keeps that file, which must stay unreadable."""
         if self.perms.restricted:
-            self._own[self._shown(vpath)] = None  # user-visible paths: a folder's children share the dict
-            if len(self._own) > OWN_UPLOADS:
-                del self._own[next(iter(self._own))]
+            self._keep_own(self._shown(vpath))  # user-visible paths: a folder's children share the dict
+
+    def _keep_own(self, shown: str) -> None:
+        self._own[shown] = None
+        if len(self._own) > OWN_UPLOADS:
+            del self._own[next(iter(self._own))]
+
+    def _own_name(self, path: bytes | str) -> str | None:
+        """The `_own` key of `path` as it resolves now (None for a user without rules: nothing is kept)."""
+        return self._shown(self._where(path)[1]) if self.perms.restricted else None
+
+    def _own_moved(self, old: str | None, new: str | None) -> None:
+        """After a rename: an own file stays own under its new name, and whatever the new name held is
+        gone (its old name may later hold another user's file: it must not answer for it)."""
+        if old is not None and new is not None and old != new:
+            was = old in self._own
+            self._own.pop(old, None)
+            self._own.pop(new, None)
+            if was:
+                self._keep_own(new)
 
     # -- atomic uploads (atomic.py) -----------------------------------------------
 
@@ -1249,7 +1266,10 @@ class UserSession:
             return tree.remove(self._route(path)[1])
         with self._audited("remove", path):
             self._check(path, "delete")
+            gone = self._own_name(path)
             self._remove(path)
+            if gone is not None:  # another file may take the name: it is not this connection's
+                self._own.pop(gone, None)
         if self.hooks is not None and self.hooks.wants("delete"):
             self._fire("delete", self._named(path), 0)
 
@@ -1272,8 +1292,10 @@ class UserSession:
             return tree.rename(self._route(old)[1], self._route(new)[1])
         with self._audited("rename", old, to=self._shown(normalize(new))):
             self._check_rename(old, new)
+            moved = self._own_name(old), self._own_name(new)
             with self._namespace():
                 self.jail.rename(old, new, replace=False)
+            self._own_moved(*moved)
         self._rename_hook(old, new)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
@@ -1283,10 +1305,13 @@ class UserSession:
         if (tree := self._rename_tree(old, new)) is not self:
             return tree.posix_rename(self._route(old)[1], self._route(new)[1])
         with self._audited("rename", old, to=self._shown(normalize(new)), replace=True):
-            if self._check_rename(old, new):
+            no_overwrite = self._check_rename(old, new)
+            moved = self._own_name(old), self._own_name(new)
+            if no_overwrite:
                 self._rename_no_overwrite(old, new)
             else:
                 self._rename_over(old, new)
+            self._own_moved(*moved)
         self._rename_hook(old, new)
 
     def _rename_tree(self, old: bytes | str, new: bytes | str) -> UserSession:

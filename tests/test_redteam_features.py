@@ -87,3 +87,38 @@ def test_a_failed_atomic_upload_does_not_make_another_users_file_ones_own(server
             assert (await sftp.stat("/drop/mine.pdf")).size == 4
     asyncio.run(asyncio.wait_for(go(), 60))
     assert (inbox / "invoice.pdf").read_bytes() == secret
+
+
+def test_a_removed_or_renamed_own_upload_does_not_stay_ones_own(server: ServerHandle) -> None:
+    """A drop-box folder where customers may also delete and rename their mistakes (upload,delete,rename;
+    no list, no download). Mallory uploads /drop/a.csv and /drop/b.csv, removes the first and renames the
+    second away; Carol then uploads her own a.csv and b.csv. Mallory's connection used to keep answering
+    `stat` and `sha256sum` for those names: Carol's files' sizes and hashes."""
+    mallory = server.add_user("mallory", password=None, key=True)
+    carol = server.add_user("carol", password=None, key=True)
+    server.cli("folder", "add", "inbox")
+    for name in ("mallory", "carol"):
+        server.cli("user", "folder", "add", name, "inbox", "/drop", "--perms", "upload,delete,rename")
+    inbox = server.homes_dir.parent / "folders" / "inbox"
+
+    async def go() -> None:
+        async with server.connect(mallory) as conn, conn.start_sftp_client() as sftp:
+            for name in ("a.csv", "b.csv"):
+                async with sftp.open(f"/drop/{name}", "wb") as f:
+                    await f.write(b"mallory")
+                assert (await sftp.stat(f"/drop/{name}")).size == 7   # her own upload answers
+            await sftp.remove("/drop/a.csv")
+            await sftp.rename("/drop/b.csv", "/drop/b2.csv")
+            assert (await sftp.stat("/drop/b2.csv")).size == 7       # ... and still does under its new name
+            async with server.connect(carol) as c2, c2.start_sftp_client() as carol_sftp:
+                for name in ("a.csv", "b.csv"):
+                    async with carol_sftp.open(f"/drop/{name}", "wb") as g:
+                        await g.write(b"carol's data")
+            for name in ("a.csv", "b.csv"):
+                code, _ = await _error(sftp.stat(f"/drop/{name}"))
+                assert code == asyncssh.FX_PERMISSION_DENIED
+                res = await conn.run(f"sha256sum /drop/{name}")
+                assert res.exit_status == 1 and "no download permission in /drop" in str(res.stderr)
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert (inbox / "a.csv").read_bytes() == (inbox / "b.csv").read_bytes() == b"carol's data"
+    assert (inbox / "b2.csv").read_bytes() == b"mallory"
