@@ -688,7 +688,7 @@ class UserSession:
         read opens it, a write without TRUNC (an append too: OpenSSH's reput) continues it.
         """
         resumable = self.upload_mode == "atomic-resume"
-        partial = atomic.partial_path(path) if resumable else None
+        partial = self._partial_of(path)
         parts = atomic.split_name(path)
         shown = None if parts is None else os.fsdecode(parts[1])
         if (flags & os.O_ACCMODE) == os.O_RDONLY:
@@ -772,7 +772,10 @@ class UserSession:
             log.warning("cannot remove an upload temporary of %s: %s", esc(self.username), esc(exc.strerror))
 
     def _partial_of(self, path: bytes | str) -> ServerPath | None:
-        return atomic.partial_path(path) if self.upload_mode == "atomic-resume" else None
+        """The name's partial in mode atomic-resume; in a shared folder (a mount's child) this user's own."""
+        if self.upload_mode != "atomic-resume":
+            return None
+        return atomic.partial_path(path, self.username if self._parent is not None else "")
 
     def open_for_hash(self, path: bytes | str) -> int:
         """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`.

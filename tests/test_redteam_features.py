@@ -11,6 +11,7 @@ import hashlib
 import asyncssh
 import pytest
 from conftest import ServerHandle
+from test_folders import assert_folder_ledger_matches_disk
 from test_permissions import seed, snapshot
 
 
@@ -122,3 +123,43 @@ def test_a_removed_or_renamed_own_upload_does_not_stay_ones_own(server: ServerHa
     asyncio.run(asyncio.wait_for(go(), 60))
     assert (inbox / "a.csv").read_bytes() == (inbox / "b.csv").read_bytes() == b"carol's data"
     assert (inbox / "b2.csv").read_bytes() == b"mallory"
+
+
+def test_a_partial_in_a_shared_folder_is_its_uploaders_only(server: ServerHandle) -> None:
+    """Team folder, both users in mode atomic-resume. Alice's upload breaks off and leaves its partial.
+    Partials were one per name, so for Bob the name stood for Alice's unfinished upload: `stat` showed
+    its size, a read returned its bytes (an upload nobody published), a resume appended Bob's tail to
+    Alice's head, and while Alice wrote it Bob's uploads of that name were refused as "in progress".
+    Each user's partial is their own: Bob sees no file, uploads his own; Alice can still resume hers."""
+    alice = server.add_user("alice", password=None, key=True)
+    bob = server.add_user("bob", password=None, key=True)
+    server.cli("folder", "add", "team")
+    for name in ("alice", "bob"):
+        server.cli("user", "folder", "add", name, "team", "/team")
+        server.cli("user", "upload-mode", name, "atomic-resume")
+    folder = server.homes_dir.parent / "folders" / "team"
+
+    async def go() -> None:
+        conn = await server.connect(alice).__aenter__()
+        sftp = await conn.start_sftp_client()
+        f = await sftp.open("/team/r.bin", "wb")
+        await f.write(b"A" * 1000)
+        conn.abort()  # the connection drops mid-upload: the partial stays for a resume
+        for _ in range(100):
+            if [p.stat().st_size for p in folder.iterdir()] == [1000]:
+                break
+            await asyncio.sleep(0.05)
+        async with server.connect(bob) as c2, c2.start_sftp_client() as bob_sftp:
+            assert (await _error(bob_sftp.stat("/team/r.bin")))[0] == asyncssh.FX_NO_SUCH_FILE
+            assert (await _error(bob_sftp.open("/team/r.bin", "rb")))[0] == asyncssh.FX_NO_SUCH_FILE
+            async with server.connect(alice) as c3, c3.start_sftp_client() as alice_sftp:
+                assert (await alice_sftp.stat("/team/r.bin")).size == 1000  # hers to resume
+                held = await alice_sftp.open("/team/r.bin", "ab")           # reput: continue it
+                async with bob_sftp.open("/team/r.bin", "wb") as g:        # not "in progress" for Bob
+                    await g.write(b"bob's own")
+                await held.write(b"B" * 10)
+                await held.close()                                           # Alice's completes last
+        assert (folder / "r.bin").read_bytes() == b"A" * 1000 + b"B" * 10
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert [p.name for p in folder.iterdir()] == ["r.bin"]
+    assert_folder_ledger_matches_disk(server, "team", folder)
