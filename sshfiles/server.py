@@ -627,7 +627,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.account: Account | None = None
         self.perm_rules = PermissionRules()  # the account's permission rules as read at the last channel open
         self.mounts: list[FolderMount] = []  # the shared folders mounted for the user, as read at the last channel open
-        self.own_uploads: dict[str, None] = {}  # files this login created: see UserSession._own
+        self.own_uploads: dict[str, tuple[int, int]] = {}  # files this login created: see UserSession._own
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
         # What each user name was validated with during authentication (the last

@@ -225,7 +225,7 @@ class UserSession:
 
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
                  on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-",
-                 permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None,
+                 permissions: PermissionRules | None = None, own_uploads: dict[str, tuple[int, int]] | None = None,
                  upload_mode: str = "standard", hooks: HookRunner | None = None,
                  mounts: Sequence[FolderMount] = (), ledger_of: Callable[[str], UserLedger] | None = None,
                  parent: UserSession | None = None, vroot: str = "") -> None:
@@ -244,7 +244,9 @@ class UserSession:
         # shares the dict (newest last, at most OWN_UPLOADS): `stat` and the hashes answer for them even
         # where the user may not list or download, since clients check an upload's size and hash after
         # it (rclone does both, the hash over an exec channel). They tell only what the client wrote.
-        self._own: dict[str, None] = own_uploads if own_uploads is not None else {}
+        # Each is remembered with its (st_dev, st_ino): a name the file left (removed, moved by a hook)
+        # may later hold another user's file, which must not answer.
+        self._own: dict[str, tuple[int, int]] = own_uploads if own_uploads is not None else {}
         self.conn_id = conn_id  # the connection's id in the log
         self.jail = Jail(home)
         # The user's namespace lock, shared with the user's sessions in every worker process: an
@@ -612,7 +614,8 @@ class UserSession:
             self._give_handle()
             raise
         if fresh and upload is None:  # (an atomic upload is its own once its rename made it the name's file)
-            self._remember_own(vpath)
+            st = os.fstat(fd)
+            self._remember_own(vpath, (st.st_dev, st.st_ino))
         metrics.transfer_started()
         f = FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload,
                        owner=self if self._parent is not None else None)
@@ -649,16 +652,17 @@ class UserSession:
         if error is not None:
             raise error
 
-    def _remember_own(self, vpath: str) -> None:
+    def _remember_own(self, vpath: str, key: tuple[int, int]) -> None:
         """Remember a file this connection created (see `_own`), once it is the file under that name.
 
         Not before: an atomic upload's name shows someone else's file until its rename, and if the
         rename fails (a file appeared meanwhile) the name keeps that file, which must stay unreadable."""
         if self.perms.restricted:
-            self._keep_own(self._shown(vpath))  # user-visible paths: a folder's children share the dict
+            self._keep_own(self._shown(vpath), key)  # user-visible paths: a folder's children share the dict
 
-    def _keep_own(self, shown: str) -> None:
-        self._own[shown] = None
+    def _keep_own(self, shown: str, key: tuple[int, int]) -> None:
+        self._own.pop(shown, None)  # (newest last: the oldest is forgotten first)
+        self._own[shown] = key
         if len(self._own) > OWN_UPLOADS:
             del self._own[next(iter(self._own))]
 
@@ -670,11 +674,14 @@ class UserSession:
         """After a rename: an own file stays own under its new name, and whatever the new name held is
         gone (its old name may later hold another user's file: it must not answer for it)."""
         if old is not None and new is not None and old != new:
-            was = old in self._own
-            self._own.pop(old, None)
+            was = self._own.pop(old, None)
             self._own.pop(new, None)
-            if was:
-                self._keep_own(new)
+            if was is not None:
+                self._keep_own(new, was)
+
+    def _is_own(self, shown: str, st: os.stat_result) -> bool:
+        """Whether `st` is the very file this connection created under the name `shown`."""
+        return self._own.get(shown) == (st.st_dev, st.st_ino)
 
     # -- atomic uploads (atomic.py) -----------------------------------------------
 
@@ -756,7 +763,7 @@ class UserSession:
                 if up.resumable:
                     atomic.unclaim(up.key)
                 if f.fresh:
-                    self._remember_own(f.vpath)
+                    self._remember_own(f.vpath, up.key)
                 return None
         self._drop_upload(up)
         return error
@@ -786,14 +793,23 @@ class UserSession:
             fd = tree.open_for_hash(self._route(path)[1])
             self._hash_fds[fd] = tree
             return fd
+        d = ""
         if self.perms.restricted:
             d, vpath = self._where(path, follow=True)
             if self._shown(vpath) not in self._own:
                 self._require(d, "download")
-        fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
         try:
-            if self.perms.restricted and self._shown(vpath := self.jail.virtual_path(fd)) not in self._own:
-                self._check_opened(vpath, path, os.O_RDONLY)
+            fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
+        except OSError:
+            if d:
+                self._require(d, "download")  # an own name whose file is gone answers as any other name
+            raise
+        try:
+            if self.perms.restricted:
+                vpath = self.jail.virtual_path(fd)
+                if not self._is_own(self._shown(vpath), os.fstat(fd)):
+                    self._require(posixpath.dirname(vpath), "download")  # (not the file it created)
+                    self._check_opened(vpath, path, os.O_RDONLY)
         except BaseException:
             self._close_fd(fd)
             raise
@@ -1076,7 +1092,7 @@ class UserSession:
                     st = self._stat_entry(path, follow)
                 except OSError:
                     st = None
-                if st is None or not (stat.S_ISDIR(st.st_mode) or self._shown(vpath) in self._own):
+                if st is None or not (stat.S_ISDIR(st.st_mode) or self._is_own(self._shown(vpath), st)):
                     self._require(d, "list")
                 assert st is not None
                 return st

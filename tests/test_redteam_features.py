@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 
 import asyncssh
 import pytest
-from conftest import ServerHandle
+from conftest import ServerHandle, make_server
 from test_folders import assert_folder_ledger_matches_disk
 from test_permissions import seed, snapshot
 
@@ -163,3 +164,50 @@ def test_a_partial_in_a_shared_folder_is_its_uploaders_only(server: ServerHandle
     asyncio.run(asyncio.wait_for(go(), 60))
     assert [p.name for p in folder.iterdir()] == ["r.bin"]
     assert_folder_ledger_matches_disk(server, "team", folder)
+
+
+def test_an_own_upload_moved_away_by_a_hook_does_not_answer_for_the_next_one(tmp_path: Path,
+                                                                              host_keys_dir: Path) -> None:
+    """The README's hook moves every completed upload out of the drop box. Mallory uploads invoice.pdf and
+    keeps her connection; the hook moves it; Carol uploads her invoice.pdf. Mallory's connection knew the
+    name as her upload, so `stat` and `sha256sum` answered for Carol's file. What a connection remembers
+    is the file it created (device and inode), not the name."""
+    mover = tmp_path / "mover.sh"
+    processing = tmp_path / "processing"
+    processing.mkdir()
+    mover.write_text(f'#!/bin/sh\n[ "$SSHFILES_USER" = mallory ] || exit 0\n'  # (carol's stays)
+                     f'mv -- "$SSHFILES_HOST_PATH" {processing}/"$SSHFILES_USER-$SSHFILES_BYTES"\n')
+    mover.chmod(0o755)
+    server = make_server(tmp_path, host_keys_dir, ("--on-upload", str(mover)))
+    mallory = server.add_user("mallory", password=None, key=True)
+    carol = server.add_user("carol", password=None, key=True)
+    server.cli("folder", "add", "inbox")
+    for name in ("mallory", "carol"):
+        server.cli("user", "folder", "add", name, "inbox", "/drop", "--perms", "upload")
+    inbox = server.homes_dir.parent / "folders" / "inbox"
+    secret = b"carol's invoice, 1234.56 EUR\n"
+
+    async def moved(name: str) -> None:
+        for _ in range(200):
+            if (processing / name).exists():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the hook did not move {name}")
+
+    async def go() -> None:
+        async with server.connect(mallory) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("/drop/invoice.pdf", "wb") as f:
+                await f.write(b"mallory")
+            await moved("mallory-7")
+            async with server.connect(carol) as c2, c2.start_sftp_client() as carol_sftp:
+                async with carol_sftp.open("/drop/invoice.pdf", "wb") as g:
+                    await g.write(secret)
+            assert (await _error(sftp.stat("/drop/invoice.pdf")))[0] == asyncssh.FX_PERMISSION_DENIED
+            res = await conn.run("sha256sum /drop/invoice.pdf")
+            assert res.exit_status == 1 and "no download permission in /drop" in str(res.stderr)
+    server.start()
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        server.stop()
+    assert (inbox / "invoice.pdf").read_bytes() == secret
