@@ -718,7 +718,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         for session in self.sessions:
             for f in session.open_files:
                 done = f.bytes_written if f.writable else f.bytes_read
-                parts.append(f"{'upload' if f.writable else 'download'} {session.shown_path(f)} {format_size(done)}")
+                parts.append(f"{'upload' if f.writable else 'download'} {_status_path(session.shown_path(f))} "
+                             f"{format_size(done)}")
         if not parts and self.running:
             parts.append("command")
         parts.sort()
@@ -1488,6 +1489,14 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
             respawn_at.append(time.monotonic() + delay)
             respawn_at.sort()
     signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _status_path(path: str) -> str:
+    """A path as `sshfiles status` lists it among ", "-separated transfers: quoted when it holds a space,
+    a comma, a quote or a backslash, so a file name cannot pass for another transfer."""
+    if not any(c in path for c in ' ,"\\'):
+        return path
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 
 import asyncssh
@@ -211,3 +212,28 @@ def test_an_own_upload_moved_away_by_a_hook_does_not_answer_for_the_next_one(tmp
     finally:
         server.stop()
     assert (inbox / "invoice.pdf").read_bytes() == secret
+
+
+def test_status_does_not_show_a_transfer_forged_by_a_file_name(server: ServerHandle) -> None:
+    """`sshfiles status` lists transfers as "upload PATH SIZE, ...": a file named
+    "a 1 KiB, download /srv/secret.db" showed the admin a download that is not happening. A path with a
+    space, a comma or a quote is shown quoted."""
+    user = server.add_user("forger")
+    name = '/a 1 KiB, download /srv/secret".db'
+
+    async def go() -> None:
+        async with server.connect(user) as conn, conn.start_sftp_client() as sftp:
+            await sftp.mkdir("/a 1 KiB, download ")
+            await sftp.mkdir("/a 1 KiB, download /srv")
+            f = await sftp.open(name, "wb")
+            await f.write(b"x" * 2048)
+            doing = ""
+            for _ in range(100):
+                rows = [json.loads(line) for line in server.cli("status", "--json").stdout.splitlines()]
+                if rows and (doing := rows[0]["doing"]):
+                    break
+                await asyncio.sleep(0.1)
+            assert doing == 'upload "/a 1 KiB, download /srv/secret\\\\".db" 2.0 KiB'
+            assert "download" not in doing.replace(name.replace('"', '\\\\"'), "")
+            await f.close()
+    asyncio.run(asyncio.wait_for(go(), 60))
