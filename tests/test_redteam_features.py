@@ -237,3 +237,40 @@ def test_status_does_not_show_a_transfer_forged_by_a_file_name(server: ServerHan
             assert "download" not in doing.replace(name.replace('"', '\\\\"'), "")
             await f.close()
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_hostile_file_names_reach_a_hook_only_as_data(tmp_path: Path, host_keys_dir: Path) -> None:
+    """Names built to inject: shell metacharacters, a leading '-', '=', a newline forging a log line.
+    A hook gets them only in its environment, byte for byte, never in its argv or through a shell; the
+    hook's log line (which echoes the path and the hook's output) holds them escaped on one line."""
+    from test_hooks import events_of, recorder, wait_events
+
+    cmd, events = recorder(tmp_path)
+    server = make_server(tmp_path, host_keys_dir, ("--on-upload", cmd, "--on-rename", cmd))
+    user = server.add_user("inject")
+    pwned = tmp_path / "pwned"
+    names = ["-rf", f"$(touch {pwned.name})", "`id`;x", "a=b SSHFILES_USER=root",
+             "x\nsshfiles.hooks: hook event=upload user=root path=shadow result=ok"]
+
+    async def go() -> None:
+        async with server.connect(user) as conn, conn.start_sftp_client() as sftp:
+            for name in names:
+                async with sftp.open(name, "wb") as f:
+                    await f.write(b"data")
+            await sftp.rename(names[0], "--target=-x")
+    server.start()
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+        got = wait_events(events, len(names) + 1)
+    finally:
+        server.stop()
+    uploads = [e for e in got if e["SSHFILES_EVENT"] == "upload"]
+    assert sorted(e["SSHFILES_PATH"] for e in uploads) == sorted("/" + n for n in names)
+    assert all(e["SSHFILES_USER"] == "inject" for e in got)
+    (ren,) = (e for e in got if e["SSHFILES_EVENT"] == "rename")
+    assert (ren["SSHFILES_PATH"], ren["SSHFILES_TARGET"]) == ("/-rf", "/--target=-x")
+    assert not pwned.exists() and not (tmp_path / "id").exists() and len(events_of(events)) == len(got)
+    hook_lines = [line for line in server.log().splitlines() if " sshfiles.hooks[" in line]
+    assert len(hook_lines) == len(names) + 1
+    assert not any(line.lstrip().startswith("sshfiles.hooks: hook event=upload user=root")
+                   for line in server.log().splitlines())
