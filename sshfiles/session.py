@@ -1139,7 +1139,25 @@ class UserSession:
 
     def chmod(self, path: bytes | str, mode: int, follow: bool = True) -> None:
         self._check(path, "chmod", follow=follow)
+        self._unlisted_metadata(path, follow)
         self.jail.chmod(path, mode, follow)
+
+    def _unlisted_metadata(self, path: bytes | str, follow: bool) -> None:
+        """Where the user may not `list`, changing a name's mode or times (granted for rclone's modtime)
+        applies, as `stat` answers, to directories and the connection's own uploads only: anything
+        else, present or not, is EACCES. Otherwise success against "No such file" would tell which
+        names a drop box holds, and the user could touch files they never uploaded."""
+        if not self.perms.restricted:
+            return
+        d, vpath = self._where(path, follow)
+        if vpath == "/" or allowed(self.perms.rules, d, "list"):
+            return
+        try:
+            st: os.stat_result | None = self.jail.stat(path, follow=follow)
+        except OSError:
+            st = None
+        if st is None or not (stat.S_ISDIR(st.st_mode) or self._is_own(self._shown(vpath), st)):
+            self._require(d, "list")
 
     def fchmod(self, f: FileHandle, mode: int) -> None:
         if self.perms.restricted:
@@ -1148,6 +1166,7 @@ class UserSession:
 
     def utime(self, path: bytes | str, times: tuple[float, float], follow: bool = True) -> None:
         self._check(path, "chtimes", follow=follow)
+        self._unlisted_metadata(path, follow)
         self.jail.utime(path, times, follow)
 
     def futime(self, f: FileHandle, times: tuple[float, float]) -> None:

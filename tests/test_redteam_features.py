@@ -274,3 +274,29 @@ def test_hostile_file_names_reach_a_hook_only_as_data(tmp_path: Path, host_keys_
     assert len(hook_lines) == len(names) + 1
     assert not any(line.lstrip().startswith("sshfiles.hooks: hook event=upload user=root")
                    for line in server.log().splitlines())
+
+
+def test_chtimes_in_a_drop_box_touches_only_ones_own_uploads(server: ServerHandle) -> None:
+    """The README grants `chtimes` in a drop box for rclone's modtime. With it, setstat of times on any
+    name used to succeed for a present file and fail "No such file" for a missing one (an existence
+    probe), and to change the times of files the user never uploaded; chmod alike. Where the user may
+    not list, setstat of a name applies to the connection's own uploads only."""
+    user = server.add_user("rcl", password=None, key=True)
+    seed(server, user, {"drop/secret.txt": b"someone else's\n"})
+    server.cli("user", "perm", "set", "rcl", "/drop", "upload,chtimes,chmod")
+    secret = user.home / "drop" / "secret.txt"
+    before = secret.stat()
+
+    async def go() -> None:
+        async with server.connect(user) as conn, conn.start_sftp_client() as sftp:
+            for attrs in (asyncssh.SFTPAttrs(atime=1000, mtime=1000), asyncssh.SFTPAttrs(permissions=0o600)):
+                present = await _error(sftp.setstat("/drop/secret.txt", attrs))
+                missing = await _error(sftp.setstat("/drop/nothing.txt", attrs))
+                assert present == missing and present[0] == asyncssh.FX_PERMISSION_DENIED
+            async with sftp.open("/drop/mine.txt", "wb") as f:   # rclone: upload, then set its modtime
+                await f.write(b"mine")
+            await sftp.utime("/drop/mine.txt", (1000, 1000))
+            assert (await sftp.stat("/drop/mine.txt")).mtime == 1000
+    asyncio.run(asyncio.wait_for(go(), 60))
+    after = secret.stat()
+    assert (after.st_mtime, after.st_mode) == (before.st_mtime, before.st_mode)
