@@ -778,6 +778,28 @@ class UserSession:
         except OSError as exc:
             log.warning("cannot remove an upload temporary of %s: %s", esc(self.username), esc(exc.strerror))
 
+    def _remove_partial(self, path: bytes | str) -> bool:
+        """`remove` of a name with no file, in atomic-resume: remove its partial (whether one was).
+
+        The name stands for its partial for stat and opens; without this the partial (charged, never
+        listed, reserved) could not be given up: the quota it takes stayed taken for up to 7 days."""
+        partial = self._partial_of(path)
+        if partial is None:
+            return False
+        try:
+            st = self.jail.lstat_entry(partial)
+        except OSError:
+            return False
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return False
+        if not atomic.claim((st.st_dev, st.st_ino)):
+            raise OSError(errno.EBUSY, "Another upload of this file is in progress")
+        try:
+            self._remove(partial)
+        finally:
+            atomic.unclaim((st.st_dev, st.st_ino))
+        return True
+
     def _partial_of(self, path: bytes | str) -> ServerPath | None:
         """The name's partial in mode atomic-resume; in a shared folder (a mount's child) this user's own."""
         if self.upload_mode != "atomic-resume":
@@ -1305,7 +1327,11 @@ class UserSession:
         with self._audited("remove", path):
             self._check(path, "delete")
             gone = self._own_name(path)
-            self._remove(path)
+            try:
+                self._remove(path)
+            except FileNotFoundError:
+                if not self._remove_partial(path):
+                    raise
             if gone is not None:  # another file may take the name: it is not this connection's
                 self._own.pop(gone, None)
         if self.hooks is not None and self.hooks.wants("delete"):

@@ -15,6 +15,7 @@ import pytest
 from conftest import ServerHandle, make_server
 from test_folders import assert_folder_ledger_matches_disk
 from test_permissions import seed, snapshot
+from test_quota import assert_ledger_matches_disk, ledger
 
 
 async def _error(coro: object) -> tuple[int, str]:
@@ -300,3 +301,35 @@ def test_chtimes_in_a_drop_box_touches_only_ones_own_uploads(server: ServerHandl
     asyncio.run(asyncio.wait_for(go(), 60))
     after = secret.stat()
     assert (after.st_mtime, after.st_mode) == (before.st_mtime, before.st_mode)
+
+
+def test_a_broken_resumable_upload_can_be_removed_to_free_the_quota(server: ServerHandle) -> None:
+    """Mode atomic-resume, a 100 KiB quota. An upload breaks off at 60 KiB: its partial is charged, and
+    `stat` of the name shows it, but `rm` of the name answered "No such file": invisible, unremovable,
+    the user's quota stayed full (the start-up cleanup keeps partials for 7 days). Removing the name
+    removes its partial, as stat and opens already see it."""
+    user = server.add_user("resumer", password=None, key=True, quota="100K")
+    server.cli("user", "upload-mode", "resumer", "atomic-resume")
+
+    async def go() -> None:
+        conn = await server.connect(user).__aenter__()
+        sftp = await conn.start_sftp_client()
+        f = await sftp.open("/big.iso", "wb")
+        await f.write(b"b" * 60 * 1024)
+        conn.abort()
+        for _ in range(100):
+            if [p.stat().st_size for p in user.home.iterdir()] == [60 * 1024] and ledger(server, user.name) == 61440:
+                break
+            await asyncio.sleep(0.05)
+        async with server.connect(user) as c2, c2.start_sftp_client() as sftp2:
+            assert (await sftp2.stat("/big.iso")).size == 60 * 1024
+            with pytest.raises(asyncssh.SFTPError):
+                async with sftp2.open("/other.bin", "wb") as g:
+                    await g.write(b"o" * 60 * 1024)           # the quota is full of the partial
+            await sftp2.remove("/big.iso")                    # give up the broken upload
+            assert (await _error(sftp2.stat("/big.iso")))[0] == asyncssh.FX_NO_SUCH_FILE
+            async with sftp2.open("/other.bin", "wb") as g:
+                await g.write(b"o" * 60 * 1024)
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert sorted(p.name for p in user.home.iterdir()) == ["other.bin"]
+    assert_ledger_matches_disk(server, user)
