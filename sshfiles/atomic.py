@@ -95,13 +95,20 @@ def temp_path(path: bytes | str) -> ServerPath | None:
     return ServerPath(head + _fit(_RANDOM + secrets.token_hex(8).encode() + b"-", name))
 
 
-def partial_path(path: bytes | str) -> ServerPath | None:
-    """The one resumable partial of `path` (mode atomic-resume), or None if `path` names no file."""
+def partial_path(path: bytes | str, owner: str = "") -> ServerPath | None:
+    """The one resumable partial of `path` (mode atomic-resume), or None if `path` names no file.
+
+    `owner` (a user name; given in shared folders, where several users upload into one directory)
+    makes the partial that user's alone (``...p-u<16 hex>-<name>``): another user's unfinished upload
+    must never stand for the name, be read, be continued or block an upload of theirs."""
     parts = split_name(path)
     if parts is None:
         return None
     head, name = parts
-    return ServerPath(head + _fit(_PARTIAL, name))
+    prefix = _PARTIAL
+    if owner:
+        prefix += b"u" + hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()[:16].encode() + b"-"
+    return ServerPath(head + _fit(prefix, name))
 
 
 @dataclass

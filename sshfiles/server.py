@@ -627,7 +627,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.account: Account | None = None
         self.perm_rules = PermissionRules()  # the account's permission rules as read at the last channel open
         self.mounts: list[FolderMount] = []  # the shared folders mounted for the user, as read at the last channel open
-        self.own_uploads: dict[str, None] = {}  # files this login created: see UserSession._own
+        self.own_uploads: dict[str, tuple[int, int]] = {}  # files this login created: see UserSession._own
         self.auth_rev = 0            # the account's auth_rev at login; any change ends the connection
         self.failures = 0
         # What each user name was validated with during authentication (the last
@@ -718,7 +718,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         for session in self.sessions:
             for f in session.open_files:
                 done = f.bytes_written if f.writable else f.bytes_read
-                parts.append(f"{'upload' if f.writable else 'download'} {session.shown_path(f)} {format_size(done)}")
+                parts.append(f"{'upload' if f.writable else 'download'} {_status_path(session.shown_path(f))} "
+                             f"{format_size(done)}")
         if not parts and self.running:
             parts.append("command")
         parts.sort()
@@ -1488,6 +1489,14 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
             respawn_at.append(time.monotonic() + delay)
             respawn_at.sort()
     signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _status_path(path: str) -> str:
+    """A path as `sshfiles status` lists it among ", "-separated transfers: quoted when it holds a space,
+    a comma, a quote or a backslash, so a file name cannot pass for another transfer."""
+    if not any(c in path for c in ' ,"\\'):
+        return path
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _clean_upload_temporaries(store: AccountStore, config: ServeConfig) -> None:

@@ -225,7 +225,7 @@ class UserSession:
 
     def __init__(self, username: str, home: str, ledger: UserLedger, peer: str = "?",
                  on_close: Callable[[UserSession], None] | None = None, conn_id: str = "-",
-                 permissions: PermissionRules | None = None, own_uploads: dict[str, None] | None = None,
+                 permissions: PermissionRules | None = None, own_uploads: dict[str, tuple[int, int]] | None = None,
                  upload_mode: str = "standard", hooks: HookRunner | None = None,
                  mounts: Sequence[FolderMount] = (), ledger_of: Callable[[str], UserLedger] | None = None,
                  parent: UserSession | None = None, vroot: str = "") -> None:
@@ -244,7 +244,9 @@ class UserSession:
         # shares the dict (newest last, at most OWN_UPLOADS): `stat` and the hashes answer for them even
         # where the user may not list or download, since clients check an upload's size and hash after
         # it (rclone does both, the hash over an exec channel). They tell only what the client wrote.
-        self._own: dict[str, None] = own_uploads if own_uploads is not None else {}
+        # Each is remembered with its (st_dev, st_ino): a name the file left (removed, moved by a hook)
+        # may later hold another user's file, which must not answer.
+        self._own: dict[str, tuple[int, int]] = own_uploads if own_uploads is not None else {}
         self.conn_id = conn_id  # the connection's id in the log
         self.jail = Jail(home)
         # The user's namespace lock, shared with the user's sessions in every worker process: an
@@ -432,22 +434,53 @@ class UserSession:
             finally:
                 os.close(fd)
         else:
-            try:
-                parent = self.jail.parent(path)
-                try:
-                    base = self.jail.virtual_path(parent.fd)
-                finally:
-                    parent.close()
-                vpath = posixpath.join(base, parent.name.rstrip(b"/").decode("utf-8", "surrogateescape"))
-            except OSError:
-                vpath = normalize(path)
+            vpath = self._stuck_at(path)
         return posixpath.dirname(vpath), vpath
+
+    def _stuck_at(self, path: bytes | str) -> str:
+        """The virtual path of the entry where the kernel's walk of `path` stops (a path that does
+        not resolve): the first component that is missing, or the non-directory a later component
+        (``..`` included) was looked up in.
+
+        Why not the lexical spelling: ``/drop/NAME/..`` spells ``/drop``, whose parent may allow
+        `list`, while the walk failed on NAME, inside the drop box; its error (ENOTDIR for a file,
+        ENOENT for nothing) would tell a user who may not list /drop whether NAME exists. The
+        longest prefix that resolves is found by bisection (walks resolve left to right, so a
+        prefix that fails makes every longer one fail): a few openat2 calls, on failures only.
+        """
+        raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else bytes(path)
+        parts = [p for p in raw.split(b"/") if p and p != b"."]
+        good, bad = 0, len(parts)  # the prefix of `good` parts resolves ("" is the root); of `bad`, not
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            try:
+                os.close(self.jail.open(b"/".join(parts[:mid]), os.O_PATH))
+            except OSError:
+                bad = mid
+            else:
+                good = mid
+        if bad == 0:
+            return "/"
+        try:
+            fd = self.jail.open(b"/".join(parts[:good]), os.O_PATH)
+        except OSError:
+            return normalize(path)  # changed meanwhile: name it as spelled
+        try:
+            base = self.jail.virtual_path(fd)
+            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        name = parts[bad - 1]
+        if not is_dir or name == b"..":
+            return base  # a name looked up in a non-directory: the walk stopped at that entry
+        return posixpath.join(base, name.decode("utf-8", "surrogateescape"))
 
     def _require(self, directory: str, *perms: str) -> None:
         """Refuse with EACCES (SFTP PERMISSION_DENIED) and a one-line reason unless all `perms` hold there."""
         for perm in perms:
             if not allowed(self.perms.rules, directory, perm):
-                raise PermissionError(errno.EACCES, f"Permission denied: no {perm} permission in {esc(directory)}")
+                raise PermissionError(errno.EACCES,
+                                      f"Permission denied: no {perm} permission in {esc(self._shown(directory))}")
 
     def _check(self, path: bytes | str, *perms: str, follow: bool = False) -> None:
         """`_require` on the directory holding `path` (nothing to do for a user without rules)."""
@@ -466,8 +499,8 @@ class UserSession:
                 allowed(rules, d, "upload") and (f.fresh or allowed(rules, d, "overwrite")))
         if not (f.may_write if write else f.may_read):
             perm = ("upload" if f.fresh else "upload or overwrite") if write else "download"
-            raise PermissionError(errno.EACCES,
-                                  f"Permission denied: no {perm} permission in {esc(posixpath.dirname(f.vpath))}")
+            where = esc(self._shown(posixpath.dirname(f.vpath)))
+            raise PermissionError(errno.EACCES, f"Permission denied: no {perm} permission in {where}")
 
     def _open_rules(self, path: bytes | str, flags: int, trunc: bool) -> tuple[int, bool, bool]:
         """Check an open against the rules; returns (flags, trunc, fresh) as the open must be done.
@@ -580,10 +613,9 @@ class UserSession:
             self._close_fd(fd)
             self._give_handle()
             raise
-        if fresh and self.perms.restricted:
-            self._own[self._shown(vpath)] = None  # user-visible paths: a folder's children share the dict
-            if len(self._own) > OWN_UPLOADS:
-                del self._own[next(iter(self._own))]
+        if fresh and upload is None:  # (an atomic upload is its own once its rename made it the name's file)
+            st = os.fstat(fd)
+            self._remember_own(vpath, (st.st_dev, st.st_ino))
         metrics.transfer_started()
         f = FileHandle(fd, vpath, writable, append, fresh=fresh, upload=upload,
                        owner=self if self._parent is not None else None)
@@ -620,6 +652,37 @@ class UserSession:
         if error is not None:
             raise error
 
+    def _remember_own(self, vpath: str, key: tuple[int, int]) -> None:
+        """Remember a file this connection created (see `_own`), once it is the file under that name.
+
+        Not before: an atomic upload's name shows someone else's file until its rename, and if the
+        rename fails (a file appeared meanwhile) the name keeps that file, which must stay unreadable."""
+        if self.perms.restricted:
+            self._keep_own(self._shown(vpath), key)  # user-visible paths: a folder's children share the dict
+
+    def _keep_own(self, shown: str, key: tuple[int, int]) -> None:
+        self._own.pop(shown, None)  # (newest last: the oldest is forgotten first)
+        self._own[shown] = key
+        if len(self._own) > OWN_UPLOADS:
+            del self._own[next(iter(self._own))]
+
+    def _own_name(self, path: bytes | str) -> str | None:
+        """The `_own` key of `path` as it resolves now (None for a user without rules: nothing is kept)."""
+        return self._shown(self._where(path)[1]) if self.perms.restricted else None
+
+    def _own_moved(self, old: str | None, new: str | None) -> None:
+        """After a rename: an own file stays own under its new name, and whatever the new name held is
+        gone (its old name may later hold another user's file: it must not answer for it)."""
+        if old is not None and new is not None and old != new:
+            was = self._own.pop(old, None)
+            self._own.pop(new, None)
+            if was is not None:
+                self._keep_own(new, was)
+
+    def _is_own(self, shown: str, st: os.stat_result) -> bool:
+        """Whether `st` is the very file this connection created under the name `shown`."""
+        return self._own.get(shown) == (st.st_dev, st.st_ino)
+
     # -- atomic uploads (atomic.py) -----------------------------------------------
 
     async def _open_atomic(self, path: bytes | str, flags: int, trunc: bool,
@@ -632,7 +695,7 @@ class UserSession:
         read opens it, a write without TRUNC (an append too: OpenSSH's reput) continues it.
         """
         resumable = self.upload_mode == "atomic-resume"
-        partial = atomic.partial_path(path) if resumable else None
+        partial = self._partial_of(path)
         parts = atomic.split_name(path)
         shown = None if parts is None else os.fsdecode(parts[1])
         if (flags & os.O_ACCMODE) == os.O_RDONLY:
@@ -699,6 +762,8 @@ class UserSession:
             else:
                 if up.resumable:
                     atomic.unclaim(up.key)
+                if f.fresh:
+                    self._remember_own(f.vpath, up.key)
                 return None
         self._drop_upload(up)
         return error
@@ -713,8 +778,33 @@ class UserSession:
         except OSError as exc:
             log.warning("cannot remove an upload temporary of %s: %s", esc(self.username), esc(exc.strerror))
 
+    def _remove_partial(self, path: bytes | str) -> bool:
+        """`remove` of a name with no file, in atomic-resume: remove its partial (whether one was).
+
+        The name stands for its partial for stat and opens; without this the partial (charged, never
+        listed, reserved) could not be given up: the quota it takes stayed taken for up to 7 days."""
+        partial = self._partial_of(path)
+        if partial is None:
+            return False
+        try:
+            st = self.jail.lstat_entry(partial)
+        except OSError:
+            return False
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return False
+        if not atomic.claim((st.st_dev, st.st_ino)):
+            raise OSError(errno.EBUSY, "Another upload of this file is in progress")
+        try:
+            self._remove(partial)
+        finally:
+            atomic.unclaim((st.st_dev, st.st_ino))
+        return True
+
     def _partial_of(self, path: bytes | str) -> ServerPath | None:
-        return atomic.partial_path(path) if self.upload_mode == "atomic-resume" else None
+        """The name's partial in mode atomic-resume; in a shared folder (a mount's child) this user's own."""
+        if self.upload_mode != "atomic-resume":
+            return None
+        return atomic.partial_path(path, self.username if self._parent is not None else "")
 
     def open_for_hash(self, path: bytes | str) -> int:
         """A read-only fd for hashing (check-file-name, exec *sum); close it with `close_fd`.
@@ -725,14 +815,23 @@ class UserSession:
             fd = tree.open_for_hash(self._route(path)[1])
             self._hash_fds[fd] = tree
             return fd
+        d = ""
         if self.perms.restricted:
             d, vpath = self._where(path, follow=True)
             if self._shown(vpath) not in self._own:
                 self._require(d, "download")
-        fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
         try:
-            if self.perms.restricted and self._shown(vpath := self.jail.virtual_path(fd)) not in self._own:
-                self._check_opened(vpath, path, os.O_RDONLY)
+            fd = self._open_held(path, os.O_RDONLY, 0)  # a read-only open needs no store
+        except OSError:
+            if d:
+                self._require(d, "download")  # an own name whose file is gone answers as any other name
+            raise
+        try:
+            if self.perms.restricted:
+                vpath = self.jail.virtual_path(fd)
+                if not self._is_own(self._shown(vpath), os.fstat(fd)):
+                    self._require(posixpath.dirname(vpath), "download")  # (not the file it created)
+                    self._check_opened(vpath, path, os.O_RDONLY)
         except BaseException:
             self._close_fd(fd)
             raise
@@ -1015,7 +1114,7 @@ class UserSession:
                     st = self._stat_entry(path, follow)
                 except OSError:
                     st = None
-                if st is None or not (stat.S_ISDIR(st.st_mode) or self._shown(vpath) in self._own):
+                if st is None or not (stat.S_ISDIR(st.st_mode) or self._is_own(self._shown(vpath), st)):
                     self._require(d, "list")
                 assert st is not None
                 return st
@@ -1062,7 +1161,25 @@ class UserSession:
 
     def chmod(self, path: bytes | str, mode: int, follow: bool = True) -> None:
         self._check(path, "chmod", follow=follow)
+        self._unlisted_metadata(path, follow)
         self.jail.chmod(path, mode, follow)
+
+    def _unlisted_metadata(self, path: bytes | str, follow: bool) -> None:
+        """Where the user may not `list`, changing a name's mode or times (granted for rclone's modtime)
+        applies, as `stat` answers, to directories and the connection's own uploads only: anything
+        else, present or not, is EACCES. Otherwise success against "No such file" would tell which
+        names a drop box holds, and the user could touch files they never uploaded."""
+        if not self.perms.restricted:
+            return
+        d, vpath = self._where(path, follow)
+        if vpath == "/" or allowed(self.perms.rules, d, "list"):
+            return
+        try:
+            st: os.stat_result | None = self.jail.stat(path, follow=follow)
+        except OSError:
+            st = None
+        if st is None or not (stat.S_ISDIR(st.st_mode) or self._is_own(self._shown(vpath), st)):
+            self._require(d, "list")
 
     def fchmod(self, f: FileHandle, mode: int) -> None:
         if self.perms.restricted:
@@ -1071,6 +1188,7 @@ class UserSession:
 
     def utime(self, path: bytes | str, times: tuple[float, float], follow: bool = True) -> None:
         self._check(path, "chtimes", follow=follow)
+        self._unlisted_metadata(path, follow)
         self.jail.utime(path, times, follow)
 
     def futime(self, f: FileHandle, times: tuple[float, float]) -> None:
@@ -1208,7 +1326,14 @@ class UserSession:
             return tree.remove(self._route(path)[1])
         with self._audited("remove", path):
             self._check(path, "delete")
-            self._remove(path)
+            gone = self._own_name(path)
+            try:
+                self._remove(path)
+            except FileNotFoundError:
+                if not self._remove_partial(path):
+                    raise
+            if gone is not None:  # another file may take the name: it is not this connection's
+                self._own.pop(gone, None)
         if self.hooks is not None and self.hooks.wants("delete"):
             self._fire("delete", self._named(path), 0)
 
@@ -1231,8 +1356,10 @@ class UserSession:
             return tree.rename(self._route(old)[1], self._route(new)[1])
         with self._audited("rename", old, to=self._shown(normalize(new))):
             self._check_rename(old, new)
+            moved = self._own_name(old), self._own_name(new)
             with self._namespace():
                 self.jail.rename(old, new, replace=False)
+            self._own_moved(*moved)
         self._rename_hook(old, new)
 
     def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
@@ -1242,10 +1369,13 @@ class UserSession:
         if (tree := self._rename_tree(old, new)) is not self:
             return tree.posix_rename(self._route(old)[1], self._route(new)[1])
         with self._audited("rename", old, to=self._shown(normalize(new)), replace=True):
-            if self._check_rename(old, new):
+            no_overwrite = self._check_rename(old, new)
+            moved = self._own_name(old), self._own_name(new)
+            if no_overwrite:
                 self._rename_no_overwrite(old, new)
             else:
                 self._rename_over(old, new)
+            self._own_moved(*moved)
         self._rename_hook(old, new)
 
     def _rename_tree(self, old: bytes | str, new: bytes | str) -> UserSession:

@@ -379,3 +379,20 @@ async def test_writes_the_pool_covers_never_ask_the_store(store, make_session, m
     assert calls == ["call"]
     s.close_file(f)
     await in_step(store, s)
+
+
+def test_a_path_that_does_not_resolve_is_judged_where_the_walk_stopped(make_session) -> None:
+    """`_where` names the entry the kernel's walk stopped at, whatever the spelling: `drop/NAME/..`
+    stops at NAME inside drop (a file is no directory, a missing name is missing), not at `/`."""
+    s = make_session()
+    home = Path(s.jail._root_host)
+    (home / "drop" / "sub").mkdir(parents=True)
+    (home / "drop" / "f").write_bytes(b"x")
+    assert s._where("drop/f/..") == ("/drop", "/drop/f")
+    assert s._where("drop/missing/..") == ("/drop", "/drop/missing")
+    assert s._where("drop/missing/../../../x") == ("/drop", "/drop/missing")
+    assert s._where("drop/sub/../new") == ("/drop", "/drop/new")        # resolves up to the new name
+    assert s._where("nope/a/b") == ("/", "/nope")
+    assert s._where("drop/sub/x/y") == ("/drop/sub", "/drop/sub/x")
+    assert s._where("drop/f/") == ("/drop", "/drop/f")
+    assert s._where("/") == ("/", "/")
