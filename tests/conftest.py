@@ -102,7 +102,7 @@ class ServerHandle:
         out.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.findall(r"listening on \S+ port (\d+)", self.log()[offset:])
+            m = re.findall(r"^sshfiles listening on \S+ port (\d+)", self.log()[offset:], re.M)
             if m:
                 self.port = int(m[-1])
                 return
