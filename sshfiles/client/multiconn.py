@@ -53,9 +53,9 @@ from .transfer import (
     get_file,
     local_hash,
     put_file,
-    remote_hash,
     remote_reader,
     upload_error,
+    verify_upload,
 )
 
 #: Upper bound of ``--connections``: each one is a login, a server session and 8 MiB in flight, and
@@ -332,12 +332,12 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
                 raise primary_error
         result.seconds = timer.elapsed()
         if opts.verify or close_errors:
-            theirs = await remote_hash(sftp, remote)
-            ours = await (local_sum or local_hash(local))
-            if theirs != ours:
-                if close_errors:
-                    raise close_errors[0]
-                raise VerifyError(f"{remote}: verification failed: server sha256 {theirs} != local {ours}")
+            try:
+                await verify_upload(sftp, remote, local_sum or local_hash(local))
+            except VerifyError:
+                if close_errors:  # an extra connection's failed close explains the difference
+                    raise close_errors[0] from None
+                raise
             result.verified = True if opts.verify else None
         return result
     except asyncssh.SFTPError as exc:

@@ -127,6 +127,16 @@ async def remote_hash(sftp: asyncssh.SFTPClient, path: str, algorithm: str = VER
     return digests[0].hex()
 
 
+async def verify_upload(sftp: asyncssh.SFTPClient, remote: str, ours: Awaitable[str]) -> None:
+    """The server's sha256 of an uploaded file against the local one (`ours`, often a hash already
+    running beside the transfer); VerifyError if they differ. One place for both upload paths
+    (one connection here, several in multiconn.py)."""
+    theirs = await remote_hash(sftp, remote)
+    mine = await ours
+    if theirs != mine:
+        raise VerifyError(f"{remote}: verification failed: server sha256 {theirs} != local {mine}")
+
+
 async def local_hash(path: str, algorithm: str = VERIFY_ALGORITHM) -> str:
     def run() -> str:
         fd = os.open(path, os.O_RDONLY)
@@ -309,11 +319,7 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                 task.close()
             result.seconds = timer.elapsed()
             if local_sum is not None:
-                theirs = await remote_hash(sftp, remote)
-                ours = await local_sum
-                if theirs != ours:
-                    raise VerifyError(f"{remote}: verification failed: server sha256 {theirs} "
-                                      f"!= local {ours}")
+                await verify_upload(sftp, remote, local_sum)
                 result.verified = True
             return result
         except asyncssh.SFTPError as exc:
