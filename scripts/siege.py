@@ -8,7 +8,8 @@ A benchmark, not a test (not in CI). It starts ``python -m sshfiles serve`` (scr
 ``SshfilesServer``, so the same reaper, state layout and /proc accounting) and runs, one after the
 other, each attack below from the loopback source 127.0.0.2, at a stated rate and bounded in count and
 seconds. Meanwhile a bystander from 127.0.0.3 logs in again and again (key and password, each timed)
-and, on an SFTP session opened before the attack, does ``stat`` every 5 ms. Per attack it prints the
+and, on an SFTP session opened before the attack, does ``stat`` every 5 ms; it runs in a process of
+its own, so the attacking client's work (decoding 100k-entry listings, say) is not counted as lag. Per attack it prints the
 bystander's worst key and password login, stat p99 and worst, and the server's peak RSS and open fds
 (sampled every 100 ms over the server's process tree).
 
@@ -95,6 +96,97 @@ class Sampler:
                 await asyncio.wait_for(stop.wait(), 0.1)
 
 
+# --------------------------------------------------------------------------- the bystander
+
+
+def _bystander_connect(spec: dict, *, key: bool) -> Any:
+    return asyncssh.connect("127.0.0.1", spec["port"], local_addr=(BYSTANDER, 0), username=spec["user"],
+                            password=None if key else spec["password"],
+                            client_keys=[spec["key"]] if key else None, known_hosts=None,
+                            login_timeout=spec["login_timeout"])
+
+
+async def bystander_main(spec: dict) -> dict:
+    """The bystander, in a process of its own (``--bystander SPEC``): its event loop is not the
+    attacker's, so what it measures is the server's answer time, not the attacking client's own
+    work (100k-entry listings decoded by asyncssh in the same loop used to show up as stat lag).
+
+    It opens its SFTP session, prints ``ready``, waits for ``go`` on stdin (the attack has ramped
+    up by then), measures for ``seconds`` and prints its results as one JSON line."""
+    stats: list[float] = []
+    logins: dict[str, list[float]] = {"key": [], "password": []}
+    loop = asyncio.get_running_loop()
+
+    async def login(key: bool) -> float:
+        t0 = time.monotonic()
+        try:
+            async with _bystander_connect(spec, key=key):
+                return time.monotonic() - t0
+        except (TimeoutError, OSError, asyncssh.Error):
+            return float("inf")
+
+    async with _bystander_connect(spec, key=True) as conn, conn.start_sftp_client() as sftp:
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+        deadline = time.monotonic() + spec["seconds"]
+
+        async def stat_loop() -> None:
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    await asyncio.wait_for(sftp.stat("probe"), spec["login_timeout"])
+                    stats.append(time.monotonic() - t0)
+                except (TimeoutError, OSError, asyncssh.Error):
+                    stats.append(float("inf"))
+                await asyncio.sleep(0.005)
+
+        async def login_loop() -> None:
+            while time.monotonic() < deadline:
+                logins["key"].append(await login(True))
+                logins["password"].append(await login(False))
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+        await asyncio.gather(stat_loop(), login_loop())
+    stats.sort()
+    return {"stats": len(stats),
+            "stat_p99_ms": 1000 * stats[min(len(stats) - 1, int(len(stats) * 0.99))] if stats else None,
+            "stat_worst_ms": 1000 * stats[-1] if stats else None,
+            "key_login_s": max(logins["key"], default=None),
+            "password_login_s": max(logins["password"], default=None),
+            "logins": len(logins["key"]) + len(logins["password"])}
+
+
+class Bystander:
+    """The parent's end of the bystander process."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start the process and wait until its SFTP session is open (before the attack starts)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), "--bystander", json.dumps(self.spec),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the bystander did not start: {line!r}")
+
+    async def measure(self) -> dict:
+        """Tell it to go; its results after ``seconds``."""
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"go\n")
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), self.spec["seconds"] + 120)
+        await self.proc.wait()
+        return json.loads(line) if line.strip() else {}
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
 class Siege:
     def __init__(self, args: argparse.Namespace, srv: SshfilesServer, key: Path, mallory_pw: str) -> None:
         self.args = args
@@ -114,47 +206,6 @@ class Siege:
 
     def mallory(self, **kw: Any) -> Any:
         return self.connect(source=self.attacker, user="mallory", password=self.mallory_pw, **kw)
-
-    # -- the bystander --------------------------------------------------------------------------
-
-    async def _login(self, *, key: bool) -> float:
-        t0 = time.monotonic()
-        try:
-            async with self.connect(source=BYSTANDER, user=self.srv.user, key=key,
-                                    password=None if key else self.srv.password):
-                return time.monotonic() - t0
-        except (TimeoutError, OSError, asyncssh.Error):
-            return float("inf")
-
-    async def bystander(self, sftp: asyncssh.SFTPClient, stop: asyncio.Event, out: dict) -> None:
-        stats: list[float] = []
-        logins: dict[str, list[float]] = {"key": [], "password": []}
-
-        async def stat_loop() -> None:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    await asyncio.wait_for(sftp.stat("probe"), self.args.login_timeout)
-                    stats.append(time.monotonic() - t0)
-                except (TimeoutError, OSError, asyncssh.Error):
-                    stats.append(float("inf"))
-                await asyncio.sleep(0.005)
-
-        async def login_loop() -> None:
-            while not stop.is_set():
-                logins["key"].append(await self._login(key=True))
-                logins["password"].append(await self._login(key=False))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
-
-        await asyncio.gather(stat_loop(), login_loop())
-        stats.sort()
-        out["stats"] = len(stats)
-        out["stat_p99_ms"] = 1000 * stats[min(len(stats) - 1, int(len(stats) * 0.99))] if stats else None
-        out["stat_worst_ms"] = 1000 * stats[-1] if stats else None
-        out["key_login_s"] = max(logins["key"], default=None)
-        out["password_login_s"] = max(logins["password"], default=None)
-        out["logins"] = len(logins["key"]) + len(logins["password"])
 
     # -- the attacks: each runs until `stop`, bounded in count, and returns what it did ------------
 
@@ -380,22 +431,25 @@ class Siege:
         self.attacker = f"127.0.1.{self.ATTACKS.index(name) + 1}"
         self.srv.restart()  # each attack meets a fresh server: its memory and fds are its own
         base = {"rss_kib": tree_mem(self.srv.pid)["rss_kib"], "fds": fd_count(self.srv.pid)}
-        async with self.connect(source=BYSTANDER, user=self.srv.user, key=True) as bconn, \
-                bconn.start_sftp_client() as bsftp:
+        bystander = Bystander({"port": self.srv.port, "user": self.srv.user, "password": self.srv.password,
+                               "key": str(self.key), "login_timeout": self.args.login_timeout,
+                               "seconds": self.args.seconds})
+        try:
+            await bystander.start()
             stop = asyncio.Event()
             sampler = Sampler(self.srv.pid)
-            bys: dict = {}
             samp = asyncio.ensure_future(sampler.run(stop))
             att = asyncio.ensure_future(attack(stop))
             await asyncio.sleep(1.0)  # the attack ramps up before the bystander starts measuring
-            by = asyncio.ensure_future(self.bystander(bsftp, stop, bys))
-            await asyncio.sleep(self.args.seconds)
+            bys = await bystander.measure()
             stop.set()
             try:
                 detail = await asyncio.wait_for(att, 60)
             except Exception as exc:  # an attack that broke is reported, not fatal
                 detail = {"error": f"{type(exc).__name__}: {exc}"[:120]}
-            await asyncio.gather(by, samp)
+            await samp
+        finally:
+            bystander.kill()
         row = {"attack": name, **bys, "peak_rss_mib": sampler.peak_rss / 1024, "peak_fds": sampler.peak_fds,
                "base_rss_mib": base["rss_kib"] / 1024, "base_fds": base["fds"], "detail": detail}
         conns = detail.get("connections", 0) if isinstance(detail, dict) else 0
@@ -469,7 +523,8 @@ async def amain(args: argparse.Namespace, workdir: Path) -> list[dict]:
     k = asyncssh.generate_private_key("ssh-ed25519")
     k.write_private_key(str(key))
     k.write_public_key(str(key) + ".pub")
-    srv = SshfilesServer(workdir, [sys.executable, "-m", "sshfiles"], Path(str(key) + ".pub"), "1T", None)
+    srv = SshfilesServer(workdir, [sys.executable, "-m", "sshfiles"], Path(str(key) + ".pub"), "1T", None,
+                         bench_limits=False)  # the server's own defaults: its defences are under test
     srv.setup()
     log(f"preparing bait ({args.dir_entries} directory entries, sparse files)")
     mallory_pw = prepare(srv, args)
@@ -496,7 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir-entries", type=int, default=100_000)
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs)")
+    p.add_argument("--bystander", help=argparse.SUPPRESS)  # the bystander's own process (JSON spec)
     args = p.parse_args(argv)
+    if args.bystander:
+        print(json.dumps(asyncio.run(bystander_main(json.loads(args.bystander)))), flush=True)
+        return 0
     args.seconds = args.seconds or (4.0 if args.quick else 20.0)
     args.copy_size = (1 if args.quick else 8) * GiB
     args.flood = 300 if args.quick else 1500
