@@ -1292,6 +1292,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
         notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]}",
                f"MAINPID={os.getpid()}")
     watcher = asyncio.create_task(service.watch())
+    reclaims = asyncio.create_task(service.quotas.serve_reclaims())
     try:
         await stop.wait()
     finally:
@@ -1300,6 +1301,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
             await service.shutdown(force)
         finally:
             watcher.cancel()
+            reclaims.cancel()
             lag.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(acceptor.wait_closed(), 2)  # 3.12+ waits for connections: bounded
