@@ -18,6 +18,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -414,6 +415,49 @@ def test_killed_worker_is_logged_replaced_and_its_reservation_reconciled(workers
     run(scenario())
     assert (user.home / "big").stat().st_size == 10 * len(chunk)
     assert assert_ledger_matches_disk(server, user) == 10 * len(chunk)
+
+
+def test_connections_arriving_together_are_spread_over_the_workers(tmp_path: Path, host_keys_dir: Path) -> None:
+    """16 clients connecting at the same moment land on both workers, not all on whichever woke first
+    (each worker has its own SO_REUSEPORT socket: the kernel hashes each connection's addresses and
+    ports; all 16 on one of two workers has a chance of 2^-15). --max-startups is raised so that
+    no worker drops one of the 16 pending handshakes (its default starts dropping at 10)."""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
+    server.start()
+    try:
+        _spread(server)
+    finally:
+        server.stop()
+
+
+def _spread(server: ServerHandle) -> None:
+    assert server.proc is not None
+    user = key_user(server, "burst")
+    workers = worker_pids(server.proc.pid)
+    # All 16 TCP connections wait in the kernel before any worker can accept one: the workers are
+    # stopped while the clients connect (distinct loopback sources: the per-source rate limit would
+    # rightly refuse 16 at once from one).
+    socks = []
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(16):
+            socks.append(socket.create_connection((server.host, server.port), 5,
+                                                  source_address=(f"127.0.0.{40 + i}", 0)))
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+
+    async def scenario() -> set[int]:
+        conns = await asyncio.gather(*(server.connect(user, sock=s) for s in socks))
+        try:
+            return {login_pid(server, user, c) for c in conns}
+        finally:
+            for c in conns:
+                c.close()
+
+    pids = run(scenario())
+    assert pids == workers, pids
 
 
 def test_workers_die_with_their_parent(workers_server: ServerHandle) -> None:
