@@ -460,6 +460,36 @@ def _spread(server: ServerHandle) -> None:
     assert pids == workers, pids
 
 
+def test_serve_without_workers_flag_runs_auto_workers_and_serves(tmp_path: Path, host_keys_dir: Path) -> None:
+    """The default is `--workers auto`: one worker per CPU this process may use (at most 8), under a
+    supervisor, and an upload and a download through it work."""
+    expected = max(1, min(8, len(os.sched_getaffinity(0))))
+    server = make_server(tmp_path, host_keys_dir)
+    server.workers = None  # no --workers flag at all
+    server.start()
+    try:
+        assert server.proc is not None
+        assert re.search(rf"^sshfiles listening on \S+ port {server.port} with {expected} workers$", server.log(), re.M) \
+            if expected > 1 else re.search(rf"^sshfiles listening on \S+ port {server.port}$", server.log(), re.M)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(worker_pids(server.proc.pid)) < (expected if expected > 1 else 0):
+            time.sleep(0.05)
+        assert len(worker_pids(server.proc.pid)) == (expected if expected > 1 else 0)
+        user = key_user(server, "autouser")
+        data = os.urandom(300 * KiB)
+
+        async def transfer() -> bytes:
+            async with server.sftp(user) as sftp:
+                async with sftp.open("f", "wb") as f:
+                    await f.write(data)
+                async with sftp.open("f", "rb") as f:
+                    return await f.read()
+        assert run(transfer()) == data
+        assert (user.home / "f").read_bytes() == data
+    finally:
+        server.stop()
+
+
 def test_workers_die_with_their_parent(workers_server: ServerHandle) -> None:
     server = workers_server
     assert server.proc is not None
