@@ -1485,6 +1485,9 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_hangup_parent)
+    if _early_hangups:  # a SIGHUP between the announcement and here (run_server) is answered now
+        _early_hangups.clear()
+        _on_hangup_parent(signal.SIGHUP, None)
     if config.metrics_listen:
         _start_metrics(config, socks[0], lambda: None if children else "no worker running")
     for slot in range(len(socks)):
@@ -1582,6 +1585,9 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print, rel
     for key in ensure_host_keys(config.keys_dir):
         note = "" if key.public_data in offered else " (not offered; see --legacy-algorithms)"
         announce(f"host key {key.get_algorithm()} {key.get_fingerprint('sha256')}{note}")
+    # Anyone may send SIGHUP once the port is announced: kept until the serving code can answer it
+    # (_serve, _supervise), instead of its default action, which would end the server.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _early_hangups.append(1))
     socks = [_listening_socket(config)] if config.workers == 1 else _listening_sockets(config, config.workers)
     port = socks[0].getsockname()[1]
     _event_loop_policy()
