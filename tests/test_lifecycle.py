@@ -460,6 +460,49 @@ def _spread(server: ServerHandle) -> None:
     assert pids == workers, pids
 
 
+def test_connections_waiting_for_a_dead_worker_are_served_by_its_replacement(tmp_path: Path,
+                                                                            host_keys_dir: Path) -> None:
+    """A worker's listening socket belongs to the parent: connections the kernel gave to a worker that
+    just died wait in that socket's backlog and its replacement accepts them; none is refused or reset.
+    (16 connections: the chance that none is hashed to the dead worker's socket is 2^-16.)"""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
+    server.start()
+    try:
+        _served_by_replacement(server)
+    finally:
+        server.stop()
+
+
+def _served_by_replacement(server: ServerHandle) -> None:
+    assert server.proc is not None
+    parent = server.proc.pid
+    user = key_user(server, "patient")
+    first = worker_pids(parent)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    wait_for_log(server, rf"worker {victim} killed by signal SIGKILL", 10)
+    # before the replacement is forked (a young worker's replacement waits a second): about half of
+    # these are hashed to the dead worker's socket (distinct sources: the per-source rate limit)
+    socks = [socket.create_connection((server.host, server.port), 5, source_address=(f"127.0.0.{60 + i}", 0))
+             for i in range(16)]
+
+    async def scenario() -> set[int]:
+        conns = await asyncio.gather(*(server.connect(user, sock=s) for s in socks))
+        try:
+            for c in conns:
+                async with c.start_sftp_client() as sftp:
+                    await sftp.stat(".")
+            return {login_pid(server, user, c) for c in conns}
+        finally:
+            for c in conns:
+                c.close()
+
+    served = run(scenario())
+    assert victim not in served
+    assert served - first, "the replacement accepted none of the connections waiting for it"
+    assert served <= worker_pids(parent) and len(worker_pids(parent)) == 2
+
+
 def test_serve_without_workers_flag_runs_auto_workers_and_serves(tmp_path: Path, host_keys_dir: Path) -> None:
     """The default is `--workers auto`: one worker per CPU this process may use (at most 8), under a
     supervisor, and an upload and a download through it work."""
