@@ -18,7 +18,7 @@ import asyncssh
 import click
 
 from . import __version__, passwords
-from .config import SETTINGS, ConfigError, ServeConfig, config_candidates, find_config, load_toml, resolve
+from .config import AUTO, SETTINGS, ConfigError, ServeConfig, config_candidates, find_config, load_toml, resolve
 from .jail import secure_homes
 from .permissions import PRESETS, format_perms, normalize_rule_path, parse_perms
 from .quota import entries_limit, reconcile_dead_owners, rescan_user
@@ -115,8 +115,28 @@ def _help(name: str) -> str:
     """A flag's help from the config model, with its default, environment variable and TOML key."""
     setting = SETTINGS[name]
     env = f", env {setting.env}" if setting.env else ""
-    default = "none" if setting.default == "" else setting.default
+    default = "auto" if name in AUTO else "none" if setting.default == "" else setting.default
     return f"{setting.help} [default: {default}{env}; TOML {setting.toml_key}]"
+
+
+class _IntOrAuto(click.ParamType):
+    """An integer or the word auto (config.AUTO resolves it, so flag, env and TOML read it alike)."""
+
+    name = "integer|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return "auto"
+        try:
+            return int(text, 10)
+        except ValueError:
+            self.fail(f"expected an integer or auto, got {value!r}", param, ctx)
+
+
+_INT_OR_AUTO = _IntOrAuto()
 
 
 def _size(text: str) -> int | None:
@@ -273,7 +293,7 @@ def _model_options(names: tuple[str, ...]) -> Any:
 @main.command()
 @click.option("--host", default=None, help=_help("host"))
 @click.option("--port", type=int, default=None, help=_help("port"))
-@click.option("--workers", type=int, default=None, help=_help("workers"))
+@click.option("--workers", type=_INT_OR_AUTO, default=None, metavar="N|auto", help=_help("workers"))
 @click.option("--login-timeout", type=float, default=None, help=_help("login_timeout"))
 @click.option("--max-auth-tries", type=int, default=None, help=_help("max_auth_tries"))
 @click.option("--idle-timeout", type=float, default=None, help=_help("idle_timeout"))
@@ -281,7 +301,7 @@ def _model_options(names: tuple[str, ...]) -> Any:
 @_model_options(_DEFENCE_SETTINGS)
 @_model_options(_OPS_SETTINGS)
 @click.pass_obj
-def serve(obj: Context, host: str | None, port: int | None, workers: int | None,
+def serve(obj: Context, host: str | None, port: int | None, workers: int | str | None,
           login_timeout: float | None, max_auth_tries: int | None, idle_timeout: float | None,
           grace: float | None, **defence: Any) -> None:
     """Run the SFTP server.

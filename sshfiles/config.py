@@ -29,8 +29,8 @@ from typing import Any
 
 from .metrics import parse_listen
 
-__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "config_candidates", "find_config", "load_toml",
-           "parse_startups", "resolve"]
+__all__ = ["AUTO", "SETTINGS", "ConfigError", "ServeConfig", "Setting", "auto_workers", "config_candidates",
+           "find_config", "load_toml", "parse_startups", "resolve"]
 
 _ENV_PREFIX = "SSHFILES_"
 
@@ -88,6 +88,24 @@ def _meta(kind: type, help: str, *, minimum: float | None = None, maximum: float
                          "has_env": has_env}}
 
 
+AUTO_WORKERS_MAX = 8  # past this many processes one store and one machine's memory gain little
+
+
+def auto_workers() -> int:
+    """``--workers auto``: one server process per CPU this process may run on (its affinity mask, so
+    a container's or a systemd unit's CPU set counts, not the machine's), at most AUTO_WORKERS_MAX."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(AUTO_WORKERS_MAX, cpus))
+
+
+#: Settings that also accept the word ``auto`` (flag, environment, TOML): field name -> its value.
+#: The field's default is that value, computed when this module is imported; help texts say "auto".
+AUTO = {"workers": auto_workers}
+
+
 # Relative to the current directory unless set in a config file (then relative to the file's
 # directory), as the README documents.
 _KEYS_DIR, _ACCOUNTS_DIR, _HOMES_DIR = Path("keys"), Path("accounts"), Path("homes")
@@ -127,7 +145,9 @@ class ServeConfig:
                                                               positive=True))
     max_auth_tries: int = field(default=6, metadata=_meta(int, "Failed authentication attempts per connection.",
                                                           minimum=1))
-    workers: int = field(default=1, metadata=_meta(int, "Server processes sharing the listening socket.", minimum=1))
+    workers: int = field(default=auto_workers(), metadata=_meta(
+        int, "Server processes, each with its own listening socket on the port (auto: one per CPU this "
+        "process may run on, at most 8; 1: a single process, no supervisor).", minimum=1))
     idle_timeout: float = field(default=900.0, metadata=_meta(
         float, "Seconds a session may be idle before it is closed (0: never).", minimum=0))
     grace: float = field(default=30.0, metadata=_meta(
@@ -305,9 +325,23 @@ def _check(s: Setting, value: Any) -> str | None:
     return None
 
 
+def _auto(s: Setting, value: Any) -> Any:
+    """The value of the word ``auto`` for a setting in AUTO, else None (the value is not that word)."""
+    if s.name in AUTO and isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO[s.name]()
+    return None
+
+
+def _type_name(s: Setting) -> str:
+    return _TYPE_NAMES[s.kind] + (" or auto" if s.name in AUTO else "")
+
+
 def _from_value(s: Setting, value: Any) -> Any:
     """A flag or TOML value (already typed by click or tomllib) as the setting's type, or raise
-    ``ValueError`` with the reason. No string parsing here: ``port = "22"`` in TOML is a type error."""
+    ``ValueError`` with the reason. No string parsing here: ``port = "22"`` in TOML is a type error
+    (only the word ``auto``, for the settings in AUTO)."""
+    if (auto := _auto(s, value)) is not None:
+        return auto
     if s.kind is bool:
         if isinstance(value, bool):
             return value
@@ -324,11 +358,13 @@ def _from_value(s: Setting, value: Any) -> Any:
         return value
     if s.kind is float and isinstance(value, float):
         return value
-    raise ValueError(f"expected {_TYPE_NAMES[s.kind]}, got {value!r}")
+    raise ValueError(f"expected {_type_name(s)}, got {value!r}")
 
 
 def _from_text(s: Setting, text: str) -> Any:
     """An environment variable's text as the setting's type, or raise ``ValueError`` with the reason."""
+    if (auto := _auto(s, text)) is not None:
+        return auto
     if s.kind is bool:
         word = text.strip().lower()
         if word in ("1", "true", "yes", "on"):
@@ -340,7 +376,7 @@ def _from_text(s: Setting, text: str) -> Any:
         try:
             return int(text.strip(), 10)
         except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
+            raise ValueError(f"expected {_type_name(s)}, got {text!r}") from None
     if s.kind is float:
         try:
             return float(text.strip())

@@ -17,7 +17,12 @@ To avoid a store round trip per SFTP WRITE, a process reserves space in
 chunks (`UserLedger.pool`) and consumes it in memory.  Chunks are at most an
 eighth of the remaining room, so near the limit reservations become exact;
 before refusing, a process first gives back its own unused pool, so a refusal
-within one process is exact to the byte.  Consumed bytes are settled into the
+within one process is exact to the byte.  Across processes (workers, nodes) a
+refused process asks the others holding reservations for that user to give
+their unused pools back (`AccountStore.request_reclaim`; each process answers
+within RECLAIM_INTERVAL, `QuotaManager.answer_reclaims`) and tries again for up
+to RECLAIM_WAIT seconds before it refuses: a refusal means used bytes plus
+writes in flight fill the quota.  Consumed bytes are settled into the
 store when a write handle closes.  A process that dies leaves a reservation
 row; the server rescans the homes of such users (`reconcile_dead_owners`).
 
@@ -49,6 +54,7 @@ import concurrent.futures
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -86,6 +92,12 @@ T = TypeVar("T")
 MAX_CHUNK = 64 * 1024 * 1024
 RECHECK_SECONDS = 0.25  # how long a reserved chunk is trusted before the quota is read again
 RETRY_SECONDS = 1.0     # how soon a credit the store refused is tried again
+# A charge the store refuses while other processes (or nodes) hold reservations for the same ledger
+# key asks them for their unused pools (`request_reclaim`) and tries again for up to RECLAIM_WAIT
+# seconds, every RECLAIM_POLL; a process holding a pool looks for such requests every RECLAIM_INTERVAL.
+RECLAIM_WAIT = 2.0
+RECLAIM_POLL = 0.1
+RECLAIM_INTERVAL = 0.2
 # No offset or size past off_t's range: the kernel could not honour it, and a ledger
 # value beyond it would stop being an exact integer in the store.
 MAX_FILE_SIZE = LEDGER_MAX
@@ -294,10 +306,15 @@ class UserLedger:
         The store's check counts our own pool as reserved; since the pool is
         about to be consumed by this very charge, ``used + reservations + need``
         is exactly the usage after the write: no false refusal within a process.
+        Across processes: when the store refuses while other owners hold
+        reservations for this key, they are asked for their unused pools and
+        the reservation is tried again every RECLAIM_POLL for up to RECLAIM_WAIT
+        seconds (only this user's charges wait; the loop and other sessions run).
         """
         owner, name = self.owner, self.name
 
-        def reserve(store: AccountStore) -> int:
+        def reserve(store: AccountStore, ask: bool) -> int:
+            """The bytes reserved; 0 when refused but other owners were asked to give theirs back."""
             quota, charged = store.quota_state(name)
             if quota is None:
                 extra = MAX_CHUNK
@@ -307,6 +324,8 @@ class UserLedger:
                 return need + extra
             if store.reserve(owner, name, need):
                 return need
+            if ask and store.request_reclaim(owner, name):
+                return 0
             q, c = store.quota_state(name)
             if q is None:  # only the ledger's integer range can refuse a user without a quota
                 raise OSError(errno.EFBIG, "File too large")
@@ -318,7 +337,27 @@ class UserLedger:
                 self.pool += got
                 self.checked = time.monotonic()
 
-        await self.worker.call(reserve, then)
+        if await self.worker.call(functools.partial(reserve, ask=True), then):
+            return
+        deadline = time.monotonic() + RECLAIM_WAIT
+        try:
+            while True:
+                await asyncio.sleep(RECLAIM_POLL)
+                ask = time.monotonic() < deadline  # the last try refuses for good
+                if await self.worker.call(functools.partial(reserve, ask=ask), then):
+                    return
+        finally:  # got it, refused, or the client left: the request is withdrawn in every case
+            self._queue(lambda store: store.end_reclaim(owner, name), lambda _r, _e: None)
+
+    def give_back(self) -> bool:
+        """Another process asked for this key's unused reservations (`QuotaManager.answer_reclaims`):
+        release the pool and settle what was consumed now, so our row holds nothing (the asker
+        then knows at once when nothing more can come back). A charge of ours in progress keeps
+        the pool: it is about to be consumed."""
+        if not (self.pool or self.unsettled) or self.charging.locked():
+            return False
+        self.settle(release_pool=True)
+        return True
 
     def uncharge(self, n: int) -> None:
         """Give back a charge whose growth did not happen (the write or truncate failed).
@@ -545,6 +584,29 @@ class QuotaManager:
     def in_sync(self) -> bool:
         """No ledger of this process holds anything the store has not taken."""
         return all(led.in_sync for led in self._ledgers.values())
+
+    async def answer_reclaims(self) -> list[str]:
+        """Give back the unused pools other processes asked for (`UserLedger._refill`); returns the
+        keys released. One read of the store, and only while this process holds a reservation."""
+        if not any(led.pool or led.unsettled for led in self._ledgers.values()):
+            return []
+        owner = self.owner
+        asked = await self.worker.read(lambda store: store.reclaim_requests(owner))
+        return [name for name in asked if (led := self._ledgers.get(name)) is not None and led.give_back()]
+
+    async def serve_reclaims(self) -> None:
+        """Answer reclaim requests every RECLAIM_INTERVAL (until cancelled); a failed round is retried."""
+        while True:
+            await asyncio.sleep(RECLAIM_INTERVAL)
+            try:
+                released = await self.answer_reclaims()
+            except AccountError as exc:
+                log.debug("reclaim requests not read: %s", exc)
+            except Exception:
+                log.exception("reclaim round failed")
+            else:
+                for name in released:
+                    log.debug("unused reservation of %s given back on request", name)
 
 
 @dataclass

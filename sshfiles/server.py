@@ -1111,18 +1111,53 @@ def configure_logging(config: ServeConfig | None = None) -> None:
     audit.configure(config.log_format if config else "text", config.log_file if config else "")
 
 
-def _listening_socket(config: ServeConfig) -> socket.socket:
-    """One socket for all workers: the kernel spreads accepted connections between them."""
-    infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+def _listening_socket(config: ServeConfig, port: int | None = None, share: str = "") -> socket.socket:
+    """A listening socket on config.host and `port` (config.port if None). `share`: "" alone;
+    "first" opens a group of sockets on one port (SO_REUSEPORT set after an ordinary bind, so a port
+    some other server already listens on is refused as always, and port 0 picks a port of its
+    own); "join" joins that group (`_listening_sockets`)."""
+    infos = socket.getaddrinfo(config.host, config.port if port is None else port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]
     sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind(addr)
-    sock.listen(512)
-    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share == "join":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        if share == "first":  # before listen(): the kernel forms the group when the socket listens
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.listen(512)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def _listening_sockets(config: ServeConfig, count: int) -> list[socket.socket]:
+    """One listening socket per worker, all on one port (SO_REUSEPORT), bound here in the parent.
+
+    Why one each: with a single shared socket, whichever worker wakes first accepts every connection
+    that arrived together, so a burst lands on one worker; with one socket per worker the kernel
+    hashes each connection's addresses and ports to a socket, spreading a burst evenly. Why the
+    parent binds them: a privileged port is bound once, before any worker exists, and a worker's
+    socket (with the connections waiting in its backlog) outlives the worker: its replacement
+    inherits it and accepts them, so no connection is lost when a worker is replaced.
+    """
+    first = _listening_socket(config, share="first")
+    socks = [first]
+    try:
+        port = first.getsockname()[1]
+        while len(socks) < count:
+            socks.append(_listening_socket(config, port=port, share="join"))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 HEALTH_STORE_TIMEOUT = 1.0  # /healthz: a store that cannot begin a write within this long is unhealthy
@@ -1292,6 +1327,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
         notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]}",
                f"MAINPID={os.getpid()}")
     watcher = asyncio.create_task(service.watch())
+    reclaims = asyncio.create_task(service.quotas.serve_reclaims())
     try:
         await stop.wait()
     finally:
@@ -1300,6 +1336,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
             await service.shutdown(force)
         finally:
             watcher.cancel()
+            reclaims.cancel()
             lag.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(acceptor.wait_closed(), 2)  # 3.12+ waits for connections: bounded
@@ -1335,10 +1372,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: Reloader | None = None) -> None:
-    """The body of a forked worker; never returns.  A crash logs its traceback and exits 1."""
+def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: Reloader | None = None,
+                others: list[socket.socket] | None = None) -> None:
+    """The body of a forked worker, serving on `sock` (its slot's); never returns.  A crash logs its
+    traceback and exits 1.  `others`: the sibling slots' sockets, closed here (only the parent keeps
+    them, for their replacements)."""
     code = 1
     try:
+        for other in others or ():
+            if other is not sock:
+                other.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -1378,8 +1421,11 @@ def _reconcile(config: ServeConfig) -> list[str]:
         store.close()
 
 
-def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None = None) -> None:
+def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader | None = None) -> None:
     """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
+
+    Worker i serves `socks[i]` (its slot); a replacement takes the dead worker's slot, so it
+    accepts what waits in that socket's backlog.
 
     It blocks in os.wait for any child and replaces a dead worker after a backoff
     that grows while workers die young, so one that crashes at start does not spin.
@@ -1388,20 +1434,20 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
     WORKER_STOP_EXTRA seconds after the first signal, so the wait is bounded.
     """
     parent = os.getpid()
-    children: dict[int, float] = {}  # pid -> start time (monotonic)
+    children: dict[int, tuple[float, int]] = {}  # pid -> (start time (monotonic), slot)
     signals: list[int] = []
-    respawn_at: list[float] = []     # due times of replacements not yet forked
+    respawn_at: list[tuple[float, int]] = []     # (due time, slot) of replacements not yet forked
     delay = 0.0
 
-    def _spawn() -> None:
+    def _spawn(slot: int) -> None:
         # Stop signals stay blocked across fork: the child must not run the parent's handlers
         # (they would signal its siblings) before it has installed its own.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                _run_worker(config, sock, parent, reload)
-            children[pid] = time.monotonic()
+                _run_worker(config, socks[slot], parent, reload, socks)
+            children[pid] = (time.monotonic(), slot)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
@@ -1439,11 +1485,14 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_hangup_parent)
+    if _early_hangups:  # a SIGHUP between the announcement and here (run_server) is answered now
+        _early_hangups.clear()
+        _on_hangup_parent(signal.SIGHUP, None)
     if config.metrics_listen:
-        _start_metrics(config, sock, lambda: None if children else "no worker running")
-    for _ in range(config.workers):
-        _spawn()
-    notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]} with {config.workers} "
+        _start_metrics(config, socks[0], lambda: None if children else "no worker running")
+    for slot in range(len(socks)):
+        _spawn(slot)
+    notify("READY=1", f"STATUS=listening on {config.host} port {socks[0].getsockname()[1]} with {len(socks)} "
            "workers", f"MAINPID={parent}")
     while True:
         if signals:
@@ -1451,9 +1500,8 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
         if not children and not respawn_at:
             break
         now = time.monotonic()
-        while respawn_at and respawn_at[0] <= now:
-            respawn_at.pop(0)
-            _spawn()
+        while respawn_at and respawn_at[0][0] <= now:
+            _spawn(respawn_at.pop(0)[1])
         if respawn_at:  # a replacement is due later: poll, so a stop signal is not held up
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -1467,9 +1515,10 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
                 pid, status = os.wait()  # a signal runs _on_signal and the wait resumes (PEP 475)
             except ChildProcessError:
                 break
-        started = children.pop(pid, None)
-        if started is None:
+        child = children.pop(pid, None)
+        if child is None:
             continue
+        started, slot = child
         metrics.mark_dead(pid)
         how = _describe_status(status)
         if signals:
@@ -1486,7 +1535,7 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
         if not signals:
             lived = time.monotonic() - started
             delay = 0.0 if lived >= RESPAWN_STABLE else min(RESPAWN_MAX_DELAY, max(1.0, delay * 2))
-            respawn_at.append(time.monotonic() + delay)
+            respawn_at.append((time.monotonic() + delay, slot))
             respawn_at.sort()
     signal.setitimer(signal.ITIMER_REAL, 0)
 
@@ -1536,12 +1585,15 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print, rel
     for key in ensure_host_keys(config.keys_dir):
         note = "" if key.public_data in offered else " (not offered; see --legacy-algorithms)"
         announce(f"host key {key.get_algorithm()} {key.get_fingerprint('sha256')}{note}")
-    sock = _listening_socket(config)
-    port = sock.getsockname()[1]
+    # Anyone may send SIGHUP once the port is announced: kept until the serving code can answer it
+    # (_serve, _supervise), instead of its default action, which would end the server.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _early_hangups.append(1))
+    socks = [_listening_socket(config)] if config.workers == 1 else _listening_sockets(config, config.workers)
+    port = socks[0].getsockname()[1]
     _event_loop_policy()
     if config.workers == 1:
         announce(f"sshfiles listening on {config.host} port {port}")
-        asyncio.run(_serve(config, sock, reload=reload))
+        asyncio.run(_serve(config, socks[0], reload=reload))
         announce("sshfiles stopped")
         return
     announce(f"sshfiles listening on {config.host} port {port} with {config.workers} workers")
@@ -1551,9 +1603,10 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print, rel
         multiproc_dir = tempfile.mkdtemp(prefix="sshfiles-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     try:
-        _supervise(config, sock, reload)
+        _supervise(config, socks, reload)
     finally:
         if multiproc_dir is not None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
-    sock.close()
+        for sock in socks:
+            sock.close()
     announce("sshfiles stopped")

@@ -46,6 +46,9 @@ class ServerHandle:
     store: str | None = None  # a --store URL (PostgreSQL); None: the SQLite store in accounts_dir
     port: int = 0
     host: str = HOST
+    # The suite's tests were written for one process: `serve` gets `--workers 1` unless extra_args name
+    # --workers (None: no flag at all, the server's default, `auto`).
+    workers: str | None = "1"
 
     # -- admin CLI ------------------------------------------------------------
 
@@ -96,8 +99,10 @@ class ServerHandle:
     def start(self, timeout: float = 20) -> None:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # ignore earlier runs' lines
         out = open(self.log_path, "ab")
+        workers = [] if self.workers is None or "--workers" in self.extra_args else ["--workers", self.workers]
         self.proc = subprocess.Popen(
-            [*self.base_cmd(), "serve", "--host", self.host, "--port", str(self.port), *list(self.extra_args)],
+            [*self.base_cmd(), "serve", "--host", self.host, "--port", str(self.port), *workers,
+             *list(self.extra_args)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         deadline = time.monotonic() + timeout

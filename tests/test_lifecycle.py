@@ -18,6 +18,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -414,6 +415,122 @@ def test_killed_worker_is_logged_replaced_and_its_reservation_reconciled(workers
     run(scenario())
     assert (user.home / "big").stat().st_size == 10 * len(chunk)
     assert assert_ledger_matches_disk(server, user) == 10 * len(chunk)
+
+
+def test_connections_arriving_together_are_spread_over_the_workers(tmp_path: Path, host_keys_dir: Path) -> None:
+    """16 clients connecting at the same moment land on both workers, not all on whichever woke first
+    (each worker has its own SO_REUSEPORT socket: the kernel hashes each connection's addresses and
+    ports; all 16 on one of two workers has a chance of 2^-15). --max-startups is raised so that
+    no worker drops one of the 16 pending handshakes (its default starts dropping at 10)."""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
+    server.start()
+    try:
+        _spread(server)
+    finally:
+        server.stop()
+
+
+def _spread(server: ServerHandle) -> None:
+    assert server.proc is not None
+    user = key_user(server, "burst")
+    workers = worker_pids(server.proc.pid)
+    # All 16 TCP connections wait in the kernel before any worker can accept one: the workers are
+    # stopped while the clients connect (distinct loopback sources: the per-source rate limit would
+    # rightly refuse 16 at once from one).
+    socks = []
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(16):
+            socks.append(socket.create_connection((server.host, server.port), 5,
+                                                  source_address=(f"127.0.0.{40 + i}", 0)))
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+
+    async def scenario() -> set[int]:
+        conns = await asyncio.gather(*(server.connect(user, sock=s) for s in socks))
+        try:
+            return {login_pid(server, user, c) for c in conns}
+        finally:
+            for c in conns:
+                c.close()
+
+    pids = run(scenario())
+    assert pids == workers, pids
+
+
+def test_connections_waiting_for_a_dead_worker_are_served_by_its_replacement(tmp_path: Path,
+                                                                            host_keys_dir: Path) -> None:
+    """A worker's listening socket belongs to the parent: connections the kernel gave to a worker that
+    just died wait in that socket's backlog and its replacement accepts them; none is refused or reset.
+    (16 connections: the chance that none is hashed to the dead worker's socket is 2^-16.)"""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
+    server.start()
+    try:
+        _served_by_replacement(server)
+    finally:
+        server.stop()
+
+
+def _served_by_replacement(server: ServerHandle) -> None:
+    assert server.proc is not None
+    parent = server.proc.pid
+    user = key_user(server, "patient")
+    first = worker_pids(parent)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    wait_for_log(server, rf"worker {victim} killed by signal SIGKILL", 10)
+    # before the replacement is forked (a young worker's replacement waits a second): about half of
+    # these are hashed to the dead worker's socket (distinct sources: the per-source rate limit)
+    socks = [socket.create_connection((server.host, server.port), 5, source_address=(f"127.0.0.{60 + i}", 0))
+             for i in range(16)]
+
+    async def scenario() -> set[int]:
+        conns = await asyncio.gather(*(server.connect(user, sock=s) for s in socks))
+        try:
+            for c in conns:
+                async with c.start_sftp_client() as sftp:
+                    await sftp.stat(".")
+            return {login_pid(server, user, c) for c in conns}
+        finally:
+            for c in conns:
+                c.close()
+
+    served = run(scenario())
+    assert victim not in served
+    assert served - first, "the replacement accepted none of the connections waiting for it"
+    assert served <= worker_pids(parent) and len(worker_pids(parent)) == 2
+
+
+def test_serve_without_workers_flag_runs_auto_workers_and_serves(tmp_path: Path, host_keys_dir: Path) -> None:
+    """The default is `--workers auto`: one worker per CPU this process may use (at most 8), under a
+    supervisor, and an upload and a download through it work."""
+    expected = max(1, min(8, len(os.sched_getaffinity(0))))
+    server = make_server(tmp_path, host_keys_dir)
+    server.workers = None  # no --workers flag at all
+    server.start()
+    try:
+        assert server.proc is not None
+        assert re.search(rf"^sshfiles listening on \S+ port {server.port} with {expected} workers$", server.log(), re.M) \
+            if expected > 1 else re.search(rf"^sshfiles listening on \S+ port {server.port}$", server.log(), re.M)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(worker_pids(server.proc.pid)) < (expected if expected > 1 else 0):
+            time.sleep(0.05)
+        assert len(worker_pids(server.proc.pid)) == (expected if expected > 1 else 0)
+        user = key_user(server, "autouser")
+        data = os.urandom(300 * KiB)
+
+        async def transfer() -> bytes:
+            async with server.sftp(user) as sftp:
+                async with sftp.open("f", "wb") as f:
+                    await f.write(data)
+                async with sftp.open("f", "rb") as f:
+                    return await f.read()
+        assert run(transfer()) == data
+        assert (user.home / "f").read_bytes() == data
+    finally:
+        server.stop()
 
 
 def test_workers_die_with_their_parent(workers_server: ServerHandle) -> None:

@@ -806,6 +806,27 @@ def test_workers_racing_for_the_last_bytes_never_exceed_the_quota(workers_server
     assert assert_ledger_matches_disk(server, user) <= quota
 
 
+def test_workers_refuse_only_when_the_quota_is_really_full(workers_server):
+    """Another worker's unused reservation never refuses a write that fits: worker A's session writes
+    a little and keeps its file open (A holds a pool of the user's quota), worker B's session then
+    writes exactly up to the quota and succeeds; one byte more is refused, in either worker."""
+    server = workers_server
+    quota = 1024 * KiB
+    user = add_user(server, "wexact", quota=str(quota))
+
+    async def attack():
+        ca, cb, sa, sb = await sftp_on_two_workers(server, user)
+        async with ca, cb, sa.open("a", "wb") as fa:
+            await fa.write(b"a" * KiB)                                  # A reserves ahead of its writes
+            async with sb.open("b", "wb") as fb:
+                await fb.write(b"b" * (quota - KiB))                    # fits: exactly the rest
+                await refused(fb.write(b"b", quota - KiB))
+            await refused(fa.write(b"a", KiB))
+            await refused(put(sb, "c", b"c"))
+    run(attack())
+    assert assert_ledger_matches_disk(server, user) == quota
+
+
 def test_workers_remove_while_open_in_another_process(workers_server):
     server = workers_server
     user = add_user(server, "wremove", quota="64KiB")

@@ -51,9 +51,10 @@ async def _channels(server: ServerHandle, user, n: int) -> int:
 @pytest.fixture
 def toml_server(tmp_path: Path, host_keys_dir: Path, monkeypatch: pytest.MonkeyPatch):
     cfg = tmp_path / "sshfiles.toml"
-    cfg.write_text("max_channels_per_connection = 2\n")
+    cfg.write_text("max_channels_per_connection = 2\nworkers = 1\n")
     monkeypatch.setenv("SSHFILES_CONFIG", str(cfg))
     h = make_server(tmp_path, host_keys_dir)
+    h.workers = None  # from the file, so that a reload can try to change it
     h.start()
     try:
         yield h, cfg

@@ -24,7 +24,7 @@ for the rescan.
 Schema: ``sshfiles_schema`` holds the version; `_STEPS` maps a version to the
 statements that take the store from the previous one to it.  Versions match the
 SQLite store's numbers (v3 = users, keys, reservations, bans, plus owners here; v4
-permissions, v5 upload modes, v6 live sessions), so a later SQLite step N is ported
+permissions, v5 upload modes, v6 live sessions, v7 folders, v8 reclaim requests), so a later SQLite step N is ported
 by adding ``N: [...]`` below.
 """
 
@@ -150,6 +150,14 @@ _STEPS: dict[int, list[str]] = {
             vpath TEXT NOT NULL,
             perms TEXT NOT NULL,
             PRIMARY KEY ("user", vpath)
+        )""",
+    ],
+    # v8: reclaim requests (sqlite.py's v8): a refused owner asks the others for their unused pools.
+    8: [
+        """CREATE TABLE reclaims (
+            "user" TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            PRIMARY KEY ("user", owner)
         )""",
     ],
 }
@@ -494,6 +502,26 @@ class PostgresAccountStore:
             self._lock_user(cur, name)
             self._drop_empty(cur, owner, name)
 
+    def request_reclaim(self, owner: str, name: str) -> bool:
+        """Ask the other owners (any node) holding a reservation for `name` for their unused pools
+        (sqlite.py's meaning); False, and nothing recorded, when no other owner holds any."""
+        with self._tx() as cur:
+            cur.execute('SELECT 1 FROM reservations WHERE "user" = %s AND owner <> %s AND amount > 0 LIMIT 1',
+                        (name, owner))
+            if cur.fetchone() is None:
+                return False
+            cur.execute('INSERT INTO reclaims ("user", owner) VALUES (%s, %s) ON CONFLICT DO NOTHING', (name, owner))
+            return True
+
+    def reclaim_requests(self, owner: str) -> list[str]:
+        return [u for u, in self._query(
+            'SELECT DISTINCT c."user" FROM reclaims c JOIN reservations r ON r."user" = c."user" '
+            'WHERE r.owner = %s AND r.amount > 0 AND c.owner <> %s ORDER BY c."user"', (owner, owner))]
+
+    def end_reclaim(self, owner: str, name: str) -> None:
+        with self._tx() as cur:
+            cur.execute('DELETE FROM reclaims WHERE "user" = %s AND owner = %s', (name, owner))
+
     def _update_ledger(self, sql: str, args: tuple[Any, ...], name: str) -> None:
         """`sql` with {t} the ledger's table: an AccountError if the user or folder does not exist."""
         table, key, what = ledger_row(name)
@@ -609,7 +637,7 @@ class PostgresAccountStore:
     def owners(self) -> list[str]:
         """Owners that hold reservations or live-session rows (what `reconcile_dead_owners` checks)."""
         return [o for o, in self._query("SELECT owner FROM reservations UNION SELECT owner FROM sessions "
-                                        "ORDER BY owner")]
+                                        "UNION SELECT owner FROM reclaims ORDER BY owner")]
 
     def drop_owner(self, owner: str) -> list[str]:
         """Forget a process's reservations and live-session rows; returns the users to rescan.
@@ -628,6 +656,7 @@ class PostgresAccountStore:
                     table, key, _ = ledger_row(name)
                     cur.execute(f"UPDATE {table} SET reserved = reserved - %s WHERE name = %s", (amount, key))
             cur.execute("DELETE FROM sessions WHERE owner = %s", (owner,))
+            cur.execute("DELETE FROM reclaims WHERE owner = %s", (owner,))
             if owner not in self._owned:
                 cur.execute("DELETE FROM owners WHERE owner = %s AND expires <= now()", (owner,))
         return sorted(name for name, _ in gone)

@@ -115,8 +115,13 @@ CREATE TABLE IF NOT EXISTS mounts (
     perms TEXT NOT NULL,
     PRIMARY KEY (user, vpath)
 );
+CREATE TABLE IF NOT EXISTS reclaims (
+    user TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (user, owner)
+);
 """
-_SCHEMA_VERSION = "7"
+_SCHEMA_VERSION = "8"
 # Each step takes a store from the version before it to the next, in one transaction.
 _MIGRATIONS: dict[str, list[str]] = {
     "1": ["ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0",
@@ -142,8 +147,10 @@ _MIGRATIONS: dict[str, list[str]] = {
           "CREATE TABLE IF NOT EXISTS mounts (user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE, "
           "folder TEXT NOT NULL REFERENCES folders(name) ON DELETE CASCADE, vpath TEXT NOT NULL, "
           "perms TEXT NOT NULL, PRIMARY KEY (user, vpath))"],
+    # v8: reclaim requests: an owner refused a reservation asks the others for their unused pools.
+    "7": ["CREATE TABLE IF NOT EXISTS reclaims (user TEXT NOT NULL, owner TEXT NOT NULL, PRIMARY KEY (user, owner))"],
 }
-_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5", "5": "6", "6": "7"}
+_NEXT_VERSION = {"1": "2", "2": "3", "3": "4", "4": "5", "5": "6", "6": "7", "7": "8"}
 
 
 class SQLiteAccountStore:
@@ -495,6 +502,28 @@ class SQLiteAccountStore:
         with self._tx() as db:
             db.execute("DELETE FROM reservations WHERE owner=? AND user=? AND amount <= 0", (owner, name))
 
+    def request_reclaim(self, owner: str, name: str) -> bool:
+        """Ask every other owner holding a reservation for `name` to give its unused pool back
+        (they see it in `reclaim_requests`); False, and nothing recorded, when no other owner holds
+        any: then a refused reservation is final."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM reservations WHERE user=? AND owner<>? AND amount > 0 LIMIT 1",
+                          (name, owner)).fetchone() is None:
+                return False
+            db.execute("INSERT OR IGNORE INTO reclaims (user, owner) VALUES (?,?)", (name, owner))
+            return True
+
+    def reclaim_requests(self, owner: str) -> list[str]:
+        """The ledger keys another owner asked for (`request_reclaim`) that `owner` holds reserved."""
+        return [u for u, in self._query(
+            "SELECT DISTINCT c.user FROM reclaims c JOIN reservations r ON r.user = c.user "
+            "WHERE r.owner=? AND r.amount > 0 AND c.owner<>? ORDER BY c.user", (owner, owner))]
+
+    def end_reclaim(self, owner: str, name: str) -> None:
+        """Withdraw `owner`'s request for `name` (it got its reservation, or gave up)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM reclaims WHERE user=? AND owner=?", (name, owner))
+
     def adjust_used(self, name: str, delta: int) -> None:
         table, key, _ = ledger_row(name)
         with self._tx() as db:
@@ -666,7 +695,8 @@ class SQLiteAccountStore:
         return False
 
     def owners(self) -> list[str]:
-        return [o for o, in self._query("SELECT owner FROM reservations UNION SELECT owner FROM sessions")]
+        return [o for o, in self._query("SELECT owner FROM reservations UNION SELECT owner FROM sessions "
+                                        "UNION SELECT owner FROM reclaims")]
 
     def drop_owner(self, owner: str) -> list[str]:
         """Forget a dead process's reservations and sessions; returns the users whose usage must be rescanned."""
@@ -674,6 +704,7 @@ class SQLiteAccountStore:
             users = [u for u, in db.execute("SELECT user FROM reservations WHERE owner=?", (owner,))]
             db.execute("DELETE FROM reservations WHERE owner=?", (owner,))
             db.execute("DELETE FROM sessions WHERE owner=?", (owner,))
+            db.execute("DELETE FROM reclaims WHERE owner=?", (owner,))
         return users
 
     # -- live sessions (sshfiles status) ------------------------------------------------------

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from sshfiles.config import SETTINGS, ConfigError, ServeConfig, load_toml, resolve
+from sshfiles.config import SETTINGS, ConfigError, ServeConfig, auto_workers, load_toml, resolve
 
 DEFAULTS: dict[str, Any] = {
     "host": "127.0.0.1", "port": 2222, "keys_dir": Path("keys"), "accounts_dir": Path("accounts"),
     "homes_dir": Path("homes"), "store": "", "node_lease": 15.0, "proxy_protocol_from": "",
-    "login_timeout": 60.0, "max_auth_tries": 6, "workers": 1,
+    "login_timeout": 60.0, "max_auth_tries": 6, "workers": auto_workers(),
     "idle_timeout": 900.0, "grace": 30.0,
     "max_startups": "10:30:100", "per_source_max_startups": 10, "per_source_rate": 5.0, "per_source_burst": 10,
     "ban_threshold": 10.0, "ban_window": 60.0, "ban_time": 300.0, "ban_max": 86400.0, "ban_exempt": "",
@@ -221,7 +221,7 @@ def assert_one_line_error(exc: pytest.ExceptionInfo[ConfigError], *needles: str)
     ({"port": "abc"}, ("port", "integer", "'abc'")),
     ({"port": "22"}, ("port", "integer")),
     ({"port": 22.0}, ("port", "integer")),
-    ({"workers": "two"}, ("workers", "integer", "'two'")),
+    ({"workers": "two"}, ("workers", "integer or auto", "'two'")),
     ({"host": 5}, ("host", "string")),
     ({"workers": True}, ("workers", "True")),
     ({"max_auth_tries": False}, ("max_auth_tries",)),
@@ -290,6 +290,21 @@ def test_a_bad_lower_layer_is_reported_even_when_overridden() -> None:
     assert resolve({"port": 1}, {}, {"port": 1}).port == 1
     with pytest.raises(ConfigError):
         resolve({"port": 1}, {}, {"typo": 1})
+
+
+def test_workers_auto_is_one_per_usable_cpu_at_most_8_from_every_layer() -> None:
+    import os
+    expected = max(1, min(8, len(os.sched_getaffinity(0))))
+    assert auto_workers() == expected == ServeConfig().workers == resolve({}, {}, {}).workers
+    assert resolve({"workers": "auto"}, {}, {"workers": 3}).workers == expected
+    assert resolve({}, {"SSHFILES_WORKERS": " AUTO "}, {"workers": 3}).workers == expected
+    assert resolve({}, {}, {"workers": "auto"}).workers == expected
+    assert resolve({}, {"SSHFILES_WORKERS": "1"}, {"workers": "auto"}).workers == 1  # one process stays possible
+    with pytest.raises(ConfigError) as exc:
+        resolve({}, {"SSHFILES_WORKERS": "many"}, {})
+    assert_one_line_error(exc, "SSHFILES_WORKERS", "integer or auto", "'many'")
+    with pytest.raises(ConfigError):
+        resolve({}, {}, {"port": "auto"})  # only the settings that have an automatic value take the word
 
 
 def test_direct_construction_is_validated_and_frozen() -> None:

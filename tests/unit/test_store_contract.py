@@ -392,6 +392,43 @@ def test_owners_and_drop_owner(store: AccountStore) -> None:
     assert store.drop_owner("dead") == [] and store.drop_owner("never") == []
 
 
+def test_reclaim_request_reaches_the_other_holders_only(open_store: OpenStore) -> None:
+    """A refused owner asks the others for their unused pools: each other owner holding a reservation
+    for that ledger key sees the request (from its own handle), the asker and idle owners do not, and
+    a request nobody could answer is not recorded (the refusal is final)."""
+    asker, holder, idle = open_store(), open_store(), open_store()
+    add(asker, "alice", quota=100)
+    add(asker, "bob", quota=100)
+    asker.add_folder("team", "/srv/team", quota=100)
+    team = folder_ledger("team")
+    assert not asker.request_reclaim("w1", "alice")       # nobody else holds anything
+    assert holder.reclaim_requests("w2") == []
+    assert asker.reserve("w1", "alice", 10) and holder.reserve("w2", "alice", 80) and holder.reserve("w2", "bob", 5)
+    idle.mark_present("w3", "alice")                       # a presence row holds no pool
+    assert holder.reserve("w2", team, 30)
+    assert asker.request_reclaim("w1", "alice") and asker.request_reclaim("w1", "alice")  # idempotent
+    assert asker.request_reclaim("w1", team)
+    assert holder.reclaim_requests("w2") == sorted(["alice", team])
+    assert asker.reclaim_requests("w1") == [] and idle.reclaim_requests("w3") == []
+    holder.settle("w2", "alice", consumed=0, release=80, keep_row=True)   # the answer: the pool goes back
+    assert holder.reclaim_requests("w2") == [team]
+    assert asker.reserve("w1", "alice", 90)                # what it was refused now fits
+    asker.end_reclaim("w1", "alice")
+    asker.end_reclaim("w1", team)
+    assert holder.reclaim_requests("w2") == []
+    assert asker.request_reclaim("w1", "bob") and holder.reclaim_requests("w2") == ["bob"]
+
+
+def test_a_dead_askers_reclaim_requests_go_with_it(store: AccountStore) -> None:
+    add(store, "alice", quota=100)
+    assert store.reserve("holder", "alice", 50)
+    assert store.request_reclaim("dead", "alice")
+    assert "dead" in store.owners()                        # so reconcile_dead_owners finds it
+    assert store.reclaim_requests("holder") == ["alice"]
+    assert store.drop_owner("dead") == []
+    assert store.reclaim_requests("holder") == [] and store.owners() == ["holder"]
+
+
 def test_prune_bans_forgets_only_bans_that_ended_before(store: AccountStore) -> None:
     """Expired bans are kept for their strikes, until they ended longer ago than the strike memory."""
     store.ban("192.0.2.1", 1000.0, "auth-failed", 3)

@@ -184,7 +184,7 @@ def test_a_v3_store_is_migrated_to_the_current_schema_keeping_its_accounts(url: 
     open_store(url, migrate=True).close()
     store = open_store(url)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 7  # type: ignore[attr-defined]
+        assert store.schema_version == SCHEMA_VERSION == 8  # type: ignore[attr-defined]
         acct = store.require_user("alice")
         assert (acct.used, acct.auth_rev, acct.upload_mode) == (40, 7, None)
         assert store.permissions("alice") == {}
