@@ -574,8 +574,8 @@ def speedups_disabled(env_value: str | None) -> frozenset[str]:
 
 
 def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
-    """Apply items 3a-3e but ``disabled`` to asyncssh in this process (idempotent). Server only: it
-    patches classes."""
+    """Apply items 3a-3h but ``disabled`` to asyncssh in this process (idempotent). Server only: it
+    patches classes (item 3h: a switch read by ``SFTPServerHandlerBase``, which only servers use)."""
     if "3d" not in disabled:
         _encryption._enc_params[_CHACHA] = (FastChachaEncryption, "chacha20-poly1305")
     if "3a" not in disabled:
