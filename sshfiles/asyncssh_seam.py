@@ -100,6 +100,16 @@ Each item says which upstream behaviour it changes and whether the change belong
       and anything unusual in the buffer (a signal or EOF marker, another reader holding the
       lock) hands the rest to asyncssh's own ``recv_packet``. Belongs upstream: yes
       (docs/upstream/0005).
+   i. Channel data handed on as a view of the decrypted packet. asyncssh's ``_recv_packet`` slices
+      the payload out of the decrypted packet (``packet_data[1:-padlen]``) and the channel's
+      ``_process_data`` slices the data out of the payload (``get_string``): two copies of every
+      32 KiB received. On a chacha20 connection (item 3d's decryption), a decrypted
+      ``MSG_CHANNEL_DATA`` packet of at least ``_VIEW_MIN`` bytes is returned as a ``memoryview``,
+      so both slices are views and the channel's session receives a view of the packet; every
+      other message (key exchange, authentication, channel requests: code that calls ``decode``
+      on its fields) stays ``bytes``, as does everything while packet logging (debug level 3)
+      is on. Readers of the stream get ``bytes`` as before (asyncssh's ``read`` joins; item 3h
+      takes views). Needs 3d. Belongs upstream: with the same care (docs/upstream/README.md).
 
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
    server calls it, never the client library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
@@ -207,8 +217,9 @@ check_version(asyncssh.__version__)
 from asyncssh import encryption as _encryption  # noqa: E402
 from asyncssh.channel import SSHChannel  # noqa: E402
 from asyncssh.connection import SSHConnection  # noqa: E402
-from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
 from asyncssh.constants import MSG_USERAUTH_LAST as _MSG_USERAUTH_LAST  # noqa: E402
+from asyncssh.logging import SSHLogger  # noqa: E402
 from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32, UInt64  # noqa: E402
 from asyncssh.scp import run_scp_server  # noqa: E402
 from asyncssh.sftp import FXP_CLOSE, FXP_EXTENDED_REPLY, FXP_WRITE, SFTPClientHandler, SFTPServerHandler  # noqa: E402
@@ -369,8 +380,18 @@ class FastChachaEncryption(_encryption.ChachaEncryption):
 
     def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
                        mac: bytes) -> bytes | None:
-        return self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest),
+        data = self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest),
                                                      UInt64(seq), mac)
+        if (_channel_data_views and data is not None and len(data) >= _VIEW_MIN
+                and data[1] == MSG_CHANNEL_DATA and SSHLogger._debug_level < 3):
+            return cast(bytes, memoryview(data))  # item 3i: asyncssh slices it without copying
+        return data
+
+
+#: Item 3i: channel data packets handed on as views (set by ``install_speedups``).
+_channel_data_views = False
+#: Item 3i: smaller packets are not worth a view (and interactive traffic stays plain bytes).
+_VIEW_MIN = 4096
 
 
 # --------------------------------------------------------------------------- 3a: no CBC IGNOREs
@@ -561,7 +582,7 @@ def _data_received_per_packet(self: SSHConnection, data: bytes, datatype: Any = 
 
 
 #: the items ``install_speedups`` applies; ``SSHFILES_NO_SPEEDUPS`` names ones to leave out
-SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h")
+SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i")
 
 
 def speedups_disabled(env_value: str | None) -> frozenset[str]:
@@ -574,7 +595,7 @@ def speedups_disabled(env_value: str | None) -> frozenset[str]:
 
 
 def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
-    """Apply items 3a-3h but ``disabled`` to asyncssh in this process (idempotent). Server only: it
+    """Apply items 3a-3i but ``disabled`` to asyncssh in this process (idempotent). Server only: it
     patches classes (item 3h: a switch read by ``SFTPServerHandlerBase``, which only servers use)."""
     if "3d" not in disabled:
         _encryption._enc_params[_CHACHA] = (FastChachaEncryption, "chacha20-poly1305")
@@ -586,8 +607,9 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
         SSHPacketLogger._log_packet = _log_packet_if_enabled  # type: ignore[method-assign]
     if "3e" not in disabled:
         SSHConnection.data_received = _data_received_per_packet  # type: ignore[method-assign]
-    global _previous_send_packet, _delay_flush_during_bulk_input, _zero_copy_requests
+    global _previous_send_packet, _delay_flush_during_bulk_input, _zero_copy_requests, _channel_data_views
     _zero_copy_requests = "3h" not in disabled
+    _channel_data_views = not {"3d", "3i"} & disabled
     _delay_flush_during_bulk_input = not {"3b", "3e", "3g"} & disabled
     if "3f" not in disabled and "3a" not in disabled and "3d" not in disabled:
         if SSHConnection.send_packet is not _send_packet_unjoined:
@@ -600,6 +622,8 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
 
 #: Item 3h: SFTP requests read from the channel's buffer without copies (set by ``install_speedups``).
 _zero_copy_requests = False
+#: Item 3h: what a stream's buffer holds besides signals: received data, as views with item 3i
+_CHUNK_TYPES = (bytes, memoryview)
 
 
 #: A request handler: called with the handler and the request's packet (after the request id), it
@@ -688,9 +712,9 @@ class SFTPServerHandlerBase(SFTPServerHandler):
         chunks: list[Any] = session._recv_buf[None]
         while True:
             have = session._recv_buf_len
-            if have >= 4 and chunks and type(chunks[0]) is bytes:
+            if have >= 4 and chunks and isinstance(chunks[0], _CHUNK_TYPES):
                 off = self._sshfiles_off
-                head: bytes = chunks[0]
+                head: bytes | memoryview = chunks[0]
                 if len(head) - off < 4:
                     break  # a length split over chunks (never seen from real clients): asyncssh's way
                 pktlen = int.from_bytes(head[off:off + 4], "big")
@@ -701,7 +725,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
                     if payload is None:
                         break
                     return SSHPacket(cast(bytes, payload))  # SSHPacket slices views as well
-            if session._eof_received or any(type(c) is not bytes for c in chunks):
+            if session._eof_received or not all(isinstance(c, _CHUNK_TYPES) for c in chunks):
                 break  # EOF or a signal: asyncssh raises what it should
             await session._block_read(None)
         return await self._recv_packet_by_asyncssh()
@@ -710,7 +734,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
         """Take ``size`` buffered bytes (the length word and the request) off the stream; None,
         taking nothing, if a non-data item (a signal) lies within them."""
         off = self._sshfiles_off
-        head: bytes = chunks[0]
+        head: bytes | memoryview = chunks[0]
         end = off + size
         if len(head) >= end:  # the whole request inside one received chunk: a view of it
             if len(head) == end:
@@ -725,7 +749,7 @@ class SFTPServerHandlerBase(SFTPServerHandler):
             i = 1
             while left > 0:
                 chunk = chunks[i]
-                if type(chunk) is not bytes:
+                if not isinstance(chunk, _CHUNK_TYPES):
                     return None
                 pieces.append(memoryview(chunk)[:left] if len(chunk) > left else chunk)
                 left -= len(chunk)

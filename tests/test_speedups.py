@@ -130,12 +130,12 @@ def test_speedup_switch_names_items_or_all():
     assert speedups_disabled("3e,bogus") == frozenset(SPEEDUP_ITEMS)  # unknown: everything off
 
 
-@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "1"],
-                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "pure-asyncssh"])
+@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "3i", "1"],
+                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "no-3i", "pure-asyncssh"])
 def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path, host_keys_dir, monkeypatch):
     """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305) and asyncssh's client (256 KiB packets) up
     and down, with all speed-ups, without the packet-sized input (3e) or the unjoined send path (3f),
-    without the batched replies (3g), without the zero-copy SFTP requests (3h), and with none (the pure
+    without the batched replies (3g), without the zero-copy SFTP requests (3h) or the channel data views (3i), and with none (the pure
     asyncssh path stays covered); odd sizes so packets end mid-read."""
     import asyncio
     import hashlib
@@ -193,7 +193,7 @@ def _string(b: bytes) -> bytes:
     return _u32(len(b)) + b
 
 
-@pytest.mark.parametrize("switch", ["", "3h"], ids=["zero-copy", "asyncssh-reader"])
+@pytest.mark.parametrize("switch", ["", "3h", "3i"], ids=["zero-copy", "asyncssh-reader", "bytes-chunks"])
 def test_sftp_requests_cut_anywhere_by_the_client_arrive_whole(switch, tmp_path, host_keys_dir, monkeypatch):
     """Item 3h reads SFTP requests straight out of the channel's received chunks: a hostile or odd
     client may cut its byte stream anywhere (inside a length word, inside a header, a request over
