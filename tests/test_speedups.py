@@ -312,3 +312,36 @@ def test_eof_in_the_middle_of_a_request_keeps_the_whole_requests_before_it(switc
         assert (user.home / "half.bin").read_bytes() == b"A" * 50000
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("pkttype, size, level, view", [
+    (94, 32768, 1, True),  # channel data: a view of the decrypted packet (item 3i)
+    (94, 100, 1, False),  # small data packets stay bytes
+    (98, 32768, 1, False),  # any other message (here a channel request) stays bytes
+    (94, 32768, 3, False),  # packet logging on: bytes, as asyncssh's logger expects
+])
+def test_channel_data_views_decrypt_to_the_same_bytes(monkeypatch, pkttype, size, level, view):
+    """Item 3i returns a decrypted MSG_CHANNEL_DATA packet as a view; its bytes are asyncssh's own."""
+    from asyncssh.encryption import ChachaEncryption
+    from asyncssh.logging import SSHLogger
+
+    from sshfiles import asyncssh_seam as seam
+
+    monkeypatch.setattr(seam, "_channel_data_views", True)
+    monkeypatch.setattr(SSHLogger, "_debug_level", level)
+    key = os.urandom(64)
+    payload = bytes((pkttype,)) + os.urandom(size)
+    padlen = -(4 + 1 + len(payload)) % 8 + 8
+    plain = bytes((padlen,)) + payload + os.urandom(padlen)
+    header = len(plain).to_bytes(4, "big")
+    seq = 77
+    packet, mac = ChachaCipher(key).encrypt_and_sign(header, plain, seq.to_bytes(8, "big"))
+    first, rest = packet[:8], packet[8:]
+    ours = seam.FastChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(
+        seq, first, rest, 4, mac)
+    theirs = ChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(seq, first, rest, 4, mac)
+    assert isinstance(ours, memoryview) is view
+    assert bytes(ours) == theirs == plain
+    tampered = mac[:-1] + bytes((mac[-1] ^ 1,))
+    assert seam.FastChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(
+        seq, first, rest, 4, tampered) is None
