@@ -83,6 +83,33 @@ Each item says which upstream behaviour it changes and whether the change belong
       held-back packets are written at once (item 4a's back-pressure sees only the transport's
       buffer, so what waits is bounded by size, not only by time). Needs 3b and 3e.
       Belongs upstream: no (a latency/throughput trade-off for this server's traffic).
+   h. SFTP requests taken from the channel's received data without joining or slicing (server
+      handlers that declare ``ZERO_COPY_WRITE``; asyncssh_seam item 4's ``recv_packet``).
+      asyncssh's ``SFTPHandler.recv_packet`` awaits ``readexactly(4)`` and then
+      ``readexactly(length)``, each through ``SSHStreamSession.read``: a lock, and for a request
+      that ends inside a received chunk, ``chunk[n:]`` copies the rest of that chunk, the pieces
+      are joined, and the SFTP parser copies the WRITE's data once more with ``get_string``. OpenSSH's
+      client sends each 32 KiB WRITE (32,797 bytes with its header) in 32 KiB channel messages, so
+      no request is aligned with a message: about four 32 KiB copies per WRITE before ``pwrite``.
+      Here the handler keeps an offset into the first buffered chunk instead of slicing it, and a
+      request inside one chunk becomes a ``memoryview`` of it (no copy at all); one spanning
+      chunks is joined once. A WRITE's data reaches ``os.pwrite`` as a view of that buffer; every
+      other request is handed on as ``bytes`` (the handlers key dicts by handle and path). Same
+      checks as asyncssh (``MAX_SFTP_PACKET_LEN``, EOF mid-request), same accounting of the
+      stream's buffered bytes (``_recv_buf_len``, so its pause/resume of reading is unchanged),
+      and anything unusual in the buffer (a signal or EOF marker, another reader holding the
+      lock) hands the rest to asyncssh's own ``recv_packet``. Belongs upstream: yes
+      (docs/upstream/0005).
+   i. Channel data handed on as a view of the decrypted packet. asyncssh's ``_recv_packet`` slices
+      the payload out of the decrypted packet (``packet_data[1:-padlen]``) and the channel's
+      ``_process_data`` slices the data out of the payload (``get_string``): two copies of every
+      32 KiB received. On a chacha20 connection (item 3d's decryption), a decrypted
+      ``MSG_CHANNEL_DATA`` packet of at least ``_VIEW_MIN`` bytes is returned as a ``memoryview``,
+      so both slices are views and the channel's session receives a view of the packet; every
+      other message (key exchange, authentication, channel requests: code that calls ``decode``
+      on its fields) stays ``bytes``, as does everything while packet logging (debug level 3)
+      is on. Readers of the stream get ``bytes`` as before (asyncssh's ``read`` joins; item 3h
+      takes views). Needs 3d. Belongs upstream: with the same care (docs/upstream/README.md).
 
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
    server calls it, never the client library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
@@ -190,11 +217,13 @@ check_version(asyncssh.__version__)
 from asyncssh import encryption as _encryption  # noqa: E402
 from asyncssh.channel import SSHChannel  # noqa: E402
 from asyncssh.connection import SSHConnection  # noqa: E402
-from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_IGNORE, MSG_KEX_LAST  # noqa: E402
 from asyncssh.constants import MSG_USERAUTH_LAST as _MSG_USERAUTH_LAST  # noqa: E402
+from asyncssh.logging import SSHLogger  # noqa: E402
 from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32, UInt64  # noqa: E402
 from asyncssh.scp import run_scp_server  # noqa: E402
-from asyncssh.sftp import FXP_CLOSE, FXP_EXTENDED_REPLY, SFTPClientHandler, SFTPServerHandler  # noqa: E402
+from asyncssh.sftp import FXP_CLOSE, FXP_EXTENDED_REPLY, FXP_WRITE, SFTPClientHandler, SFTPServerHandler  # noqa: E402
+from asyncssh.sftp import MAX_SFTP_PACKET_LEN as _MAX_SFTP_PACKET_LEN  # noqa: E402
 from asyncssh.stream import SSHServerStreamSession  # noqa: E402
 from cryptography.exceptions import InvalidSignature  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext  # noqa: E402
@@ -351,8 +380,18 @@ class FastChachaEncryption(_encryption.ChachaEncryption):
 
     def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
                        mac: bytes) -> bytes | None:
-        return self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest),
+        data = self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest),
                                                      UInt64(seq), mac)
+        if (_channel_data_views and data is not None and len(data) >= _VIEW_MIN
+                and data[1] == MSG_CHANNEL_DATA and SSHLogger._debug_level < 3):
+            return cast(bytes, memoryview(data))  # item 3i: asyncssh slices it without copying
+        return data
+
+
+#: Item 3i: channel data packets handed on as views (set by ``install_speedups``).
+_channel_data_views = False
+#: Item 3i: smaller packets are not worth a view (and interactive traffic stays plain bytes).
+_VIEW_MIN = 4096
 
 
 # --------------------------------------------------------------------------- 3a: no CBC IGNOREs
@@ -543,7 +582,7 @@ def _data_received_per_packet(self: SSHConnection, data: bytes, datatype: Any = 
 
 
 #: the items ``install_speedups`` applies; ``SSHFILES_NO_SPEEDUPS`` names ones to leave out
-SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g")
+SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i")
 
 
 def speedups_disabled(env_value: str | None) -> frozenset[str]:
@@ -556,8 +595,8 @@ def speedups_disabled(env_value: str | None) -> frozenset[str]:
 
 
 def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
-    """Apply items 3a-3e but ``disabled`` to asyncssh in this process (idempotent). Server only: it
-    patches classes."""
+    """Apply items 3a-3i but ``disabled`` to asyncssh in this process (idempotent). Server only: it
+    patches classes (item 3h: a switch read by ``SFTPServerHandlerBase``, which only servers use)."""
     if "3d" not in disabled:
         _encryption._enc_params[_CHACHA] = (FastChachaEncryption, "chacha20-poly1305")
     if "3a" not in disabled:
@@ -568,7 +607,9 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
         SSHPacketLogger._log_packet = _log_packet_if_enabled  # type: ignore[method-assign]
     if "3e" not in disabled:
         SSHConnection.data_received = _data_received_per_packet  # type: ignore[method-assign]
-    global _previous_send_packet, _delay_flush_during_bulk_input
+    global _previous_send_packet, _delay_flush_during_bulk_input, _zero_copy_requests, _channel_data_views
+    _zero_copy_requests = "3h" not in disabled
+    _channel_data_views = not {"3d", "3i"} & disabled
     _delay_flush_during_bulk_input = not {"3b", "3e", "3g"} & disabled
     if "3f" not in disabled and "3a" not in disabled and "3d" not in disabled:
         if SSHConnection.send_packet is not _send_packet_unjoined:
@@ -578,6 +619,12 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
 
 
 # -- 4. the SFTP server protocol handler ---------------------------------------------------------
+
+#: Item 3h: SFTP requests read from the channel's buffer without copies (set by ``install_speedups``).
+_zero_copy_requests = False
+#: Item 3h: what a stream's buffer holds besides signals: received data, as views with item 3i
+_CHUNK_TYPES = (bytes, memoryview)
+
 
 #: A request handler: called with the handler and the request's packet (after the request id), it
 #: returns what asyncssh encodes as the reply (None for OK, bytes/records, or an ``encode``-able).
@@ -650,6 +697,80 @@ class SFTPServerHandlerBase(SFTPServerHandler):
     def send_packet(self, pkttype: int, pktid: int | None, *args: bytes) -> None:
         self._sshfiles_unyielded += sum(map(len, args))  # per reply packet: no generator frame
         super().send_packet(pkttype, pktid, *args)
+
+    #: item 3h: the subclass's WRITE handler accepts a packet over a ``memoryview`` (its handle
+    #: and data come out of ``get_string`` as views); every other request is always ``bytes``
+    ZERO_COPY_WRITE = False
+    _sshfiles_off = 0  # item 3h: bytes of the stream's first buffered chunk already taken
+
+    async def recv_packet(self) -> SSHPacket:
+        """One SFTP request, cut from the channel's received chunks without copying (item 3h)."""
+        reader: Any = self._reader
+        session: Any = reader._session if _zero_copy_requests and reader is not None else None
+        if session is None or session._read_locks[None].locked():
+            return await self._recv_packet_by_asyncssh()
+        chunks: list[Any] = session._recv_buf[None]
+        while True:
+            have = session._recv_buf_len
+            if have >= 4 and chunks and isinstance(chunks[0], _CHUNK_TYPES):
+                off = self._sshfiles_off
+                head: bytes | memoryview = chunks[0]
+                if len(head) - off < 4:
+                    break  # a length split over chunks (never seen from real clients): asyncssh's way
+                pktlen = int.from_bytes(head[off:off + 4], "big")
+                if pktlen > _MAX_SFTP_PACKET_LEN:
+                    raise asyncssh.SFTPBadMessage("Max packet size exceeded")
+                if have >= 4 + pktlen:
+                    payload = self._take_request(session, chunks, 4 + pktlen)
+                    if payload is None:
+                        break
+                    return SSHPacket(cast(bytes, payload))  # SSHPacket slices views as well
+            if session._eof_received or not all(isinstance(c, _CHUNK_TYPES) for c in chunks):
+                break  # EOF or a signal: asyncssh raises what it should
+            await session._block_read(None)
+        return await self._recv_packet_by_asyncssh()
+
+    def _take_request(self, session: Any, chunks: list[Any], size: int) -> bytes | memoryview | None:
+        """Take ``size`` buffered bytes (the length word and the request) off the stream; None,
+        taking nothing, if a non-data item (a signal) lies within them."""
+        off = self._sshfiles_off
+        head: bytes | memoryview = chunks[0]
+        end = off + size
+        if len(head) >= end:  # the whole request inside one received chunk: a view of it
+            if len(head) == end:
+                chunks.pop(0)
+                self._sshfiles_off = 0
+            else:
+                self._sshfiles_off = end
+            body: bytes | memoryview = memoryview(head)[off + 4:end]
+        else:
+            pieces: list[bytes | memoryview] = [memoryview(head)[off:]]
+            left = size - (len(head) - off)
+            i = 1
+            while left > 0:
+                chunk = chunks[i]
+                if not isinstance(chunk, _CHUNK_TYPES):
+                    return None
+                pieces.append(memoryview(chunk)[:left] if len(chunk) > left else chunk)
+                left -= len(chunk)
+                i += 1
+            del chunks[:i - 1 if left < 0 else i]
+            self._sshfiles_off = len(chunks[0]) + left if left < 0 else 0
+            body = memoryview(b"".join(pieces))[4:]
+        session._recv_buf_len -= size
+        session._maybe_resume_reading()
+        if not (self.ZERO_COPY_WRITE and body[0] == FXP_WRITE and self.logger._debug_level < 3):
+            return bytes(body)
+        return body
+
+    async def _recv_packet_by_asyncssh(self) -> SSHPacket:
+        """asyncssh's ``recv_packet``, after giving back what item 3h took off the first chunk."""
+        if self._sshfiles_off:
+            session: Any = cast(Any, self._reader)._session
+            chunks = session._recv_buf[None]
+            chunks[0] = chunks[0][self._sshfiles_off:]
+            self._sshfiles_off = 0
+        return cast(SSHPacket, await super().recv_packet())
 
     async def _process_packet(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
         await self._wait_for_reply_room()

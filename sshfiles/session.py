@@ -982,8 +982,11 @@ class UserSession:
         finally:
             self.ledger.uncharge(held)
 
-    async def write(self, f: FileHandle, offset: int, data: bytes) -> int:
-        """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all."""
+    async def write(self, f: FileHandle, offset: int, data: bytes | memoryview) -> int:
+        """Write at `offset` (at the end for an append handle); growth is charged first, whole or not at all.
+
+        `data` may be a view of the SFTP channel's received buffer (asyncssh_seam item 3h): it is
+        only read, never kept beyond this call."""
         if (tree := self._of(f)) is not self:
             return await tree.write(f, offset, data)
         if not f.writable:

@@ -143,7 +143,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)
 
-    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+    async def write(self, file_obj: object, offset: int, data: bytes | memoryview) -> int:
         f = _handle(file_obj)
         first = f.failed is None
         try:
@@ -282,10 +282,13 @@ def _server_of(handler: SFTPServerHandlerBase) -> JailedSFTPServer:
 
 async def _write(handler: SFTPServerHandlerBase, packet: SSHPacket) -> int:
     """WRITE that ignores bytes after the data, as OpenSSH does (rclone 1.60's pkg/sftp sends a
-    stale buffer tail; asyncssh answers BAD_MESSAGE)."""
-    handle = packet.get_string()
+    stale buffer tail; asyncssh answers BAD_MESSAGE).
+
+    The packet may be a view of the channel's received data (asyncssh_seam item 3h): the data
+    then reaches ``pwrite`` without a copy, and the handle is made ``bytes`` to look it up."""
+    handle = bytes(packet.get_string())
     offset = packet.get_uint64()
-    data = packet.get_string()
+    data: bytes | memoryview = packet.get_string()
     file_obj = handler.file_handle(handle)
     if not file_obj:
         raise asyncssh.SFTPInvalidHandle("Invalid file handle")
@@ -378,6 +381,7 @@ class SshfilesSFTPHandler(SFTPServerHandlerBase):
         (b"users-groups-by-id@openssh.com", b"1"),
     )
     EXTENDED_REPLIES = (b"check-file-name", b"check-file-handle", b"users-groups-by-id@openssh.com")
+    ZERO_COPY_WRITE = True  # `_write` takes its data as a view (asyncssh_seam item 3h)
     REQUESTS = {  # noqa: RUF012 (read once, by SFTPServerHandlerBase.__init_subclass__)
         FXP_WRITE: _write,
         b"limits@openssh.com": _limits,

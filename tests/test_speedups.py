@@ -130,12 +130,13 @@ def test_speedup_switch_names_items_or_all():
     assert speedups_disabled("3e,bogus") == frozenset(SPEEDUP_ITEMS)  # unknown: everything off
 
 
-@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "1"],
-                         ids=["all-on", "no-3e", "no-3f", "no-3g", "pure-asyncssh"])
+@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "3i", "1"],
+                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "no-3i", "pure-asyncssh"])
 def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path, host_keys_dir, monkeypatch):
     """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305) and asyncssh's client (256 KiB packets) up
     and down, with all speed-ups, without the packet-sized input (3e) or the unjoined send path (3f),
-    without the batched replies (3g), and with none (the pure asyncssh path stays covered); odd sizes so packets end mid-read."""
+    without the batched replies (3g), without the zero-copy SFTP requests (3h) or the channel data views (3i), and with none (the pure
+    asyncssh path stays covered); odd sizes so packets end mid-read."""
     import asyncio
     import hashlib
     import shutil
@@ -177,3 +178,170 @@ def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path
         assert hashlib.sha256((local / "back-d.bin").read_bytes()).hexdigest() == digest["a.bin"]
     finally:
         server.stop()
+
+
+def _sftp_packet(pkttype: int, *fields: bytes) -> bytes:
+    body = bytes((pkttype,)) + b"".join(fields)
+    return len(body).to_bytes(4, "big") + body
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def _string(b: bytes) -> bytes:
+    return _u32(len(b)) + b
+
+
+@pytest.mark.parametrize("switch", ["", "3h", "3i"], ids=["zero-copy", "asyncssh-reader", "bytes-chunks"])
+def test_sftp_requests_cut_anywhere_by_the_client_arrive_whole(switch, tmp_path, host_keys_dir, monkeypatch):
+    """Item 3h reads SFTP requests straight out of the channel's received chunks: a hostile or odd
+    client may cut its byte stream anywhere (inside a length word, inside a header, a request over
+    many channel messages, several requests in one message, a huge length). Every cut must give
+    the same file and replies as asyncssh's own reader, and a length over asyncssh's maximum ends
+    the session as before."""
+    import asyncio
+    import hashlib
+    import random
+
+    from tests.conftest import make_server
+
+    if switch:
+        monkeypatch.setenv("SSHFILES_NO_SPEEDUPS", switch)
+    else:
+        monkeypatch.delenv("SSHFILES_NO_SPEEDUPS", raising=False)
+    server = make_server(tmp_path, host_keys_dir)
+    server.start()
+    try:
+        user = server.add_user("cutter", key=True)
+        rng = random.Random(14)
+        expected = bytearray()
+        writes = []
+        for _ in range(40):
+            piece = rng.randbytes(rng.choice([0, 1, 7, 4096, 32768, 70000, 200000]))
+            writes.append((len(expected), piece))
+            expected += piece
+
+        async def read_reply(reader) -> tuple[int, bytes]:
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            body = await reader.readexactly(length)
+            return body[0], body[1:]
+
+        async def run() -> None:
+            async with server.connect(user) as conn:
+                writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
+                writer.write(_sftp_packet(1, _u32(3)))  # INIT
+                assert (await read_reply(reader))[0] == 2  # VERSION
+                open_flags = 0x02 | 0x08 | 0x10  # WRITE | CREAT | TRUNC
+                writer.write(_sftp_packet(3, _u32(1), _string(b"cut.bin"), _u32(open_flags), _u32(0)))
+                kind, body = await read_reply(reader)
+                assert kind == 102, body  # HANDLE
+                handle = body[4 + 4:]
+                stream = b"".join(_sftp_packet(6, _u32(100 + i), _string(handle), off.to_bytes(8, "big"),
+                                               _string(data)) for i, (off, data) in enumerate(writes))
+                # cuts: inside the first length word, a header, single bytes, big and small pieces
+                pos = 0
+                for size in [2, 1, 5, 3, 1, 1, 40000, 9, 100000, 32768]:
+                    writer.write(stream[pos:pos + size])
+                    pos += size
+                    await asyncio.sleep(0)
+                while pos < len(stream):
+                    size = rng.choice([1, 3, 17, 1000, 32768, 32797, 65536, 300000])
+                    writer.write(stream[pos:pos + size])
+                    pos += size
+                for i in range(len(writes)):
+                    kind, body = await read_reply(reader)
+                    assert kind == 101 and body[:4] == _u32(100 + i) and body[4:8] == _u32(0), body
+                writer.write(_sftp_packet(4, _u32(2), _string(handle)))  # CLOSE
+                kind, body = await read_reply(reader)
+                assert kind == 101 and body[4:8] == _u32(0), body
+                # a request longer than asyncssh's maximum: the session ends, as with asyncssh's reader
+                writer.write(_u32(64 * 1024 * 1024) + b"\x06")
+                with pytest.raises(asyncio.IncompleteReadError):
+                    await asyncio.wait_for(read_reply(reader), 10)
+
+        asyncio.run(run())
+        got = (user.home / "cut.bin").read_bytes()
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(bytes(expected)).hexdigest()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("switch", ["", "3h"], ids=["zero-copy", "asyncssh-reader"])
+def test_eof_in_the_middle_of_a_request_keeps_the_whole_requests_before_it(switch, tmp_path, host_keys_dir,
+                                                                          monkeypatch):
+    """A client that stops (EOF) halfway through a WRITE: the complete WRITEs before it are
+    answered and on disk, the half request is dropped, and the session ends (item 3h's reader hands
+    EOF to asyncssh's, which raises it)."""
+    import asyncio
+
+    from tests.conftest import make_server
+
+    if switch:
+        monkeypatch.setenv("SSHFILES_NO_SPEEDUPS", switch)
+    else:
+        monkeypatch.delenv("SSHFILES_NO_SPEEDUPS", raising=False)
+    server = make_server(tmp_path, host_keys_dir)
+    server.start()
+    try:
+        user = server.add_user("halfway", key=True)
+
+        async def read_reply(reader) -> tuple[int, bytes]:
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            body = await reader.readexactly(length)
+            return body[0], body[1:]
+
+        async def run() -> None:
+            async with server.connect(user) as conn:
+                writer, reader, _ = await conn.open_session(subsystem="sftp", encoding=None)
+                writer.write(_sftp_packet(1, _u32(3)))
+                assert (await read_reply(reader))[0] == 2
+                writer.write(_sftp_packet(3, _u32(1), _string(b"half.bin"), _u32(0x02 | 0x08 | 0x10), _u32(0)))
+                kind, body = await read_reply(reader)
+                assert kind == 102, body
+                handle = body[8:]
+                whole = _sftp_packet(6, _u32(7), _string(handle), (0).to_bytes(8, "big"), _string(b"A" * 50000))
+                cut = _sftp_packet(6, _u32(8), _string(handle), (50000).to_bytes(8, "big"), _string(b"B" * 50000))
+                writer.write(whole + cut[:30000])
+                kind, body = await read_reply(reader)
+                assert kind == 101 and body[:8] == _u32(7) + _u32(0), body
+                writer.write_eof()
+                await asyncio.wait_for(writer.channel.wait_closed(), 10)
+
+        asyncio.run(run())
+        assert (user.home / "half.bin").read_bytes() == b"A" * 50000
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("pkttype, size, level, view", [
+    (94, 32768, 1, True),  # channel data: a view of the decrypted packet (item 3i)
+    (94, 100, 1, False),  # small data packets stay bytes
+    (98, 32768, 1, False),  # any other message (here a channel request) stays bytes
+    (94, 32768, 3, False),  # packet logging on: bytes, as asyncssh's logger expects
+])
+def test_channel_data_views_decrypt_to_the_same_bytes(monkeypatch, pkttype, size, level, view):
+    """Item 3i returns a decrypted MSG_CHANNEL_DATA packet as a view; its bytes are asyncssh's own."""
+    from asyncssh.encryption import ChachaEncryption
+    from asyncssh.logging import SSHLogger
+
+    from sshfiles import asyncssh_seam as seam
+
+    monkeypatch.setattr(seam, "_channel_data_views", True)
+    monkeypatch.setattr(SSHLogger, "_debug_level", level)
+    key = os.urandom(64)
+    payload = bytes((pkttype,)) + os.urandom(size)
+    padlen = -(4 + 1 + len(payload)) % 8 + 8
+    plain = bytes((padlen,)) + payload + os.urandom(padlen)
+    header = len(plain).to_bytes(4, "big")
+    seq = 77
+    packet, mac = ChachaCipher(key).encrypt_and_sign(header, plain, seq.to_bytes(8, "big"))
+    first, rest = packet[:8], packet[8:]
+    ours = seam.FastChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(
+        seq, first, rest, 4, mac)
+    theirs = ChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(seq, first, rest, 4, mac)
+    assert isinstance(ours, memoryview) is view
+    assert bytes(ours) == theirs == plain
+    tampered = mac[:-1] + bytes((mac[-1] ^ 1,))
+    assert seam.FastChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(
+        seq, first, rest, 4, tampered) is None
