@@ -217,18 +217,24 @@ async def _copy_range(read_at: ReadAt, write_at: WriteAt, start: int, end: int,
 
     pending: set[asyncio.Future] = set()
     off = start
-    while off < end or pending:
-        while off < end and len(pending) < opts.max_requests:
-            n = min(opts.chunk_size, end - off)
-            pending.add(asyncio.ensure_future(one(off, n)))
-            off += n
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        errors = [exc for t in done if (exc := t.exception()) is not None]  # retrieve them all
-        if errors:
-            for p in pending:
-                p.cancel()
+    try:
+        while off < end or pending:
+            while off < end and len(pending) < opts.max_requests:
+                n = min(opts.chunk_size, end - off)
+                pending.add(asyncio.ensure_future(one(off, n)))
+                off += n
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            errors = [exc for t in done if (exc := t.exception()) is not None]  # retrieve them all
+            if errors:
+                raise errors[0]
+    finally:
+        # On an error, and also when the caller cancels this copy (``--connections K``: another
+        # connection failed), no request may outlive it: each is cancelled and its outcome
+        # retrieved, so none writes after the copy ended or dies as "exception never retrieved".
+        for p in pending:
+            p.cancel()
+        if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-            raise errors[0]
 
 
 # --------------------------------------------------------------------------- put / get of one file
