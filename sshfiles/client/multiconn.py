@@ -42,6 +42,7 @@ from .errors import VerifyError, from_sftp_error, local_errors
 from .progress import Progress, QuietProgress, Timer, human
 from .transfer import (
     VERIFY_ALGORITHM,
+    LocalWriter,
     TransferOptions,
     TransferResult,
     _copy_range,
@@ -369,6 +370,8 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             with local_errors(local):
                 fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
             stack.callback(os.close, fd)
+            writer = LocalWriter(fd, local)
+            stack.callback(writer.close)  # (callbacks run last-in first-out: before the close of fd)
             existing = os.fstat(fd).st_size
             resume = bool(opts.resume and existing and existing <= size)
             if not resume:
@@ -392,12 +395,8 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             task = progress.start_file(os.path.basename(local) or local, size, result.resumed_from)
             advance = _make_advance(result, task)
 
-            async def write_at(off: int, data: bytes) -> None:
-                with local_errors(local):
-                    os.pwrite(fd, data, off)
-
             try:
-                await _all_or_first_error([_pull(pieces, remote_reader(c, h), write_at, fitted, advance)
+                await _all_or_first_error([_pull(pieces, remote_reader(c, h), writer.write_at, fitted, advance)
                                            for c, h in used])
                 with local_errors(local):
                     os.ftruncate(fd, size)
