@@ -42,7 +42,7 @@ from .errors import VerifyError, from_sftp_error, local_errors
 from .progress import Progress, QuietProgress, Timer, human
 from .transfer import (
     VERIFY_ALGORITHM,
-    LocalWriter,
+    LocalFile,
     TransferOptions,
     TransferResult,
     _copy_range,
@@ -281,6 +281,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
     result = TransferResult("put", local, remote, size)
     with local_errors(local):
         fd = os.open(local, os.O_RDONLY)
+    local_file = LocalFile(fd, local)
     # hashed while the bytes move; with --no-verify only if a further handle's close failed (below)
     local_sum = asyncio.create_task(local_hash(local)) if opts.verify else None
     try:
@@ -309,17 +310,13 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
             task = progress.start_file(posixpath.basename(remote) or remote, size, result.resumed_from)
             advance = _make_advance(result, task)
 
-            async def read_at(off: int, n: int) -> bytes:
-                with local_errors(local):
-                    return os.pread(fd, n, off)
-
             def writer(c: asyncssh.SFTPClient, h: bytes) -> WriteAt:
                 async def write_at(off: int, data: bytes) -> None:
                     await request_write(c, h, off, data)
                 return write_at
 
             try:
-                await _all_or_first_error([_pull(pieces, read_at, writer(c, f.handle), fitted, advance)
+                await _all_or_first_error([_pull(pieces, local_file.read_at, writer(c, f.handle), fitted, advance)
                                            for c, f in [(sftp, first), *extras]])
             finally:
                 task.close()
@@ -346,6 +343,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
     finally:
         if local_sum is not None and not local_sum.done():
             local_sum.cancel()
+        local_file.close()
         os.close(fd)
 
 
@@ -370,8 +368,8 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             with local_errors(local):
                 fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
             stack.callback(os.close, fd)
-            writer = LocalWriter(fd, local)
-            stack.callback(writer.close)  # (callbacks run last-in first-out: before the close of fd)
+            local_file = LocalFile(fd, local)
+            stack.callback(local_file.close)  # (callbacks run last-in first-out: before the close of fd)
             existing = os.fstat(fd).st_size
             resume = bool(opts.resume and existing and existing <= size)
             if not resume:
@@ -396,7 +394,7 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             advance = _make_advance(result, task)
 
             try:
-                await _all_or_first_error([_pull(pieces, remote_reader(c, h), writer.write_at, fitted, advance)
+                await _all_or_first_error([_pull(pieces, remote_reader(c, h), local_file.write_at, fitted, advance)
                                            for c, h in used])
                 with local_errors(local):
                     os.ftruncate(fd, size)

@@ -264,20 +264,25 @@ def remote_reader(sftp: asyncssh.SFTPClient, handle: bytes) -> ReadAt:
     return read_at
 
 
-class LocalWriter:
-    """``write_at`` for a local file, off the event loop: one thread per file writes the chunks in
-    the order they arrive.
+class LocalFile:
+    """``read_at``/``write_at`` for a local file, off the event loop: one thread per file does the
+    ``pread``s and ``pwrite``s in the order they are asked for.
 
-    Why: a download's ``pwrite`` into the page cache (and, when the disk lags, the kernel's
-    throttling of dirty pages) ran on the event loop, which then neither read the socket nor
-    decrypted packets meanwhile; py-spy put a quarter of a 1 GiB download's client time there. In a
-    thread it overlaps with the loop's work (``pwrite`` releases the GIL). ``close`` waits for the
-    writes still queued, so the descriptor is never closed under a pending write."""
+    Why: a download's ``pwrite`` into the page cache (on this kind of VM about 1.8 s of kernel time
+    per GiB, more when the kernel throttles dirty pages) and an upload's ``pread`` ran on the event
+    loop, which then neither read the socket nor encrypted or decrypted packets meanwhile; py-spy
+    put a quarter of a 1 GiB download's client time and an eighth of an upload's there. In a thread
+    (both calls release the GIL) they overlap with the loop's work. ``close`` waits for the calls
+    still queued, so the descriptor is never closed under a pending one."""
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
         self._path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sshfiles-write")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sshfiles-file")
+
+    async def read_at(self, off: int, n: int) -> bytes:
+        with local_errors(self._path):
+            return await asyncio.get_running_loop().run_in_executor(self._pool, os.pread, self._fd, n, off)
 
     def _write_all(self, data: bytes, off: int) -> None:
         view = memoryview(data)
@@ -344,12 +349,9 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
             # One WRITE request per chunk (not SFTPClientFile.write, which fans out into tasks of
             # its own that asyncssh leaves unretrieved when a quota error cancels the copy).
             opts = _fit_chunk(opts, sftp.limits.max_write_len)
+            local_file = LocalFile(fd, local)
             try:
                 async with sftp.open(remote, "r+b" if start else "wb") as rf:
-                    async def read_at(off: int, n: int) -> bytes:
-                        with local_errors(local):
-                            return os.pread(fd, n, off)
-
                     async def write_at(off: int, data: bytes) -> None:
                         await request_write(sftp, rf.handle, off, data)
 
@@ -357,8 +359,9 @@ async def put_file(sftp: asyncssh.SFTPClient, local: str, remote: str, opts: Tra
                         result.sent += n
                         task.advance(n)
 
-                    await _copy_range(read_at, write_at, start, size, opts, advance)
+                    await _copy_range(local_file.read_at, write_at, start, size, opts, advance)
             finally:
+                local_file.close()
                 task.close()
             result.seconds = timer.elapsed()
             if local_sum is not None:
@@ -410,7 +413,7 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
             result = TransferResult("get", remote, local, size)
             with local_errors(local):
                 fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
-            writer = LocalWriter(fd, local)
+            local_file = LocalFile(fd, local)
             try:
                 existing = os.fstat(fd).st_size
                 start = 0
@@ -438,13 +441,13 @@ async def get_file(sftp: asyncssh.SFTPClient, remote: str, local: str, opts: Tra
                         result.sent += n
                         task.advance(n)
 
-                    await _copy_range(read_at, writer.write_at, start, size, opts, advance)
+                    await _copy_range(read_at, local_file.write_at, start, size, opts, advance)
                     with local_errors(local):
                         os.ftruncate(fd, size)
                 finally:
                     task.close()
             finally:
-                writer.close()
+                local_file.close()
                 os.close(fd)
             result.seconds = timer.elapsed()
             if opts.verify:
