@@ -668,7 +668,7 @@ class Bench:
         mb = self.size / MB
         clients = ("sftp", "asyncssh") if shutil.which("sftp") else ("asyncssh",)
         if any(srv.name != "openssh" for srv in self.servers):
-            # the default (--connections auto: 2 for a file this size) and one connection
+            # the default (--connections auto: 2 to download a file this size) and one connection
             clients += ("sshfiles-cli", "sshfiles-cli --connections 1")
         for client in clients:
             for direction in ("upload", "download"):

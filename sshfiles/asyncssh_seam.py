@@ -27,7 +27,8 @@ Each item says which upstream behaviour it changes and whether the change belong
    own requests, so it needs the per-request calls of the private ``SFTPClient._handler``. Belongs
    upstream: the unretrieved-task warning is an upstream bug; a public per-request API would be nice.
 
-3. ``install_speedups`` -- server side, per-packet costs measured with py-spy (README, Performance):
+3. ``install_speedups`` -- server side and the ``sshfiles-cli`` process, per-packet costs measured with
+   py-spy (README, Performance):
 
    a. No empty SSH_MSG_IGNORE before every packet. ``SSHConnection.send_packet`` sends one ahead of
       every non-key-exchange packet once encryption is on: RFC 4251 section 9.3.1's countermeasure
@@ -84,8 +85,18 @@ Each item says which upstream behaviour it changes and whether the change belong
       buffer, so what waits is bounded by size, not only by time). Needs 3b and 3e.
       Belongs upstream: no (a latency/throughput trade-off for this server's traffic).
 
+   h. A cheaper AES-GCM (aes128-gcm@openssh.com, aes256-gcm@openssh.com: what sshfiles-cli asks for
+      first). asyncssh's ``GCMCipher`` builds a new ``AESGCM`` (key schedule included) for every
+      packet, joins every sent packet onto its header and every received one twice (first block +
+      rest, then + tag, since ``AESGCM.decrypt`` wants one buffer). ``FastGCMCipher`` keeps the key,
+      runs each packet through one streaming GCM context fed in pieces (length as associated data,
+      then each part) and so also gives item 3f its unjoined send path for GCM. Same wire format:
+      tests/test_speedups.py checks it packet by packet against asyncssh's and with the stock
+      OpenSSH client (``sftp -c aes128-gcm@openssh.com``). Belongs upstream: yes.
+
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
-   server calls it, never the client library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
+   server and the ``sshfiles-cli`` command call it (each a process of one role), never the client
+   library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
    them off; a comma list of item names (``3d,3e``) turns off just those, for measuring each.
 
 4. ``SFTPServerHandlerBase`` -- server side, the SFTP protocol handler. asyncssh's

@@ -152,7 +152,7 @@ _transfer_options = [
                  help=f"SSH connections per large file (1-{MAX_CONNECTIONS} or auto): each moves a byte range "
                       "(a server with --workers N runs them on different cores); resumable and verified like "
                       "one. Files under K hash blocks (256 KiB or more each) use one. auto: "
-                      f"{AUTO_CONNECTIONS} for files of {AUTO_MIN_SIZE >> 20} MiB or more, else 1."),
+                      f"{AUTO_CONNECTIONS} to download a file of {AUTO_MIN_SIZE >> 20} MiB or more, else 1."),
     click.option("--resume/--no-resume", default=True, show_default=True,
                  help="Resume a partial destination when its content matches (checked by hashing)."),
     click.option("--verify/--no-verify", default=True, show_default=True,
@@ -172,12 +172,13 @@ def transfer_options(fn: F) -> F:
 async def _run_jobs(state: State, sftp: asyncssh.SFTPClient, plan: list[Job], direction: str,
                     opts: TransferOptions, jobs: int, connections: int) -> list[ClientError]:
     """``run_jobs``, over ``connections`` SSH connections per large file when asked (multiconn.py);
-    ``AUTO`` asks for AUTO_CONNECTIONS for the files of AUTO_MIN_SIZE or more."""
+    ``AUTO`` asks for AUTO_CONNECTIONS for the downloads of AUTO_MIN_SIZE or more and one
+    connection for uploads (a second one paid for downloads only, see multiconn.AUTO_CONNECTIONS)."""
     progress = make_progress(state.quiet)
     min_size = 0
     if connections == AUTO:
         connections, min_size = AUTO_CONNECTIONS, AUTO_MIN_SIZE
-        if not any(job.size >= min_size for job in plan):
+        if direction != "get" or not any(job.size >= min_size for job in plan):
             connections = 1
     if connections <= 1:
         return await run_jobs(sftp, plan, direction, opts, progress, jobs)

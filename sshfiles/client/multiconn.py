@@ -63,12 +63,12 @@ from .transfer import (
 #: they arrive together: 8 stays inside the server's default per-source burst and unauthenticated
 #: limits (10 each), whose refusals would count towards a ban of the client's own address.
 MAX_CONNECTIONS = 8
-#: ``--connections auto`` (the default): this many connections for a file of at least
-#: AUTO_MIN_SIZE bytes, one below. Measured on 2 cores (README "Issue 14, lever 5"): a second
-#: connection moved a 1 GiB file 10-50% faster both ways, with 1 server worker as with 2, and
-#: spent less client CPU per GiB on downloads; a fourth was no better than a second. Below
-#: 128 MiB the gain (a fraction of a second) is not worth the extra login (with a password: one
-#: more argon2id verification on the server).
+#: ``--connections auto`` (the default): this many connections to download a file of at least
+#: AUTO_MIN_SIZE bytes; one below, and one for uploads. Measured on 2 cores (README "Issue 14,
+#: lever 5"): a second connection downloaded 1 GiB up to twice as fast with 1 server worker and
+#: spent less client CPU per GiB, a fourth was no better than a second, and for uploads a second
+#: connection was as often slower as faster. Below 128 MiB the gain (a fraction of a second) is
+#: not worth the extra login (with a password: one more argon2id verification on the server).
 AUTO_CONNECTIONS = 2
 AUTO_MIN_SIZE = 128 * 1024 * 1024
 
