@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import getpass
 import hashlib
 import json
@@ -627,17 +628,18 @@ class Bench:
         self._check(srv, direction, remote_up, local_dl)
         return dt, cpu
 
-    async def _cli_transfer(self, srv: Server, direction: str, tag: str) -> tuple[float, float]:
+    async def _cli_transfer(self, srv: Server, direction: str, tag: str,
+                            options: tuple[str, ...] = ()) -> tuple[float, float]:
         """``sshfiles-cli put/get`` (a fresh process: connect + login are inside the clock, as a user
         sees it); ``--no-verify``, since the sftp rows verify nothing either (the bench's sha256
-        check below still runs)."""
+        check below still runs). ``options``: more transfer options (``--connections 1``)."""
         local_dl = self.workdir / f"dl-{tag}.bin"
         remote_up = f"up-{tag}.bin"
         argv = [sys.executable, "-c", "from sshfiles.client.cli import main; main()",
                 "--host", "127.0.0.1", "-P", str(srv.port), "-u", srv.user, "-i", str(self.key),
                 "--known-hosts", str(self.workdir / f"known_hosts-{srv.name}"), "-q"]
-        argv += (["put", "--no-verify", "--no-resume", str(self.src), remote_up] if direction == "upload"
-                 else ["get", "--no-verify", "--no-resume", "down.bin", str(local_dl)])
+        argv += (["put", "--no-verify", "--no-resume", *options, str(self.src), remote_up] if direction == "upload"
+                 else ["get", "--no-verify", "--no-resume", *options, "down.bin", str(local_dl)])
         cpu0 = srv.cpu()
         t0 = time.perf_counter()
         rc, out = await run_cmd(argv, timeout=self.args.timeout, cwd=REPO)  # this checkout's sshfiles
@@ -668,7 +670,8 @@ class Bench:
         mb = self.size / MB
         clients = ("sftp", "asyncssh") if shutil.which("sftp") else ("asyncssh",)
         if any(srv.name != "openssh" for srv in self.servers):
-            clients += ("sshfiles-cli",)
+            # the default (--connections auto: 2 to download a file this size) and one connection
+            clients += ("sshfiles-cli", "sshfiles-cli --connections 1")
         for client in clients:
             for direction in ("upload", "download"):
                 if direction not in self.args.only and "single" not in self.args.only:
@@ -678,15 +681,17 @@ class Bench:
                 cpus: dict[str, list[float]] = {}
                 for rep in range(self.args.reps):
                     for srv in self.order(rep):
-                        if client == "sshfiles-cli" and srv.name == "openssh":
+                        if client.startswith("sshfiles-cli") and srv.name == "openssh":
                             continue  # it speaks sshfiles' check-file; OpenSSH is compared via its sftp
                         fn = {"sftp": self._stock_transfer, "asyncssh": self._asyncssh_transfer,
-                              "sshfiles-cli": self._cli_transfer}[client]
+                              "sshfiles-cli": self._cli_transfer,
+                              "sshfiles-cli --connections 1": functools.partial(
+                                  self._cli_transfer, options=("--connections", "1"))}[client]
                         dt, cpu = await fn(srv, direction, f"{srv.name}-{rep}")
                         speeds.setdefault(srv.name, []).append(mb / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (self.size / GiB))
                 extra = None
-                if client == "sshfiles-cli":  # the target compares it with OpenSSH sftp to OpenSSH
+                if client.startswith("sshfiles-cli"):  # the target compares it with OpenSSH sftp to OpenSSH
                     ref = next((r for r in self.rows if r["workload"] == f"{direction}, sftp client"), None)
                     base = ref and ref["servers"].get("openssh", {}).get("median")
                     if base:
@@ -697,7 +702,7 @@ class Bench:
                 if extra:
                     log("  vs OpenSSH sftp to OpenSSH: " + "  ".join(
                         f"{n}={r:.2f}" for n, r in row["vs_openssh_sftp"].items()))
-                if self.args.profile and client != "sshfiles-cli":
+                if self.args.profile and not client.startswith("sshfiles-cli"):
                     await self._profile_transfer(client, direction)
 
     async def _profile_transfer(self, client: str, direction: str) -> None:

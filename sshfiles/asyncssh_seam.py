@@ -27,7 +27,8 @@ Each item says which upstream behaviour it changes and whether the change belong
    own requests, so it needs the per-request calls of the private ``SFTPClient._handler``. Belongs
    upstream: the unretrieved-task warning is an upstream bug; a public per-request API would be nice.
 
-3. ``install_speedups`` -- server side, per-packet costs measured with py-spy (README, Performance):
+3. ``install_speedups`` -- server side and the ``sshfiles-cli`` process, per-packet costs measured with
+   py-spy (README, Performance):
 
    a. No empty SSH_MSG_IGNORE before every packet. ``SSHConnection.send_packet`` sends one ahead of
       every non-key-exchange packet once encryption is on: RFC 4251 section 9.3.1's countermeasure
@@ -111,8 +112,18 @@ Each item says which upstream behaviour it changes and whether the change belong
       is on. Readers of the stream get ``bytes`` as before (asyncssh's ``read`` joins; item 3h
       takes views). Needs 3d. Belongs upstream: with the same care (docs/upstream/README.md).
 
+   j. A cheaper AES-GCM (aes128-gcm@openssh.com, aes256-gcm@openssh.com: what sshfiles-cli asks for
+      first). asyncssh's ``GCMCipher`` builds a new ``AESGCM`` (key schedule included) for every
+      packet, joins every sent packet onto its header and every received one twice (first block +
+      rest, then + tag, since ``AESGCM.decrypt`` wants one buffer). ``FastGCMCipher`` keeps the key,
+      runs each packet through one streaming GCM context fed in pieces (length as associated data,
+      then each part) and so also gives item 3f its unjoined send path for GCM. Same wire format:
+      tests/test_speedups.py checks it packet by packet against asyncssh's and with the stock
+      OpenSSH client (``sftp -c aes128-gcm@openssh.com``). Belongs upstream: yes.
+
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
-   server calls it, never the client library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
+   server and the ``sshfiles-cli`` command call it (each a process of one role), never the client
+   library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
    them off; a comma list of item names (``3d,3e``) turns off just those, for measuring each.
 
 4. ``SFTPServerHandlerBase`` -- server side, the SFTP protocol handler. asyncssh's
@@ -185,6 +196,7 @@ __all__ = [
     "check_version",
     "extended_request",
     "install_speedups",
+    "install_speedups_from_env",
     "request_read",
     "request_write",
     "speedups_disabled",
@@ -225,9 +237,10 @@ from asyncssh.scp import run_scp_server  # noqa: E402
 from asyncssh.sftp import FXP_CLOSE, FXP_EXTENDED_REPLY, FXP_WRITE, SFTPClientHandler, SFTPServerHandler  # noqa: E402
 from asyncssh.sftp import MAX_SFTP_PACKET_LEN as _MAX_SFTP_PACKET_LEN  # noqa: E402
 from asyncssh.stream import SSHServerStreamSession  # noqa: E402
-from cryptography.exceptions import InvalidSignature  # noqa: E402
+from cryptography.exceptions import InvalidSignature, InvalidTag  # noqa: E402
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.algorithms import AES, ChaCha20  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.modes import GCM  # noqa: E402
 from cryptography.hazmat.primitives.poly1305 import Poly1305  # noqa: E402
 
 # --------------------------------------------------------------------------- 1, 2: the SFTP client
@@ -394,6 +407,83 @@ _channel_data_views = False
 _VIEW_MIN = 4096
 
 
+# --------------------------------------------------------------------------- 3j: AES-GCM
+
+_GCM_NAMES = (b"aes128-gcm@openssh.com", b"aes256-gcm@openssh.com")
+_GCM_TAG = 16
+
+
+class FastGCMCipher:
+    """Same interface as ``asyncssh.crypto.GCMCipher`` (item 3j), plus the pieces calls of item 3f.
+
+    asyncssh's GCM shim builds a new ``AESGCM`` (a fresh key schedule) for every packet and joins
+    every packet twice: the sent ciphertext onto its header, the received data onto its first block
+    and then onto its tag (``AESGCM.decrypt`` wants ciphertext and tag in one buffer). Here the key
+    is wrapped once and each packet runs through one streaming GCM context, fed in pieces: the
+    header as associated data, then each part. Same construction (RFC 5647 as OpenSSH does it: the
+    4-byte length in clear as associated data, a 12-byte nonce whose last 8 bytes count packets).
+    """
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        self._algorithm = AES(key)
+        self._fixed = iv[:4]
+        self._invocation = int.from_bytes(iv[4:], "big")
+
+    def _next_nonce(self) -> bytes:
+        nonce = self._fixed + self._invocation.to_bytes(8, "big")
+        self._invocation = (self._invocation + 1) & 0xffffffffffffffff
+        return nonce
+
+    def encrypt_and_sign(self, header: bytes, data: bytes) -> tuple[bytes, bytes]:
+        pieces = self.encrypt_and_sign_parts(header, [data], b"")
+        return b"".join(pieces[:-1]), pieces[-1]
+
+    def encrypt_and_sign_parts(self, header: bytes, parts: list[bytes], nonce: bytes) -> list[bytes]:
+        """(header, each encrypted part, tag): the packet in pieces for item 3f. ``nonce`` (the
+        sequence number chacha20 uses) is ignored: GCM counts its own invocations."""
+        ctx = Cipher(self._algorithm, GCM(self._next_nonce())).encryptor()
+        ctx.authenticate_additional_data(header)
+        out = [header]
+        out.extend(ctx.update(part) for part in parts)
+        ctx.finalize()
+        out.append(ctx.tag)
+        return out
+
+    def verify_and_decrypt(self, header: bytes, data: bytes, mac: bytes) -> bytes | None:
+        return self.verify_and_decrypt_parts(header, (data,), mac)
+
+    def verify_and_decrypt_parts(self, header: bytes, parts: tuple[bytes, ...], mac: bytes) -> bytes | None:
+        """Decrypt header + parts, or None when the tag does not match (nothing decrypted is
+        returned before ``finalize`` has checked it)."""
+        ctx = Cipher(self._algorithm, GCM(self._next_nonce(), mac)).decryptor()
+        ctx.authenticate_additional_data(header)
+        if len(parts) == 2:  # the packet path
+            data = ctx.update(parts[0]) + ctx.update(parts[1])
+        else:
+            data = b"".join([ctx.update(part) for part in parts])
+        try:
+            ctx.finalize()
+        except InvalidTag:
+            return None
+        return data
+
+
+class FastGCMEncryption(_encryption.GCMEncryption):
+    """asyncssh's GCM packet shim on ``FastGCMCipher``, minus the joins of every received packet
+    (item 3j)."""
+
+    _cipher: FastGCMCipher  # type: ignore[assignment]
+
+    @classmethod
+    def new(cls, cipher_name: str, key: bytes, iv: bytes, mac_alg: bytes = b"",
+            mac_key: bytes = b"", etm: bool = False) -> FastGCMEncryption:
+        return cls(FastGCMCipher(key, iv))  # type: ignore[arg-type]
+
+    def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
+                       mac: bytes) -> bytes | None:
+        return self._cipher.verify_and_decrypt_parts(first[:header_len], (first[header_len:], rest), mac)
+
+
 # --------------------------------------------------------------------------- 3a: no CBC IGNOREs
 
 _original_send_packet = SSHConnection.send_packet
@@ -423,6 +513,8 @@ def _send_packet_without_cbc_padding_ignores(self: SSHConnection, pkttype: int, 
 
 #: arguments of at least this many bytes are encrypted in place; smaller ones are joined first
 _BIG_PART = 2048
+#: the packet shims with an ``encrypt_and_sign_parts`` (items 3d and 3j)
+_UNJOINED_ENCRYPTIONS = (FastChachaEncryption, FastGCMEncryption)
 
 
 def _send_packet_unjoined(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
@@ -438,7 +530,7 @@ def _send_packet_unjoined(self: SSHConnection, pkttype: int, *args: bytes, handl
     """
     conn: Any = self  # private attributes of SSHConnection
     encryption = conn._send_encryption
-    if (pkttype <= _MSG_USERAUTH_LAST or type(encryption) is not FastChachaEncryption
+    if (pkttype <= _MSG_USERAUTH_LAST or type(encryption) not in _UNJOINED_ENCRYPTIONS
             or not conn._auth_complete or not conn._kex_complete or conn._compressor is not None
             or conn._rekey_bytes_sent >= conn._rekey_bytes
             or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
@@ -582,7 +674,7 @@ def _data_received_per_packet(self: SSHConnection, data: bytes, datatype: Any = 
 
 
 #: the items ``install_speedups`` applies; ``SSHFILES_NO_SPEEDUPS`` names ones to leave out
-SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i")
+SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i", "3j")
 
 
 def speedups_disabled(env_value: str | None) -> frozenset[str]:
@@ -594,11 +686,23 @@ def speedups_disabled(env_value: str | None) -> frozenset[str]:
     return frozenset(names) if names <= set(SPEEDUP_ITEMS) else frozenset(SPEEDUP_ITEMS)
 
 
+def install_speedups_from_env(env_value: str | None) -> None:
+    """``install_speedups`` as ``SSHFILES_NO_SPEEDUPS`` (``env_value``) asks: nothing at all when it
+    turns every item off, so that setting measures asyncssh exactly as released."""
+    disabled = speedups_disabled(env_value)
+    if disabled != frozenset(SPEEDUP_ITEMS):
+        install_speedups(disabled)
+
+
 def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
-    """Apply items 3a-3i but ``disabled`` to asyncssh in this process (idempotent). Server only: it
-    patches classes (item 3h: a switch read by ``SFTPServerHandlerBase``, which only servers use)."""
+    """Apply items 3a-3j but ``disabled`` to asyncssh in this process (idempotent). It patches
+    classes, so only a process of one role calls it: the server, or the ``sshfiles-cli`` command
+    (never the client library, which may run inside someone else's program)."""
     if "3d" not in disabled:
         _encryption._enc_params[_CHACHA] = (FastChachaEncryption, "chacha20-poly1305")
+    if "3j" not in disabled:
+        for name in _GCM_NAMES:
+            _encryption._enc_params[name] = (FastGCMEncryption, _encryption._enc_params[name][1])
     if "3a" not in disabled:
         SSHConnection.send_packet = _send_packet_without_cbc_padding_ignores  # type: ignore[method-assign]
     if "3b" not in disabled:
@@ -611,7 +715,7 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
     _zero_copy_requests = "3h" not in disabled
     _channel_data_views = not {"3d", "3i"} & disabled
     _delay_flush_during_bulk_input = not {"3b", "3e", "3g"} & disabled
-    if "3f" not in disabled and "3a" not in disabled and "3d" not in disabled:
+    if "3f" not in disabled and "3a" not in disabled and not {"3d", "3j"} <= disabled:
         if SSHConnection.send_packet is not _send_packet_unjoined:
             _previous_send_packet = SSHConnection.send_packet
         SSHConnection.send_packet = _send_packet_unjoined  # type: ignore[method-assign]

@@ -38,7 +38,7 @@ import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
 from . import audit, hashing, metrics, passwords
-from .asyncssh_seam import SPEEDUP_ITEMS, ChannelSessionBase, install_speedups, run_scp, speedups_disabled
+from .asyncssh_seam import ChannelSessionBase, install_speedups_from_env, run_scp
 from .atomic import cleanup_homes
 from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
@@ -1087,9 +1087,7 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
-    disabled = speedups_disabled(os.environ.get("SSHFILES_NO_SPEEDUPS"))  # a benchmark lever
-    if disabled != frozenset(SPEEDUP_ITEMS):
-        install_speedups(disabled)
+    install_speedups_from_env(os.environ.get("SSHFILES_NO_SPEEDUPS"))  # a benchmark lever
     _apply_limits(config)
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)

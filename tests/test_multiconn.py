@@ -215,3 +215,37 @@ def test_a_prompted_password_is_asked_once(mcli):
     out = b"".join(chunks).decode(errors="replace")
     assert out.count("'s password:") == 1, out
     assert "over 3 connections" in out and "sha256 verified" in out, out
+
+
+def test_default_connections_are_two_for_a_large_download_and_one_otherwise(mcli):
+    """``--connections auto`` is the default: a download of AUTO_MIN_SIZE or more moves over
+    AUTO_CONNECTIONS connections (one more login); an upload, and a smaller download, over the
+    first connection alone; all verified. A bad value is one usage line."""
+    from sshfiles.client.multiconn import AUTO_CONNECTIONS, AUTO_MIN_SIZE
+
+    assert AUTO_CONNECTIONS == 2
+    big = make_file(mcli.tmp / "big.bin", AUTO_MIN_SIZE + 12345)
+    small = make_file(mcli.tmp / "small.bin", SIZE, seed=3)
+    before = logins(mcli.server, "alice")
+    res = mcli.run("put", "big.bin", "small.bin", ".")
+    assert res.returncode == 0, res.stderr
+    no_traceback(res)
+    puts = [line for line in res.stderr.splitlines() if line.startswith("put ")]
+    assert len(puts) == 2 and all("verified" in p and " over " not in p for p in puts), res.stderr
+    assert logins(mcli.server, "alice") - before == 1, mcli.server.log()
+    assert sha256(mcli.user.home / "big.bin") == sha256(big)
+    assert sha256(mcli.user.home / "small.bin") == sha256(small)
+
+    (mcli.tmp / "back").mkdir()
+    res = mcli.run("get", "big.bin", "small.bin", "back")
+    assert res.returncode == 0, res.stderr
+    lines = {line.split(" ", 2)[1]: line for line in res.stderr.splitlines() if line.startswith("get ")}
+    assert "over 2 connections" in lines["big.bin"] and "sha256 verified" in lines["big.bin"], res.stderr
+    assert " over " not in lines["small.bin"] and "sha256 verified" in lines["small.bin"], res.stderr
+    assert sha256(mcli.tmp / "back" / "big.bin") == sha256(big)
+    assert sha256(mcli.tmp / "back" / "small.bin") == sha256(small)
+    assert logins(mcli.server, "alice") - before == 1 + 2
+
+    res = mcli.run("put", "-c", "many", "small.bin")
+    assert res.returncode == 2 and "neither auto nor a count from 1 to 8" in res.stderr, res.stderr
+    no_traceback(res)

@@ -1,4 +1,5 @@
-"""The faster chacha20-poly1305 must be the same wire format as asyncssh's (OpenSSH's) construction."""
+"""The faster chacha20-poly1305 and AES-GCM must be the same wire format as asyncssh's (OpenSSH's)
+constructions."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import os
 
 import pytest
 from asyncssh.crypto.chacha import ChachaCipher
+from asyncssh.crypto.cipher import GCMCipher
 
-from sshfiles.asyncssh_seam import FastChachaCipher
+from sshfiles.asyncssh_seam import FastChachaCipher, FastGCMCipher
 
 
 def test_same_bytes_as_asyncssh_for_many_sizes():
@@ -34,6 +36,39 @@ def test_tampering_is_detected():
     assert fast.verify_and_decrypt(bytes(flipped[:4]), bytes(flipped[4:]), bytes(8), tag) is None
     assert fast.verify_and_decrypt(packet[:4], packet[4:], (1).to_bytes(8, "big"), tag) is None
     assert fast.verify_and_decrypt(packet[:4], packet[4:], bytes(8), bytes(16)) is None
+
+
+@pytest.mark.parametrize("name,key_size", [("aes128-gcm", 16), ("aes256-gcm", 32)])
+def test_gcm_same_bytes_as_asyncssh_packet_after_packet(name, key_size):
+    """Item 3j: each packet's ciphertext and tag equal asyncssh's, across many packets (the nonce's
+    invocation counter, started near its 64-bit wrap), whole or in pieces, and each side decrypts
+    the other's packets."""
+    key = os.urandom(key_size)
+    iv = os.urandom(4) + (2**64 - 3).to_bytes(8, "big")
+    ref_send, fast_send = GCMCipher(name, key, iv), FastGCMCipher(key, iv)
+    ref_recv, fast_recv = GCMCipher(name, key, iv), FastGCMCipher(key, iv)
+    for size in (16, 32, 1008, 32768 + 16, 262144 + 32, 16):
+        header, data = size.to_bytes(4, "big"), os.urandom(size)
+        packet, tag = ref_send.encrypt_and_sign(header, data)
+        cut = size // 3
+        pieces = fast_send.encrypt_and_sign_parts(header, [data[:cut], data[cut:]], b"")
+        assert b"".join(pieces) == packet + tag
+        assert [len(p) for p in pieces] == [4, cut, size - cut, 16]
+        assert fast_recv.verify_and_decrypt_parts(header, (packet[4:4 + cut], packet[4 + cut:]), tag) == data
+        assert ref_recv.verify_and_decrypt(header, packet[4:], tag) == data
+
+
+def test_gcm_tampering_is_detected():
+    key, iv = os.urandom(16), os.urandom(12)
+    packet, tag = FastGCMCipher(key, iv).encrypt_and_sign(b"\0\0\0\x10", b"sixteen bytes!!!")
+    flipped = bytearray(packet)
+    flipped[7] ^= 1
+    assert FastGCMCipher(key, iv).verify_and_decrypt(bytes(flipped[:4]), bytes(flipped[4:]), tag) is None
+    assert FastGCMCipher(key, iv).verify_and_decrypt(b"\0\0\0\x11", packet[4:], tag) is None  # header is AAD
+    assert FastGCMCipher(key, iv).verify_and_decrypt(packet[:4], packet[4:], bytes(16)) is None
+    receiver = FastGCMCipher(key, iv)
+    receiver.verify_and_decrypt(packet[:4], packet[4:], tag)
+    assert receiver.verify_and_decrypt(packet[:4], packet[4:], tag) is None  # a replay: next nonce
 
 
 def test_server_offers_no_cbc_so_dropping_the_cbc_ignore_countermeasure_is_safe():
@@ -130,13 +165,14 @@ def test_speedup_switch_names_items_or_all():
     assert speedups_disabled("3e,bogus") == frozenset(SPEEDUP_ITEMS)  # unknown: everything off
 
 
-@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "3i", "1"],
-                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "no-3i", "pure-asyncssh"])
+@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "3i", "3j", "1"],
+                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "no-3i", "no-3j", "pure-asyncssh"])
 def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path, host_keys_dir, monkeypatch):
-    """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305) and asyncssh's client (256 KiB packets) up
-    and down, with all speed-ups, without the packet-sized input (3e) or the unjoined send path (3f),
-    without the batched replies (3g), without the zero-copy SFTP requests (3h) or the channel data views (3i), and with none (the pure
-    asyncssh path stays covered); odd sizes so packets end mid-read."""
+    """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305, and aes128-gcm for item 3j) and asyncssh's
+    client (256 KiB packets, its default cipher and aes256-gcm) up and down, with all speed-ups,
+    without the packet-sized input (3e) or the unjoined send path (3f), without the batched replies
+    (3g), without the zero-copy SFTP requests (3h) or the channel data views (3i), without the GCM
+    shim (3j), and with none (the pure asyncssh path stays covered); odd sizes so packets end mid-read."""
     import asyncio
     import hashlib
     import shutil
@@ -162,12 +198,19 @@ def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path
         gets = "".join(f"get {n} back-{n}\n" for n in sizes)
         res = server.sftp_batch(user, puts + gets, cwd=local)
         assert res.returncode == 0, res.stderr
+        gcm = "".join(f"put {local / n} gcm-{n}\nget gcm-{n} {local / f'gcm-{n}'}\n" for n in sizes)
+        res = server.openssh("sftp", user, ["-c", "aes128-gcm@openssh.com", "-b", "-",
+                                            f"{user.name}@{server.host}"], input=gcm)
+        assert res.returncode == 0, res.stderr
 
         async def with_asyncssh() -> None:
             # a key exchange every MiB: the server's packets cross several rekeys mid-transfer
             async with server.sftp(user, rekey_bytes=1 << 20) as sftp:
                 await sftp.put(str(local / "a.bin"), "d.bin")
                 await sftp.get("d.bin", str(local / "back-d.bin"))
+            async with server.sftp(user, rekey_bytes=1 << 20, encryption_algs=["aes256-gcm@openssh.com"]) as sftp:
+                await sftp.put(str(local / "a.bin"), "e.bin")
+                await sftp.get("e.bin", str(local / "back-e.bin"))
 
         asyncio.run(with_asyncssh())
         digest = {n: hashlib.sha256((local / n).read_bytes()).hexdigest() for n in sizes}
@@ -176,6 +219,11 @@ def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path
             assert hashlib.sha256((local / f"back-{name}").read_bytes()).hexdigest() == digest[name]
         assert hashlib.sha256((user.home / "d.bin").read_bytes()).hexdigest() == digest["a.bin"]
         assert hashlib.sha256((local / "back-d.bin").read_bytes()).hexdigest() == digest["a.bin"]
+        assert hashlib.sha256((user.home / "e.bin").read_bytes()).hexdigest() == digest["a.bin"]
+        assert hashlib.sha256((local / "back-e.bin").read_bytes()).hexdigest() == digest["a.bin"]
+        for name in sizes:
+            assert hashlib.sha256((user.home / f"gcm-{name}").read_bytes()).hexdigest() == digest[name]
+            assert hashlib.sha256((local / f"gcm-{name}").read_bytes()).hexdigest() == digest[name]
     finally:
         server.stop()
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 import asyncssh
 import click
 
+from ..asyncssh_seam import install_speedups_from_env
 from .connect import DEFAULT_KNOWN_HOSTS, PASSWORD_ENV, ConnectOptions
 from .errors import (
     EXIT_CODES_HELP,
@@ -34,7 +35,14 @@ from .errors import (
     from_os_error,
     from_sftp_error,
 )
-from .multiconn import MAX_CONNECTIONS, ConnectionPool, get_file_ranged, put_file_ranged
+from .multiconn import (
+    AUTO_CONNECTIONS,
+    AUTO_MIN_SIZE,
+    MAX_CONNECTIONS,
+    ConnectionPool,
+    get_file_ranged,
+    put_file_ranged,
+)
 from .progress import human, make_progress
 from .session import RemoteSession
 from .transfer import Job, TransferOptions, plan_get, plan_put, remote_hash, run_jobs
@@ -112,14 +120,39 @@ cli.help = (f"Transfer files to and from an sshfiles server, with automatic veri
             f"The password comes from ${PASSWORD_ENV}, else a prompt on a terminal; keys come from -i, "
             f"ssh-agent or ~/.ssh.")
 
+class _Connections(click.ParamType):
+    """``--connections``: ``auto`` (kept as 0) or a count from 1 to MAX_CONNECTIONS."""
+
+    name = "K|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return AUTO
+        try:
+            count = int(value)
+        except ValueError:
+            count = -1
+        if not 1 <= count <= MAX_CONNECTIONS:
+            self.fail(f"{value!r} is neither auto nor a count from 1 to {MAX_CONNECTIONS}", param, ctx)
+        return count
+
+
+#: ``--connections auto``: AUTO_CONNECTIONS for files of AUTO_MIN_SIZE or more (multiconn.py)
+AUTO = 0
+CONNECTIONS = _Connections()
+
+
 _transfer_options = [
     click.option("-r", "--recursive", is_flag=True, help="Copy directory trees."),
     click.option("-j", "--jobs", type=click.IntRange(1, 32), default=1, show_default=True,
                  help="Files to transfer at once."),
-    click.option("-c", "--connections", type=click.IntRange(1, MAX_CONNECTIONS), default=1, show_default=True,
-                 help="SSH connections per large file: each moves a byte range (a server with --workers N "
-                      "runs them on different cores); resumable and verified like one. Files under K "
-                      "hash blocks (256 KiB or more each) use one."),
+    click.option("-c", "--connections", type=CONNECTIONS, default="auto", show_default=True,
+                 help=f"SSH connections per large file (1-{MAX_CONNECTIONS} or auto): each moves a byte range "
+                      "(a server with --workers N runs them on different cores); resumable and verified like "
+                      "one. Files under K hash blocks (256 KiB or more each) use one. auto: "
+                      f"{AUTO_CONNECTIONS} to download a file of {AUTO_MIN_SIZE >> 20} MiB or more, else 1."),
     click.option("--resume/--no-resume", default=True, show_default=True,
                  help="Resume a partial destination when its content matches (checked by hashing)."),
     click.option("--verify/--no-verify", default=True, show_default=True,
@@ -138,11 +171,18 @@ def transfer_options(fn: F) -> F:
 
 async def _run_jobs(state: State, sftp: asyncssh.SFTPClient, plan: list[Job], direction: str,
                     opts: TransferOptions, jobs: int, connections: int) -> list[ClientError]:
-    """``run_jobs``, over ``connections`` SSH connections per large file when asked (multiconn.py)."""
+    """``run_jobs``, over ``connections`` SSH connections per large file when asked (multiconn.py);
+    ``AUTO`` asks for AUTO_CONNECTIONS for the downloads of AUTO_MIN_SIZE or more and one
+    connection for uploads (a second one paid for downloads only, see multiconn.AUTO_CONNECTIONS)."""
     progress = make_progress(state.quiet)
+    min_size = 0
+    if connections == AUTO:
+        connections, min_size = AUTO_CONNECTIONS, AUTO_MIN_SIZE
+        if direction != "get" or not any(job.size >= min_size for job in plan):
+            connections = 1
     if connections <= 1:
         return await run_jobs(sftp, plan, direction, opts, progress, jobs)
-    pool = ConnectionPool(state.opts, sftp, connections, progress)
+    pool = ConnectionPool(state.opts, sftp, connections, progress, min_size)
     try:
         return await run_jobs(sftp, plan, direction, opts, progress, jobs,
                               put=partial(put_file_ranged, pool), get=partial(get_file_ranged, pool))
@@ -449,7 +489,13 @@ def shell(state: State) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the command, map every expected failure to one line and an exit code."""
+    """Entry point: run the command, map every expected failure to one line and an exit code.
+
+    The command is a process of its own, so it takes the seam's per-packet speed-ups as the server
+    does (``SSHFILES_NO_SPEEDUPS`` turns them off the same way): without them the client spent
+    more CPU per GiB than the server it talks to (an empty IGNORE packet and a socket write per
+    request, every received packet copied several times)."""
+    install_speedups_from_env(os.environ.get("SSHFILES_NO_SPEEDUPS"))
     try:
         rv = cli.main(args=argv, prog_name="sshfiles-cli", standalone_mode=False)
     except click.exceptions.Exit as exc:

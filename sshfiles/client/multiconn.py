@@ -42,6 +42,7 @@ from .errors import VerifyError, from_sftp_error, local_errors
 from .progress import Progress, QuietProgress, Timer, human
 from .transfer import (
     VERIFY_ALGORITHM,
+    LocalFile,
     TransferOptions,
     TransferResult,
     _copy_range,
@@ -62,6 +63,14 @@ from .transfer import (
 #: they arrive together: 8 stays inside the server's default per-source burst and unauthenticated
 #: limits (10 each), whose refusals would count towards a ban of the client's own address.
 MAX_CONNECTIONS = 8
+#: ``--connections auto`` (the default): this many connections to download a file of at least
+#: AUTO_MIN_SIZE bytes; one below, and one for uploads. Measured on 2 cores (README "Issue 14,
+#: lever 5"): a second connection downloaded 1 GiB up to twice as fast with 1 server worker and
+#: spent less client CPU per GiB, a fourth was no better than a second, and for uploads a second
+#: connection was as often slower as faster. Below 128 MiB the gain (a fraction of a second) is
+#: not worth the extra login (with a password: one more argon2id verification on the server).
+AUTO_CONNECTIONS = 2
+AUTO_MIN_SIZE = 128 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -110,10 +119,12 @@ class ConnectionPool:
     file of the command (``-j`` files share them: SFTP multiplexes requests on one channel)."""
 
     def __init__(self, opts: ConnectOptions, primary: asyncssh.SFTPClient, connections: int,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, min_size: int = 0) -> None:
         self.opts = opts
         self.primary = primary
         self.connections = max(1, min(connections, MAX_CONNECTIONS))
+        #: files under this many bytes go over the primary connection alone (``--connections auto``)
+        self.min_size = min_size
         self.progress = progress or QuietProgress()
         self._extra: list[tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClient]] | None = None
         self._lock = asyncio.Lock()
@@ -225,9 +236,10 @@ async def _pieces(sftp: asyncssh.SFTPClient, handle: bytes, local: str, partial:
     return pieces
 
 
-def _ranged_size(path_size: int | None, k: int) -> int | None:
-    """The block size to use, or None when the file is too small for ``k`` connections."""
-    if path_size is None or k <= 1:
+def _ranged_size(path_size: int | None, pool: ConnectionPool) -> int | None:
+    """The block size to use, or None when the file is too small for the pool's connections."""
+    k = pool.connections
+    if path_size is None or k <= 1 or path_size < pool.min_size:
         return None
     block = compare_block_size(path_size)
     return block if path_size >= k * block else None
@@ -272,7 +284,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
         size: int | None = st.st_size if statmod.S_ISREG(st.st_mode) else None
     except OSError:
         size = None  # put_file reports it, one line
-    block = _ranged_size(size, pool.connections)
+    block = _ranged_size(size, pool)
     if size is None or block is None:
         return await put_file(sftp, local, remote, opts, progress)
     progress = progress or QuietProgress()
@@ -280,6 +292,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
     result = TransferResult("put", local, remote, size)
     with local_errors(local):
         fd = os.open(local, os.O_RDONLY)
+    local_file = LocalFile(fd, local)
     # hashed while the bytes move; with --no-verify only if a further handle's close failed (below)
     local_sum = asyncio.create_task(local_hash(local)) if opts.verify else None
     try:
@@ -308,17 +321,13 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
             task = progress.start_file(posixpath.basename(remote) or remote, size, result.resumed_from)
             advance = _make_advance(result, task)
 
-            async def read_at(off: int, n: int) -> bytes:
-                with local_errors(local):
-                    return os.pread(fd, n, off)
-
             def writer(c: asyncssh.SFTPClient, h: bytes) -> WriteAt:
                 async def write_at(off: int, data: bytes) -> None:
                     await request_write(c, h, off, data)
                 return write_at
 
             try:
-                await _all_or_first_error([_pull(pieces, read_at, writer(c, f.handle), fitted, advance)
+                await _all_or_first_error([_pull(pieces, local_file.read_at, writer(c, f.handle), fitted, advance)
                                            for c, f in [(sftp, first), *extras]])
             finally:
                 task.close()
@@ -345,6 +354,7 @@ async def put_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, local
     finally:
         if local_sum is not None and not local_sum.done():
             local_sum.cancel()
+        local_file.close()
         os.close(fd)
 
 
@@ -356,7 +366,7 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
         size: int | None = attrs.size if attrs.type == asyncssh.FILEXFER_TYPE_REGULAR else None
     except asyncssh.SFTPError:
         size = None  # get_file reports it, one line
-    block = _ranged_size(size, pool.connections)
+    block = _ranged_size(size, pool)
     if size is None or block is None:
         return await get_file(sftp, remote, local, opts, progress)
     progress = progress or QuietProgress()
@@ -369,6 +379,8 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             with local_errors(local):
                 fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
             stack.callback(os.close, fd)
+            local_file = LocalFile(fd, local)
+            stack.callback(local_file.close)  # (callbacks run last-in first-out: before the close of fd)
             existing = os.fstat(fd).st_size
             resume = bool(opts.resume and existing and existing <= size)
             if not resume:
@@ -392,12 +404,8 @@ async def get_file_ranged(pool: ConnectionPool, sftp: asyncssh.SFTPClient, remot
             task = progress.start_file(os.path.basename(local) or local, size, result.resumed_from)
             advance = _make_advance(result, task)
 
-            async def write_at(off: int, data: bytes) -> None:
-                with local_errors(local):
-                    os.pwrite(fd, data, off)
-
             try:
-                await _all_or_first_error([_pull(pieces, remote_reader(c, h), write_at, fitted, advance)
+                await _all_or_first_error([_pull(pieces, remote_reader(c, h), local_file.write_at, fitted, advance)
                                            for c, h in used])
                 with local_errors(local):
                     os.ftruncate(fd, size)
