@@ -21,6 +21,7 @@ import binascii
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import secrets
@@ -1432,6 +1433,12 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
     WORKER_STOP_EXTRA seconds after the first signal, so the wait is bounded.
     """
     parent = os.getpid()
+    # Everything imported so far is inherited by every worker through copy-on-write pages; the
+    # cyclic GC of a worker would write to each of those objects' headers on its passes and so
+    # copy every page into the worker. Frozen objects are left out of the GC's passes (they are
+    # module-level and live as long as the process anyway), so they stay shared.
+    gc.collect()
+    gc.freeze()
     children: dict[int, tuple[float, int]] = {}  # pid -> (start time (monotonic), slot)
     signals: list[int] = []
     respawn_at: list[tuple[float, int]] = []     # (due time, slot) of replacements not yet forked
