@@ -523,7 +523,7 @@ async def amain(args: argparse.Namespace, workdir: Path) -> list[dict]:
     k = asyncssh.generate_private_key("ssh-ed25519")
     k.write_private_key(str(key))
     k.write_public_key(str(key) + ".pub")
-    srv = SshfilesServer(workdir, [sys.executable, "-m", "sshfiles"], Path(str(key) + ".pub"), "1T", None,
+    srv = SshfilesServer(workdir, [sys.executable, "-m", "sshfiles"], Path(str(key) + ".pub"), "1T", args.workers,
                          bench_limits=False)  # the server's own defaults: its defences are under test
     srv.setup()
     log(f"preparing bait ({args.dir_entries} directory entries, sparse files)")
@@ -551,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir-entries", type=int, default=100_000)
     p.add_argument("--json", help="write the rows to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs)")
+    p.add_argument("--workers", type=int, help="pass --workers N to sshfiles serve (default: its own, auto)")
     p.add_argument("--bystander", help=argparse.SUPPRESS)  # the bystander's own process (JSON spec)
     args = p.parse_args(argv)
     if args.bystander:

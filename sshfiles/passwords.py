@@ -28,32 +28,23 @@ import collections
 import concurrent.futures
 import contextlib
 import os
-import threading
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from argon2.profiles import RFC_9106_LOW_MEMORY
 
+from .background import lower_thread_priority
+
 __all__ = ["BUSY", "hash_password", "needs_rehash", "verify_password", "verify_password_async",
            "verify_password_fair"]
 
 _hasher = PasswordHasher.from_parameters(RFC_9106_LOW_MEMORY)
-def _lower_priority() -> None:
-    """Argon2 threads yield to the event loop: a login burst must not stall transfers.
-
-    Measured with the benchmark's lag probe: worst stat round trip during a
-    burst 44.9 -> 29.8 ms, p99 38.2 -> 14.0 ms, same logins per second.
-    libargon2's lane threads inherit the priority.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except OSError:
-        pass
-
-
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2))),
-                                              thread_name_prefix="argon2", initializer=_lower_priority)
+                                              thread_name_prefix="argon2", initializer=lower_thread_priority)
+# Argon2 threads yield to the event loop (background.py): a login burst must not stall transfers.
+# Measured with the benchmark's lag probe: worst stat round trip during a burst 44.9 -> 29.8 ms,
+# p99 38.2 -> 14.0 ms, same logins per second. libargon2's lane threads inherit the priority.
 _DUMMY_HASH = _hasher.hash(os.urandom(16).hex())
 
 

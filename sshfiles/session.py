@@ -34,6 +34,7 @@ from typing import Any
 
 from . import atomic, audit, metrics
 from .atomic import ServerPath, Upload
+from .background import BULK_POOL
 from .folders import FolderMount, ancestor_names, holds_mount, mount_rules, route
 from .hooks import HookEvent, HookRunner
 from .jail import DirEntries, Jail, normalize
@@ -103,6 +104,8 @@ def set_handle_limits(per_session: int, per_user: int) -> None:
 #: copy-data is done in chunks of this size: each chunk's read runs in a thread, its write (charge +
 #: pwrite under the file's size lock) on the loop, between chunks other sessions' requests run.
 COPY_CHUNK = 1024 * 1024
+#: ... and every this many bytes, its output is written back to the disk off the loop (copy_data).
+COPY_FLUSH = 32 * COPY_CHUNK
 
 #: Entries of a directory read per READDIR reply (asyncssh sends at most 128 names per reply).
 DIR_BATCH = 128
@@ -1059,7 +1062,9 @@ class UserSession:
         copied = 0
         while src_offset + copied < end and not stop():
             want = min(COPY_CHUNK, end - src_offset - copied)
-            data = await asyncio.to_thread(os.pread, src.fd, want, src_offset + copied)
+            # read at the bulk threads' lower priority (background.py): a copy is one client's bulk work
+            data = await asyncio.get_running_loop().run_in_executor(BULK_POOL, os.pread, src.fd, want,
+                                                                    src_offset + copied)
             if src.fd < 0 or dst.fd < 0:
                 raise OSError(errno.EBADF, "file closed during the copy")
             if not data:
@@ -1067,6 +1072,11 @@ class UserSession:
             src.bytes_read += len(data)
             await self._of(dst).write(dst, dst_offset + copied, data)
             copied += len(data)
+            if copied % COPY_FLUSH < COPY_CHUNK:
+                # Write what this copy dirtied back from a bulk thread, so the page cache never
+                # fills with it: the kernel throttles whoever writes next when it is full, and
+                # that would be an event loop's pwrite (a stall for every session of the worker).
+                await asyncio.get_running_loop().run_in_executor(BULK_POOL, os.fdatasync, dst.fd)
             if len(data) < want:
                 break
         return copied
