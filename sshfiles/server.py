@@ -1490,13 +1490,13 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_hangup_parent)
-    if _early_hangups:  # a SIGHUP between the announcement and here (run_server) is answered now
-        _early_hangups.clear()
-        _on_hangup_parent(signal.SIGHUP, None)
     if config.metrics_listen:
         _start_metrics(config, socks[0], lambda: None if children else "no worker running")
     for slot in range(len(socks)):
         _spawn(slot)
+    if _early_hangups:  # a SIGHUP between the announcement and here (run_server) is answered now that
+        _early_hangups.clear()  # the workers exist: each reloads (and logs) once it can (_run_worker)
+        _on_hangup_parent(signal.SIGHUP, None)
     notify("READY=1", f"STATUS=listening on {config.host} port {socks[0].getsockname()[1]} with {len(socks)} "
            "workers", f"MAINPID={parent}")
     while True:
