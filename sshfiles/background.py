@@ -9,11 +9,16 @@ bulk work nothing when the machine is idle.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["BULK_POOL", "lower_thread_priority"]
+__all__ = ["BULK_POOL", "lower_thread_priority", "run_bulk"]
+
+T = TypeVar("T")
 
 
 def lower_thread_priority() -> None:
@@ -27,3 +32,23 @@ def lower_thread_priority() -> None:
 #: copy-data's chunk reads (session.py): two threads per process, at the lower priority.
 BULK_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sshfiles-bulk",
                                                   initializer=lower_thread_priority)
+
+
+async def run_bulk(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` on a bulk thread; a cancelled caller re-raises only once `fn` has returned.
+
+    The work is given file descriptors of the caller's handles: were the cancellation let through
+    at once, the caller's cleanup could close a descriptor the thread is still using, and the
+    number, reused by another session's open, would be read or written in its place. `fn` is one
+    bounded step (a chunk), so the wait is short.
+    """
+    fut = asyncio.get_running_loop().run_in_executor(BULK_POOL, fn, *args)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        raise

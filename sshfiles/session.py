@@ -18,7 +18,6 @@ that closes it, in whatever session or worker process that is.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -34,7 +33,7 @@ from typing import Any
 
 from . import atomic, audit, metrics
 from .atomic import ServerPath, Upload
-from .background import BULK_POOL
+from .background import run_bulk
 from .folders import FolderMount, ancestor_names, holds_mount, mount_rules, route
 from .hooks import HookEvent, HookRunner
 from .jail import DirEntries, Jail, normalize
@@ -83,6 +82,34 @@ def _fd_limit() -> int:
 #: ``--max-handles-per-user`` set others (`set_handle_limits`, once at server start).
 MAX_HANDLES_PER_USER = min(2048, max(16, _fd_limit() // 8))
 MAX_HANDLES_PER_SESSION = min(512, MAX_HANDLES_PER_USER)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite all of `data` at `offset` (a pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _locked_pwrite(fd: int, offset: int, append: bool, data: bytes,
+                   allowance: int) -> int | tuple[int, OSError | None]:
+    """On a bulk thread (`UserSession.write_bulk`): write `data` under `fd`'s size lock if its
+    growth fits the `allowance` already charged. Returns the growth still needed when it does
+    not fit (nothing written), else (the bytes of growth that landed, the error if any)."""
+    with size_lock(fd):
+        size = os.fstat(fd).st_size
+        start = size if append else offset
+        growth = max(0, start + len(data) - size)
+        if growth > allowance:
+            return growth - allowance
+        try:
+            check_size(start + len(data))
+            _pwrite_all(fd, data, start)
+        except OSError as exc:  # disk full, I/O error, too large: the growth that really landed
+            return max(0, min(growth, os.fstat(fd).st_size - size)), exc
+        return growth, None
 
 
 @dataclass
@@ -1017,11 +1044,7 @@ class UserSession:
                         self.ledger.uncharge(growth)
                         raise
                 try:
-                    view = memoryview(data)
-                    while view:
-                        written = os.pwrite(fd, view, offset)
-                        view = view[written:]
-                        offset += written
+                    _pwrite_all(fd, data, offset)
                 except OSError as exc:
                     # Disk full or I/O error: charge only what really landed.
                     if growth:
@@ -1035,15 +1058,65 @@ class UserSession:
         f.bytes_written += len(data)
         return len(data)
 
+    async def write_bulk(self, f: FileHandle, offset: int, data: bytes) -> int:
+        """`write` for one client's bulk work (a copy-data chunk): the pwrite runs on a bulk thread.
+
+        An event loop must not do it: a pwrite of a MiB into ext4 can wait for the journal
+        (the copy's own write-back commits it every COPY_FLUSH) or for dirty-page throttling, and
+        every session of the worker would wait with it. The growth is charged on the loop first
+        (the ledger is the loop's); the thread then takes the file's size lock, measures the size,
+        and writes only when the charge covers the growth, else it reports the growth it needs
+        and the loop charges the rest and tries again. The lock is held only for that one pwrite,
+        as a WRITE holds it on the loop, so another process never waits longer than for a WRITE.
+        """
+        if (tree := self._of(f)) is not self:
+            return await tree.write_bulk(f, offset, data)
+        if not f.writable:
+            raise PermissionError(errno.EACCES, "File not open for writing")
+        self._may(f, write=True)
+        if not data:
+            return 0
+        fd, append = f.fd, f.append
+        held = 0  # charged for this chunk and not yet written or given back
+        size = os.fstat(fd).st_size  # a guess: the thread measures again under the lock
+        need = max(0, (size if append else offset) + len(data) - size)
+        try:
+            for _ in range(8):
+                if need > 0:
+                    if not self.ledger.take(need):
+                        await self.ledger.charge(need)
+                    held += need
+                outcome = await run_bulk(_locked_pwrite, fd, offset, append, data, held)
+                if isinstance(outcome, int):
+                    need = outcome  # the file grew meanwhile by another process: charge the rest
+                    continue
+                landed, error = outcome
+                self.ledger.uncharge(held - landed)
+                held = 0
+                if error is not None:
+                    if error.errno != errno.EFBIG:
+                        f.failed = error.strerror or "write failed"
+                    raise error
+                break
+            else:
+                raise OSError(errno.EAGAIN, "the file keeps changing size; try again")
+        except QuotaExceeded as exc:
+            f.failed = str(exc)
+            f.quota = True
+            raise
+        finally:
+            self.ledger.uncharge(held)
+        f.bytes_written += len(data)
+        return len(data)
+
     async def copy_data(self, src: FileHandle, src_offset: int, length: int, dst: FileHandle, dst_offset: int,
                         stop: Callable[[], bool] = lambda: False) -> int:
         """Copy `length` bytes (0: up to the source's end as it is now) from `src` to `dst`; returns the count.
 
-        In `COPY_CHUNK` steps so no copy holds the event loop: each chunk is read in a thread
-        (a pread needs no lock and touches no ledger) and written with `write` on the loop, so the
-        charge and the pwrite of a chunk stay one step under the file's size lock, exactly as for
-        an SFTP WRITE, and the ledger is only ever used from the loop. A pwrite of 1 MiB into the
-        page cache is well under a millisecond; between chunks every other session's requests run.
+        In `COPY_CHUNK` steps so no copy holds the event loop: each chunk is read on a bulk thread
+        (a pread needs no lock and touches no ledger) and written by `write_bulk`, which charges
+        the growth on the loop and pwrites on a bulk thread under the file's size lock; the loop
+        itself only does the bookkeeping, and every other session's requests run meanwhile.
         "To the end" is the source's size when the copy starts: a copy of a file onto its own end
         would otherwise chase its own writes until the quota (or the disk) is full. A copy that
         `stop` says is no longer wanted (the channel closed) ends after its current chunk.
@@ -1063,20 +1136,19 @@ class UserSession:
         while src_offset + copied < end and not stop():
             want = min(COPY_CHUNK, end - src_offset - copied)
             # read at the bulk threads' lower priority (background.py): a copy is one client's bulk work
-            data = await asyncio.get_running_loop().run_in_executor(BULK_POOL, os.pread, src.fd, want,
-                                                                    src_offset + copied)
+            data = await run_bulk(os.pread, src.fd, want, src_offset + copied)
             if src.fd < 0 or dst.fd < 0:
                 raise OSError(errno.EBADF, "file closed during the copy")
             if not data:
                 break
             src.bytes_read += len(data)
-            await self._of(dst).write(dst, dst_offset + copied, data)
+            await self._of(dst).write_bulk(dst, dst_offset + copied, data)
             copied += len(data)
             if copied % COPY_FLUSH < COPY_CHUNK:
                 # Write what this copy dirtied back from a bulk thread, so the page cache never
                 # fills with it: the kernel throttles whoever writes next when it is full, and
                 # that would be an event loop's pwrite (a stall for every session of the worker).
-                await asyncio.get_running_loop().run_in_executor(BULK_POOL, os.fdatasync, dst.fd)
+                await run_bulk(os.fdatasync, dst.fd)
             if len(data) < want:
                 break
         return copied

@@ -396,3 +396,44 @@ def test_a_path_that_does_not_resolve_is_judged_where_the_walk_stopped(make_sess
     assert s._where("drop/sub/x/y") == ("/drop/sub", "/drop/sub/x")
     assert s._where("drop/f/") == ("/drop", "/drop/f")
     assert s._where("/") == ("/", "/")
+
+
+@in_loop
+async def test_bulk_writes_are_charged_like_writes_and_refused_whole(store, make_session) -> None:
+    """copy-data's writes (`write_bulk`: the pwrite on a bulk thread) keep the ledger exact."""
+    s = make_session()
+    f = await s.open("a", os.O_WRONLY | os.O_CREAT)
+    assert await s.write_bulk(f, 0, b"x" * (40 * KiB)) == 40 * KiB
+    assert await s.write_bulk(f, 0, b"z" * (40 * KiB)) == 40 * KiB      # an overwrite grows nothing
+    with pytest.raises(QuotaExceeded):
+        await s.write_bulk(f, 40 * KiB, b"y" * (24 * KiB + 1))
+    assert f.failed is not None and f.quota
+    assert os.fstat(f.fd).st_size == 40 * KiB                            # nothing of the refused chunk landed
+    await s.write_bulk(f, 40 * KiB, b"y" * (24 * KiB))                  # exactly to the quota
+    s.close_file(f)
+    g = await s.open("a", os.O_WRONLY, append=True)
+    with pytest.raises(QuotaExceeded):
+        await s.write_bulk(g, 0, b"!")                                   # append: at the end, past the quota
+    s.close_file(g)
+    await in_step(store, s)
+    assert await charged(store, s) == 64 * KiB
+    with open(os.path.join(s.jail._root_host, "a"), "rb") as fh:
+        assert fh.read() == b"z" * (40 * KiB) + b"y" * (24 * KiB)
+
+
+def test_a_bulk_write_whose_growth_outgrew_its_charge_writes_nothing(tmp_path: Path) -> None:
+    """Another process may grow the file between the loop's charge and the thread's lock: the
+    thread then reports the growth it still needs instead of writing past the charge."""
+    from sshfiles.session import _locked_pwrite
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"a" * 100, 0)
+        assert _locked_pwrite(fd, 50, False, b"b" * 100, 0) == 50         # 50 bytes of growth, none charged
+        assert _locked_pwrite(fd, 0, True, b"b" * 10, 9) == 1             # append: all 10 bytes are growth
+        assert os.fstat(fd).st_size == 100
+        assert _locked_pwrite(fd, 50, False, b"b" * 100, 50) == (50, None)
+        assert _locked_pwrite(fd, 0, True, b"c" * 10, 10) == (10, None)
+        assert os.pread(fd, 200, 0) == b"a" * 50 + b"b" * 100 + b"c" * 10
+    finally:
+        os.close(fd)
