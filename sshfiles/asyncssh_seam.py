@@ -121,6 +121,18 @@ Each item says which upstream behaviour it changes and whether the change belong
       tests/test_speedups.py checks it packet by packet against asyncssh's and with the stock
       OpenSSH client (``sftp -c aes128-gcm@openssh.com``). Belongs upstream: yes.
 
+   k. chacha20-poly1305 packets sealed and opened in one call each, in compiled code
+      (``sshfiles/_chachapoly.c``, built by pip from ``setup.py`` when a C compiler is there; optional:
+      without it item 3d's Python path runs). Item 3d still builds three ChaCha20 contexts and a
+      Poly1305 object through ``cryptography`` per packet, about 14 us of calls around 20 us of
+      cipher work per 32 KiB, and a stock OpenSSH client's packets are all 32 KiB or less. The helper
+      keeps both keys set up per connection and calls OpenSSL's own ChaCha20 and Poly1305 (the
+      system's libcrypto.so.3, found at import: no cipher code of ours, no OpenSSL headers needed to
+      build). ``CompiledChachaCipher`` has ``FastChachaCipher``'s interface, so items 3e, 3f and 3i
+      work on it unchanged; tests/test_speedups.py checks it byte for byte against asyncssh's
+      construction and with the stock OpenSSH client, and runs the same transfers without it.
+      Belongs upstream: as a faster backend for asyncssh's ``ChachaCipher``.
+
    ``install_speedups()`` patches classes, so it affects every connection in the process: only the
    server and the ``sshfiles-cli`` command call it (each a process of one role), never the client
    library. ``SSHFILES_NO_SPEEDUPS=1`` (any value) turns all of
@@ -380,16 +392,59 @@ class FastChachaCipher:
         return b"".join([ctx.update(part) for part in parts])
 
 
+try:  # item 3k: the compiled packet crypto, if pip could build it (setup.py; it is optional)
+    from sshfiles import _chachapoly
+except ImportError:
+    _chachapoly = None  # type: ignore[assignment]
+#: Item 3k in use (set by ``install_speedups``): new chacha20 connections get ``CompiledChachaCipher``.
+_compiled_chacha = False
+
+
+def compiled_chacha_built() -> bool:
+    """Whether pip built item 3k's helper here (the server says so at start when it did not)."""
+    return _chachapoly is not None
+
+
+class CompiledChachaCipher:
+    """``FastChachaCipher``'s interface on the compiled helper ``sshfiles._chachapoly`` (item 3k).
+
+    One call into OpenSSL per packet, both ChaCha20 keys set up once per connection, instead of
+    three ChaCha20 contexts and a Poly1305 object per packet: a 32 KiB packet opens in about 10 us
+    instead of 17 and seals in 8 instead of 15, a length decrypts in 0.3 us instead of 2
+    (microbenchmark). The helper returns a sealed packet whole (length, payload and tag written once),
+    which item 3f hands to the socket as one piece."""
+
+    def __init__(self, key: bytes) -> None:
+        self._c = _chachapoly.ChachaPoly(key)
+
+    def encrypt_and_sign(self, header: bytes, data: bytes, nonce: bytes) -> tuple[bytes, bytes]:
+        packet = self._c.seal(header, (data,), int.from_bytes(nonce, "big"))
+        return packet[:-16], packet[-16:]
+
+    def encrypt_and_sign_parts(self, header: bytes, parts: list[bytes], nonce: bytes) -> list[bytes]:
+        return [self._c.seal(header, parts, int.from_bytes(nonce, "big"))]
+
+    def decrypt_header(self, header: bytes, nonce: bytes) -> bytes:
+        return self._c.decrypt_length(header, int.from_bytes(nonce, "big"))
+
+    def verify_and_decrypt(self, header: bytes, data: bytes, nonce: bytes, tag: bytes) -> bytes | None:
+        return self._c.open(header, (data,), int.from_bytes(nonce, "big"), tag)
+
+    def verify_and_decrypt_parts(self, header: bytes, parts: tuple[bytes, ...], nonce: bytes,
+                                 tag: bytes) -> bytes | None:
+        return self._c.open(header, parts, int.from_bytes(nonce, "big"), tag)
+
+
 class FastChachaEncryption(_encryption.ChachaEncryption):
     """asyncssh's chacha20 packet shim on ``FastChachaCipher``, minus a concatenation of every
     received packet (item 3d)."""
 
-    _cipher: FastChachaCipher  # type: ignore[assignment]
+    _cipher: FastChachaCipher | CompiledChachaCipher  # type: ignore[assignment]
 
     @classmethod
     def new(cls, cipher_name: str, key: bytes, iv: bytes, mac_alg: bytes = b"",
             mac_key: bytes = b"", etm: bool = False) -> FastChachaEncryption:
-        return cls(FastChachaCipher(key))  # type: ignore[arg-type]
+        return cls(CompiledChachaCipher(key) if _compiled_chacha else FastChachaCipher(key))  # type: ignore[arg-type]
 
     def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
                        mac: bytes) -> bytes | None:
@@ -674,7 +729,7 @@ def _data_received_per_packet(self: SSHConnection, data: bytes, datatype: Any = 
 
 
 #: the items ``install_speedups`` applies; ``SSHFILES_NO_SPEEDUPS`` names ones to leave out
-SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i", "3j")
+SPEEDUP_ITEMS = ("3a", "3b", "3c", "3d", "3e", "3f", "3g", "3h", "3i", "3j", "3k")
 
 
 def speedups_disabled(env_value: str | None) -> frozenset[str]:
@@ -695,7 +750,7 @@ def install_speedups_from_env(env_value: str | None) -> None:
 
 
 def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
-    """Apply items 3a-3j but ``disabled`` to asyncssh in this process (idempotent). It patches
+    """Apply items 3a-3k but ``disabled`` to asyncssh in this process (idempotent). It patches
     classes, so only a process of one role calls it: the server, or the ``sshfiles-cli`` command
     (never the client library, which may run inside someone else's program)."""
     if "3d" not in disabled:
@@ -712,6 +767,8 @@ def install_speedups(disabled: frozenset[str] = frozenset()) -> None:
     if "3e" not in disabled:
         SSHConnection.data_received = _data_received_per_packet  # type: ignore[method-assign]
     global _previous_send_packet, _delay_flush_during_bulk_input, _zero_copy_requests, _channel_data_views
+    global _compiled_chacha
+    _compiled_chacha = _chachapoly is not None and not {"3d", "3k"} & disabled
     _zero_copy_requests = "3h" not in disabled
     _channel_data_views = not {"3d", "3i"} & disabled
     _delay_flush_during_bulk_input = not {"3b", "3e", "3g"} & disabled

@@ -39,7 +39,7 @@ import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
 from . import audit, hashing, metrics, passwords
-from .asyncssh_seam import ChannelSessionBase, install_speedups_from_env, run_scp
+from .asyncssh_seam import ChannelSessionBase, compiled_chacha_built, install_speedups_from_env, run_scp
 from .atomic import cleanup_homes
 from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
@@ -1089,6 +1089,9 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
     install_speedups_from_env(os.environ.get("SSHFILES_NO_SPEEDUPS"))  # a benchmark lever
+    if not compiled_chacha_built():
+        log.warning("chacha20-poly1305 (what OpenSSH clients use) runs on the slower Python path: the "
+                    "compiled helper sshfiles._chachapoly was not built (pip needs a C compiler for it)")
     _apply_limits(config)
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)

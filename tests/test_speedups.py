@@ -165,14 +165,15 @@ def test_speedup_switch_names_items_or_all():
     assert speedups_disabled("3e,bogus") == frozenset(SPEEDUP_ITEMS)  # unknown: everything off
 
 
-@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "3i", "3j", "1"],
-                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "no-3i", "no-3j", "pure-asyncssh"])
+@pytest.mark.parametrize("switch", ["", "3e", "3f", "3g", "3h", "3i", "3j", "3k", "1"],
+                         ids=["all-on", "no-3e", "no-3f", "no-3g", "no-3h", "no-3i", "no-3j", "no-3k", "pure-asyncssh"])
 def test_transfers_are_byte_identical_with_each_speedup_setting(switch, tmp_path, host_keys_dir, monkeypatch):
     """Stock OpenSSH sftp (32 KiB packets, chacha20-poly1305, and aes128-gcm for item 3j) and asyncssh's
     client (256 KiB packets, its default cipher and aes256-gcm) up and down, with all speed-ups,
     without the packet-sized input (3e) or the unjoined send path (3f), without the batched replies
     (3g), without the zero-copy SFTP requests (3h) or the channel data views (3i), without the GCM
-    shim (3j), and with none (the pure asyncssh path stays covered); odd sizes so packets end mid-read."""
+    shim (3j), without the compiled chacha20-poly1305 (3k: item 3d's Python path), and with none (the
+    pure asyncssh path stays covered); odd sizes so packets end mid-read."""
     import asyncio
     import hashlib
     import shutil
@@ -393,3 +394,49 @@ def test_channel_data_views_decrypt_to_the_same_bytes(monkeypatch, pkttype, size
     tampered = mac[:-1] + bytes((mac[-1] ^ 1,))
     assert seam.FastChachaEncryption.new("chacha20-poly1305@openssh.com", key, b"").decrypt_packet(
         seq, first, rest, 4, tampered) is None
+
+
+def test_compiled_chacha_is_built_where_a_compiler_is():
+    """Item 3k is optional (no compiler: item 3d's Python path), but a machine with a C compiler must
+    have built it: a silent build failure would otherwise leave every chacha20 packet on the slow path."""
+    import shutil
+
+    from sshfiles import asyncssh_seam as seam
+
+    if seam._chachapoly is None:
+        assert not (shutil.which("cc") or shutil.which("gcc")), (
+            "a C compiler is installed but sshfiles._chachapoly was not built: pip install -e . (setup.py)")
+        pytest.skip("no C compiler: the compiled helper is not built here")
+
+
+@pytest.mark.parametrize("size", [0, 1, 13, 100, 4096, 32768 + 100, 262144 + 16])
+def test_compiled_chacha_same_bytes_as_asyncssh(size):
+    """Item 3k: every packet sealed by the compiled helper is asyncssh's (OpenSSH's) construction
+    byte for byte, whole or in parts, for sequence numbers up to the 32-bit wrap and past it; it
+    opens asyncssh's packets and refuses a wrong tag, a changed length or a changed byte."""
+    from sshfiles import asyncssh_seam as seam
+
+    if seam._chachapoly is None:
+        pytest.skip("the compiled helper is not built here (see the test above)")
+    key = os.urandom(64)
+    ref, ours = ChachaCipher(key), seam.CompiledChachaCipher(key)
+    data = os.urandom(size)
+    header = len(data).to_bytes(4, "big")
+    cut = size // 3
+    for seq in (0, 1, 2**32 - 1, 2**32, 2**64 - 1):
+        nonce = seq.to_bytes(8, "big")
+        packet, tag = ref.encrypt_and_sign(header, data, nonce)
+        assert ours.encrypt_and_sign_parts(header, [data[:cut], data[cut:]], nonce) == [packet + tag]
+        assert ours.encrypt_and_sign(header, data, nonce) == (packet, tag)
+        assert ours.decrypt_header(packet[:4], nonce) == header
+        assert ours.verify_and_decrypt_parts(packet[:4], (packet[4:4 + cut], memoryview(packet)[4 + cut:]),
+                                             nonce, tag) == data
+        assert ours.verify_and_decrypt(packet[:4], packet[4:], nonce, tag) == data
+        assert ours.verify_and_decrypt(packet[:4], packet[4:], nonce, tag[:-1] + bytes((tag[-1] ^ 1,))) is None
+        assert ours.verify_and_decrypt(bytes((packet[0] ^ 1,)) + packet[1:4], packet[4:], nonce, tag) is None
+        if size:
+            flipped = bytes((packet[4] ^ 0x80,)) + packet[5:]
+            assert ours.verify_and_decrypt(packet[:4], flipped, nonce, tag) is None
+        assert ref.verify_and_decrypt(packet[:4], packet[4:], nonce, tag) == data
+    with pytest.raises(ValueError):
+        seam.CompiledChachaCipher(key[:32])
