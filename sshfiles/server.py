@@ -25,6 +25,7 @@ import gc
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -1387,6 +1388,10 @@ def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: R
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)  # the supervisor's pipe (asyncio sets its own)
+        for fd in _supervisor_wake_fds:
+            os.close(fd)
         # A SIGHUP before _serve installs its handler (a worker just started) is kept, not lost.
         signal.signal(signal.SIGHUP, lambda _signum, _frame: _early_hangups.append(1))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -1421,6 +1426,28 @@ def _reconcile(config: ServeConfig) -> list[str]:
         return reconcile_dead_owners(store)
     finally:
         store.close()
+
+
+#: The supervisor's signal wake-up pipe (read end, write end): a forked worker closes both.
+_supervisor_wake_fds: list[int] = []
+
+
+def _reap(wake: int, timeout: float | None) -> tuple[int, int]:
+    """The next ended child as (pid, status), or (0, 0) once a signal has come or `timeout` passed.
+
+    Not a blocking `os.wait()`: a stop signal that lands after the interpreter's last check for
+    signals and before the wait begins has its handler run only when the wait returns, that is when
+    some worker happens to end (seen: a SIGTERM right after READY=1 ignored until the next one,
+    2 runs in 30). The signal's byte in the wake-up pipe makes the select return at once instead.
+    Raises ChildProcessError when there is no child at all.
+    """
+    pid, status = os.waitpid(-1, os.WNOHANG)
+    if pid:
+        return pid, status
+    select.select([wake], [], [], timeout)
+    with contextlib.suppress(BlockingIOError):
+        os.read(wake, 4096)
+    return 0, 0
 
 
 def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader | None = None) -> None:
@@ -1489,6 +1516,12 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGHUP)
 
+    # Every signal with a handler also writes a byte to this pipe (SIGCHLD gets a handler for that
+    # alone), so _reap's select wakes for it even when it came just before the select began.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _supervisor_wake_fds[:] = [wake_r, wake_w]
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -1510,19 +1543,15 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
         now = time.monotonic()
         while respawn_at and respawn_at[0][0] <= now:
             _spawn(respawn_at.pop(0)[1])
-        if respawn_at:  # a replacement is due later: poll, so a stop signal is not held up
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = 0, 0
-            if pid == 0:
-                time.sleep(0.1)
-                continue
-        else:
-            try:
-                pid, status = os.wait()  # a signal runs _on_signal and the wait resumes (PEP 475)
-            except ChildProcessError:
+        try:
+            # until a child ends, a signal comes, or a replacement is due
+            pid, status = _reap(wake_r, max(0.0, respawn_at[0][0] - now) if respawn_at else None)
+        except ChildProcessError:
+            if not respawn_at:
                 break
+            pid, status = 0, 0
+        if pid == 0:
+            continue
         child = children.pop(pid, None)
         if child is None:
             continue
