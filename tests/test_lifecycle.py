@@ -642,6 +642,12 @@ def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path,
                     server.proc.send_signal(signal.SIGTERM)
                 took = await ended_within(isftp, 5)  # the idle session goes at once
                 await assert_closed(iconn)
+                # The idle session may have been another worker's: wait until every worker has
+                # begun to stop (each logs it) before asking the uploader's for a new channel.
+                for _ in range(50):
+                    if server.log().count("transfers in progress may finish") >= workers:
+                        break
+                    await asyncio.sleep(0.1)
                 with pytest.raises(ENDED):  # no new channel during the grace
                     await uconn.start_sftp_client()
                 return await upload, took
