@@ -149,6 +149,31 @@ static PyObject *fail(void) {
     return NULL;
 }
 
+/* The buffers of `parts` (a sequence of bytes-like objects) in `*views` (PyMem), `*got` of them
+ * acquired, their total length in `*total`; 0, or -1 with an exception set. Release with
+ * release_parts(*views, *got) in every case. */
+static int get_parts(PyObject *seqobj, Py_buffer **views, Py_ssize_t *got, Py_ssize_t *total) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seqobj);
+    *got = *total = 0;
+    *views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    if (!*views) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (; *got < n; (*got)++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seqobj, *got), &(*views)[*got], PyBUF_SIMPLE))
+            return -1;
+        *total += (*views)[*got].len;
+    }
+    return 0;
+}
+
+static void release_parts(Py_buffer *views, Py_ssize_t got) {
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+}
+
 /* decrypt_length(encrypted_length: 4 bytes, seq) -> the plain 4 bytes */
 static PyObject *ChachaPoly_decrypt_length(ChachaPoly *self, PyObject *args) {
     Py_buffer enc;
@@ -186,17 +211,9 @@ static PyObject *ChachaPoly_open(ChachaPoly *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "a 4-byte length and a 16-byte tag");
         goto done;
     }
-    n = PySequence_Fast_GET_SIZE(seqobj);
-    views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    if (!views) {
-        PyErr_NoMemory();
+    if (get_parts(seqobj, &views, &got, &total))
         goto done;
-    }
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seqobj, got), &views[got], PyBUF_SIMPLE))
-            goto done;
-        total += views[got].len;
-    }
+    n = got;
     if (start_packet(self, seq, polykey) || p_EVP_MAC_update(self->mac, enc.buf, 4) != 1) {
         fail();
         goto done;
@@ -227,9 +244,7 @@ static PyObject *ChachaPoly_open(ChachaPoly *self, PyObject *args) {
         out += views[i].len;
     }
 done:
-    for (Py_ssize_t i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
+    release_parts(views, got);
     Py_XDECREF(seqobj);
     PyBuffer_Release(&enc);
     PyBuffer_Release(&tag);
@@ -255,17 +270,9 @@ static PyObject *ChachaPoly_seal(ChachaPoly *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the length is 4 bytes");
         goto done;
     }
-    n = PySequence_Fast_GET_SIZE(seqobj);
-    views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    if (!views) {
-        PyErr_NoMemory();
+    if (get_parts(seqobj, &views, &got, &total))
         goto done;
-    }
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seqobj, got), &views[got], PyBUF_SIMPLE))
-            goto done;
-        total += views[got].len;
-    }
+    n = got;
     result = PyBytes_FromStringAndSize(NULL, 4 + total + 16);
     if (!result)
         goto done;
@@ -285,9 +292,7 @@ failed:
     Py_CLEAR(result);
     fail();
 done:
-    for (Py_ssize_t i = 0; i < got; i++)
-        PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
+    release_parts(views, got);
     Py_XDECREF(seqobj);
     PyBuffer_Release(&len4);
     return result;
@@ -316,7 +321,8 @@ static PyTypeObject ChachaPolyType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "sshfiles._chachapoly",
-    "chacha20-poly1305@openssh.com packets in one OpenSSL call each (asyncssh_seam item 3k).", -1, NULL};
+    "chacha20-poly1305@openssh.com packets in one OpenSSL call each (asyncssh_seam item 3k).", -1,
+    NULL, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__chachapoly(void) {
     if (load_libcrypto())
