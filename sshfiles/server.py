@@ -1439,9 +1439,15 @@ def _reap(wake: int, timeout: float | None) -> tuple[int, int]:
     signals and before the wait begins has its handler run only when the wait returns, that is when
     some worker happens to end (seen: a SIGTERM right after READY=1 ignored until the next one,
     2 runs in 30). The signal's byte in the wake-up pipe makes the select return at once instead.
-    Raises ChildProcessError when there is no child at all.
+    Raises ChildProcessError when there is no child and nothing to wait for (`timeout` None); with
+    a timeout (a replacement is due), it waits for that or a signal.
     """
-    pid, status = os.waitpid(-1, os.WNOHANG)
+    try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        if timeout is None:
+            raise
+        pid, status = 0, 0
     if pid:
         return pid, status
     select.select([wake], [], [], timeout)
@@ -1547,9 +1553,7 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
             # until a child ends, a signal comes, or a replacement is due
             pid, status = _reap(wake_r, max(0.0, respawn_at[0][0] - now) if respawn_at else None)
         except ChildProcessError:
-            if not respawn_at:
-                break
-            pid, status = 0, 0
+            break
         if pid == 0:
             continue
         child = children.pop(pid, None)
