@@ -128,8 +128,8 @@ def set_handle_limits(per_session: int, per_user: int) -> None:
     HANDLE_LIMITS.per_user = per_user or MAX_HANDLES_PER_USER
     HANDLE_LIMITS.per_session = min(per_session or MAX_HANDLES_PER_SESSION, HANDLE_LIMITS.per_user)
 
-#: copy-data is done in chunks of this size: each chunk's read runs in a thread, its write (charge +
-#: pwrite under the file's size lock) on the loop, between chunks other sessions' requests run.
+#: copy-data is done in chunks of this size: each chunk is read and written on a bulk thread (the
+#: growth charged on the loop first, see `UserSession.write_bulk`); other sessions' requests run meanwhile.
 COPY_CHUNK = 1024 * 1024
 #: ... and every this many bytes, its output is written back to the disk off the loop (copy_data).
 COPY_FLUSH = 32 * COPY_CHUNK
@@ -1083,8 +1083,7 @@ class UserSession:
         try:
             for _ in range(8):
                 if need > 0:
-                    if not self.ledger.take(need):
-                        await self.ledger.charge(need)
+                    await self.ledger.charge(need)  # from the in-memory pool when it can (`take`)
                     held += need
                 outcome = await run_bulk(_locked_pwrite, fd, offset, append, data, held)
                 if isinstance(outcome, int):
