@@ -22,10 +22,12 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from .defence import parse_cidrs
+from .worker_balance import Listener, WorkerLoad, readable
 
 __all__ = ["MAX_HEADER", "V2_SIGNATURE", "ProxyError", "ProxyHeader", "ProxyListener", "looks_like_proxy_header",
            "parse_proxy_header"]
@@ -152,14 +154,13 @@ class ProxyListener:
     """
 
     def __init__(self, sock: socket.socket, balancers: str,
-                 on_connection: Callable[[socket.socket, Address], Awaitable[None]],
-                 on_refused: Callable[[Address, str], None]) -> None:
-        self._sock = sock
+                 on_connection: Callable[[socket.socket, Address], Coroutine[Any, Any, None]],
+                 on_refused: Callable[[Address, str], None], load: WorkerLoad | None = None) -> None:
         self._balancers = parse_cidrs(balancers)
         self._on_connection = on_connection
         self._on_refused = on_refused
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+        # `load`: the socket is shared by workers (worker_balance.py)
+        self._listener = Listener(sock, self._admit, load)
 
     def is_balancer(self, host: str) -> bool:
         try:
@@ -170,21 +171,8 @@ class ProxyListener:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self._balancers)
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, peer = await loop.sock_accept(self._sock)
-            except OSError as exc:  # EMFILE and friends: back off rather than spin
-                log.warning("accept failed: %s", exc.strerror or exc)
-                await asyncio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            task = loop.create_task(self._admit(conn, (str(peer[0]), int(peer[1]))))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _admit(self, conn: socket.socket, peer: Address) -> None:
+    async def _admit(self, conn: socket.socket, accepted_from: Any) -> None:
+        peer: Address = (str(accepted_from[0]), int(accepted_from[1]))
         try:
             if self.is_balancer(peer[0]):
                 try:
@@ -207,7 +195,7 @@ class ProxyListener:
                 # first bytes are here within moments: a forged header is refused before asyncssh
                 # sees it. A client that waits for the server's line first costs only FIRST_BYTES_WAIT.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_readable(conn), FIRST_BYTES_WAIT)
+                    await asyncio.wait_for(readable(conn), FIRST_BYTES_WAIT)
                 try:
                     first = conn.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
@@ -233,7 +221,7 @@ class ProxyListener:
         """Peek until a whole header is there, then consume exactly it (the SSH bytes after it
         stay in the socket for asyncssh)."""
         while True:
-            await _readable(conn)
+            await readable(conn)
             data = conn.recv(MAX_HEADER, socket.MSG_PEEK)
             if not data:
                 raise _ClosedEmpty("connection closed before the header")
@@ -248,13 +236,12 @@ class ProxyListener:
             await asyncio.sleep(0.02)  # a header split over segments: the rest is in flight
 
     def close(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._tasks):  # connections still in their header: never handed on
+        self._listener.close()
+        for task in list(self._listener.tasks):  # connections still in their header: never handed on
             task.cancel()
 
     async def wait_closed(self) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._accepting
+        await self._listener.wait_closed()
 
 
 
@@ -262,26 +249,10 @@ async def _closes_silently(conn: socket.socket) -> bool:
     """Whether the peer closes (or resets) without a byte within FIRST_BYTES_WAIT; an SSH client
     would have sent its version line by then (RFC 4253 4.2)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(_readable(conn), FIRST_BYTES_WAIT)
+        await asyncio.wait_for(readable(conn), FIRST_BYTES_WAIT)
     try:
         return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except OSError:  # reset
         return True
-
-
-async def _readable(conn: socket.socket) -> None:
-    """Until `conn` has bytes to read (or its peer closed it)."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(conn.fileno(), _wake, ready)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(conn.fileno())
-
-
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)

@@ -68,6 +68,7 @@ from .stores import (
 )
 from .stores.worker import StoreWorker
 from .units import format_size
+from .worker_balance import ABSENT, Listener, LoadTable, WorkerLoad
 
 __all__ = ["SshfilesService", "configure_logging", "ensure_host_keys", "run_server"]
 
@@ -171,6 +172,7 @@ class SshfilesService:
                                         getattr(self.store, "busy_timeout", 30.0))
         self.quotas = QuotaManager(self.store_worker, self.owner)
         self.connections: set[_ConnectionHandler] = set()  # every live connection, authenticated or not
+        self.load: WorkerLoad | None = None  # a worker's slot in the table the workers balance by
         self.sessions: set[UserSession] = set()     # channels whose cleanup has not finished
         self.stopping = False                       # set by SIGTERM/SIGINT: no new channels
         # The watcher's own store connection, used only from its thread (one query at a time):
@@ -193,6 +195,17 @@ class SshfilesService:
         # One pool per process (a worker builds its own after the fork): hooks run in its threads.
         self.hooks = HookRunner({"upload": config.on_upload, "download": config.on_download,
                                  "delete": config.on_delete, "rename": config.on_rename}, config.hook_timeout)
+
+    def track(self, conn: _ConnectionHandler) -> None:
+        """A connection began: counted, and the count shown to the other workers (worker_balance.py)."""
+        self.connections.add(conn)
+        if self.load is not None:
+            self.load.holding(len(self.connections))
+
+    def untrack(self, conn: _ConnectionHandler) -> None:
+        self.connections.discard(conn)
+        if self.load is not None:
+            self.load.holding(len(self.connections))
 
     def _load_bans(self) -> None:
         try:
@@ -656,7 +669,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         peer = self._proxied or conn.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.source = source_key(str(peer[0]))
-        self.service.connections.add(self)
+        self.service.track(self)
         log.debug("connection from %s conn=%s", self.peer, self.cid)
         if self.service.stopping:  # accepted just before the listener closed
             self.end("server stopping")
@@ -704,7 +717,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
         sftp = {h.server.session for h in self.handlers if isinstance(h.server, JailedSFTPServer)}
         for session in self.sessions - sftp:
             session.interrupted = True
-        self.service.connections.discard(self)
+        self.service.untrack(self)
         if self.account is not None:
             metrics.session_ended()
             audit.event("logout", self)
@@ -1047,24 +1060,37 @@ def _apply_limits(config: ServeConfig) -> None:
     SshfilesSFTPHandler.reply_buffer_limit = config.reply_buffer_limit
 
 
-class _ProxyAcceptor:
-    """The listener when balancers send PROXY headers (``--proxy-protocol-from``).
+class _SocketAcceptor:
+    """The listener when asyncssh's own (``asyncssh.listen``) will not do: balancers send PROXY
+    headers (``--proxy-protocol-from``), or the socket is shared by workers that balance their
+    load (worker_balance.py).
 
-    proxy_protocol.ProxyListener accepts and reads the header from the raw socket; each
-    connection then runs asyncssh's public ``run_server`` on the socket, with a handler
-    that sees the client's real address, so admission, bans and logs use it.
+    proxy_protocol.ProxyListener (PROXY headers) or worker_balance.Listener accepts from the raw
+    socket; each connection then runs asyncssh's public ``run_server`` on it, with a handler that
+    sees the client's real address, so admission, bans and logs use it.
     """
 
     def __init__(self, options: asyncssh.SSHServerConnectionOptions, service: SshfilesService,
-                 sock: socket.socket) -> None:
+                 sock: socket.socket, load: WorkerLoad | None) -> None:
         self._options = options
         self._service = service
-        self._listener = ProxyListener(sock, service.config.proxy_protocol_from, self._run, self._refused)
+        self._load = load
+        self._listener: ProxyListener | Listener
+        if service.config.proxy_protocol_from:
+            self._listener = ProxyListener(sock, service.config.proxy_protocol_from, self._run, self._refused, load)
+        else:
+            self._listener = Listener(sock, self._run, load)
 
-    async def _run(self, sock: socket.socket, source: tuple[str, int]) -> None:
+    async def _run(self, sock: socket.socket, source: Any) -> None:
+        proxied = (str(source[0]), int(source[1])) if self._service.config.proxy_protocol_from else None
+
+        def handler() -> _ConnectionHandler:
+            if self._load is not None:  # from now on the service counts it
+                self._load.handed(sock)
+            return _ConnectionHandler(self._service, proxied)
+
         try:
-            await asyncssh.run_server(sock, options=self._options,
-                                      server_factory=lambda: _ConnectionHandler(self._service, source))
+            await asyncssh.run_server(sock, options=self._options, server_factory=handler)
         except Exception:  # handshake or authentication failed: _ConnectionHandler logged and scored it
             sock.close()
 
@@ -1084,9 +1110,11 @@ class _ProxyAcceptor:
 
 
 async def start_server(config: ServeConfig, service: SshfilesService | None = None,
-                       sock: socket.socket | None = None) -> tuple[asyncssh.SSHAcceptor | _ProxyAcceptor,
-                                                                    SshfilesService]:
-    """Start listening (on `sock` if given, e.g. a socket shared by workers)."""
+                       sock: socket.socket | None = None,
+                       load: WorkerLoad | None = None) -> tuple[asyncssh.SSHAcceptor | _SocketAcceptor,
+                                                                SshfilesService]:
+    """Start listening (on `sock` if given; `load`: the socket is shared by workers that balance
+    their connections, worker_balance.py)."""
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
     install_speedups_from_env(os.environ.get("SSHFILES_NO_SPEEDUPS"))  # a benchmark lever
@@ -1097,9 +1125,10 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     service = service or SshfilesService(config)
     host_keys = ensure_host_keys(config.keys_dir)
     opts = _server_options(config, host_keys)
-    if config.proxy_protocol_from:
-        return _ProxyAcceptor(await asyncssh.SSHServerConnectionOptions.construct(**opts), service,
-                              sock if sock is not None else _listening_socket(config)), service
+    if config.proxy_protocol_from or load is not None:
+        service.load = load
+        return _SocketAcceptor(await asyncssh.SSHServerConnectionOptions.construct(**opts), service,
+                               sock if sock is not None else _listening_socket(config), load), service
     if sock is not None:
         acceptor = await asyncssh.listen(sock=sock, server_factory=lambda: _ConnectionHandler(service), **opts)
     else:
@@ -1114,53 +1143,25 @@ def configure_logging(config: ServeConfig | None = None) -> None:
     audit.configure(config.log_format if config else "text", config.log_file if config else "")
 
 
-def _listening_socket(config: ServeConfig, port: int | None = None, share: str = "") -> socket.socket:
-    """A listening socket on config.host and `port` (config.port if None). `share`: "" alone;
-    "first" opens a group of sockets on one port (SO_REUSEPORT set after an ordinary bind, so a port
-    some other server already listens on is refused as always, and port 0 picks a port of its
-    own); "join" joins that group (`_listening_sockets`)."""
-    infos = socket.getaddrinfo(config.host, config.port if port is None else port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
+def _listening_socket(config: ServeConfig) -> socket.socket:
+    """The listening socket on config.host and config.port, bound in the parent before any worker
+    exists (a privileged port is bound once). With ``--workers N`` every worker accepts from it
+    (worker_balance.py says how they share the connections): it outlives any worker, so what waits
+    in its backlog when a worker dies is taken by the others, not lost."""
+    infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, addr = infos[0]
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if share == "join":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
-        if share == "first":  # before listen(): the kernel forms the group when the socket listens
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.listen(512)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-def _listening_sockets(config: ServeConfig, count: int) -> list[socket.socket]:
-    """One listening socket per worker, all on one port (SO_REUSEPORT), bound here in the parent.
-
-    Why one each: with a single shared socket, whichever worker wakes first accepts every connection
-    that arrived together, so a burst lands on one worker; with one socket per worker the kernel
-    hashes each connection's addresses and ports to a socket, spreading a burst evenly. Why the
-    parent binds them: a privileged port is bound once, before any worker exists, and a worker's
-    socket (with the connections waiting in its backlog) outlives the worker: its replacement
-    inherits it and accepts them, so no connection is lost when a worker is replaced.
-    """
-    first = _listening_socket(config, share="first")
-    socks = [first]
-    try:
-        port = first.getsockname()[1]
-        while len(socks) < count:
-            socks.append(_listening_socket(config, port=port, share="join"))
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
 
 
 HEALTH_STORE_TIMEOUT = 1.0  # /healthz: a store that cannot begin a write within this long is unhealthy
@@ -1231,7 +1232,7 @@ def _read_reload(reload: Reloader) -> tuple[ServeConfig, list[asyncssh.SSHKey]]:
     return config, ensure_host_keys(config.keys_dir)
 
 
-async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor | _ProxyAcceptor,
+async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor | _SocketAcceptor,
                   reload: Reloader | None,
                   host_keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKey]:
     """SIGHUP in a serving process: reload settings and host keys without touching live sessions.
@@ -1268,7 +1269,7 @@ async def _reload(service: SshfilesService, acceptor: asyncssh.SSHAcceptor | _Pr
     return new_keys
 
 
-async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
+async def _serve(config: ServeConfig, sock: socket.socket, worker: WorkerLoad | None = None,
                  reload: Reloader | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (`SshfilesService.shutdown`); a second signal cuts.
 
@@ -1277,10 +1278,10 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
     group (systemd's default) reaches a worker twice, from the sender and
     forwarded by the parent, and must not count as a second signal.
     """
-    acceptor, service = await start_server(config, sock=sock)
+    acceptor, service = await start_server(config, sock=sock, load=worker)
     if config.metrics_listen:
         metrics.enable()
-        if not worker:
+        if worker is None:
             try:
                 _start_metrics(config, sock, lambda: "stopping" if service.stopping else None)
             except RuntimeError:
@@ -1296,7 +1297,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
         name = signal.Signals(signum).name
         if not stop.is_set():
             log.info("%s: stopping", name)
-            if not worker:
+            if worker is None:
                 notify("STOPPING=1", f"STATUS=stopping: transfers may finish for {config.grace:g} s")
             stop.set()
             if signum != FORCE_SIGNAL:
@@ -1305,7 +1306,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
             log.info("%s: stopping now, cutting transfers", name)
             force.set()
 
-    for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker else (signal.SIGINT, signal.SIGTERM)):
+    for sig in ((signal.SIGTERM, FORCE_SIGNAL) if worker is not None else (signal.SIGINT, signal.SIGTERM)):
         loop.add_signal_handler(sig, _on_signal, sig)
     host_keys = ensure_host_keys(config.keys_dir)
     reloading: list[asyncio.Task[None]] = []
@@ -1326,7 +1327,7 @@ async def _serve(config: ServeConfig, sock: socket.socket, worker: bool = False,
     if _early_hangups:
         _early_hangups.clear()
         _on_hangup()
-    if not worker:
+    if worker is None:
         notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]}",
                f"MAINPID={os.getpid()}")
     watcher = asyncio.create_task(service.watch())
@@ -1375,16 +1376,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: Reloader | None = None,
-                others: list[socket.socket] | None = None) -> None:
-    """The body of a forked worker, serving on `sock` (its slot's); never returns.  A crash logs its
-    traceback and exits 1.  `others`: the sibling slots' sockets, closed here (only the parent keeps
-    them, for their replacements)."""
+def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, load: WorkerLoad,
+                reload: Reloader | None = None) -> None:
+    """The body of a forked worker, accepting from `sock` (shared by all workers) and publishing
+    its connections in `load`, its slot of the workers' table; never returns.  A crash logs its
+    traceback and exits 1."""
     code = 1
     try:
-        for other in others or ():
-            if other is not sock:
-                other.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which forwards SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -1397,7 +1395,7 @@ def _run_worker(config: ServeConfig, sock: socket.socket, parent: int, reload: R
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
         metrics.close_inherited_server()
-        asyncio.run(_serve(config, sock, worker=True, reload=reload))
+        asyncio.run(_serve(config, sock, worker=load, reload=reload))
         code = 0
     except BaseException:
         log.exception("worker %d crashed", os.getpid())
@@ -1456,11 +1454,12 @@ def _reap(wake: int, timeout: float | None) -> tuple[int, int]:
     return 0, 0
 
 
-def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader | None = None) -> None:
+def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None = None) -> None:
     """The parent of `--workers N`: fork, reap, log, reconcile, replace; forward stop signals.
 
-    Worker i serves `socks[i]` (its slot); a replacement takes the dead worker's slot, so it
-    accepts what waits in that socket's backlog.
+    Every worker accepts from `sock`; worker i publishes its load in slot i of a table shared with
+    the others (worker_balance.py), which the parent marks absent when the worker dies; a
+    replacement takes the dead worker's slot.
 
     It blocks in os.wait for any child and replaces a dead worker after a backoff
     that grows while workers die young, so one that crashes at start does not spin.
@@ -1476,6 +1475,7 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
     gc.collect()
     gc.freeze()
     children: dict[int, tuple[float, int]] = {}  # pid -> (start time (monotonic), slot)
+    table = LoadTable(config.workers)
     signals: list[int] = []
     respawn_at: list[tuple[float, int]] = []     # (due time, slot) of replacements not yet forked
     delay = 0.0
@@ -1487,7 +1487,7 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
         try:
             pid = os.fork()
             if pid == 0:
-                _run_worker(config, socks[slot], parent, reload, socks)
+                _run_worker(config, sock, parent, WorkerLoad(table, slot), reload)
             children[pid] = (time.monotonic(), slot)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -1533,13 +1533,13 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_hangup_parent)
     if config.metrics_listen:
-        _start_metrics(config, socks[0], lambda: None if children else "no worker running")
-    for slot in range(len(socks)):
+        _start_metrics(config, sock, lambda: None if children else "no worker running")
+    for slot in range(config.workers):
         _spawn(slot)
     if _early_hangups:  # a SIGHUP between the announcement and here (run_server) is answered now that
         _early_hangups.clear()  # the workers exist: each reloads (and logs) once it can (_run_worker)
         _on_hangup_parent(signal.SIGHUP, None)
-    notify("READY=1", f"STATUS=listening on {config.host} port {socks[0].getsockname()[1]} with {len(socks)} "
+    notify("READY=1", f"STATUS=listening on {config.host} port {sock.getsockname()[1]} with {config.workers} "
            "workers", f"MAINPID={parent}")
     while True:
         if signals:
@@ -1560,6 +1560,7 @@ def _supervise(config: ServeConfig, socks: list[socket.socket], reload: Reloader
         if child is None:
             continue
         started, slot = child
+        table.set(slot, ABSENT)  # the other workers stop leaving new connections to it
         metrics.mark_dead(pid)
         how = _describe_status(status)
         if signals:
@@ -1629,12 +1630,12 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print, rel
     # Anyone may send SIGHUP once the port is announced: kept until the serving code can answer it
     # (_serve, _supervise), instead of its default action, which would end the server.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: _early_hangups.append(1))
-    socks = [_listening_socket(config)] if config.workers == 1 else _listening_sockets(config, config.workers)
-    port = socks[0].getsockname()[1]
+    sock = _listening_socket(config)
+    port = sock.getsockname()[1]
     _event_loop_policy()
     if config.workers == 1:
         announce(f"sshfiles listening on {config.host} port {port}")
-        asyncio.run(_serve(config, socks[0], reload=reload))
+        asyncio.run(_serve(config, sock, reload=reload))
         announce("sshfiles stopped")
         return
     announce(f"sshfiles listening on {config.host} port {port} with {config.workers} workers")
@@ -1644,10 +1645,9 @@ def run_server(config: ServeConfig, announce: Callable[[str], None] = print, rel
         multiproc_dir = tempfile.mkdtemp(prefix="sshfiles-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     try:
-        _supervise(config, socks, reload)
+        _supervise(config, sock, reload)
     finally:
         if multiproc_dir is not None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
-        for sock in socks:
-            sock.close()
+        sock.close()
     announce("sshfiles stopped")

@@ -419,9 +419,9 @@ def test_killed_worker_is_logged_replaced_and_its_reservation_reconciled(workers
 
 def test_connections_arriving_together_are_spread_over_the_workers(tmp_path: Path, host_keys_dir: Path) -> None:
     """16 clients connecting at the same moment land on both workers, not all on whichever woke first
-    (each worker has its own SO_REUSEPORT socket: the kernel hashes each connection's addresses and
-    ports; all 16 on one of two workers has a chance of 2^-15). --max-startups is raised so that
-    no worker drops one of the 16 pending handshakes (its default starts dropping at 10)."""
+    (every worker accepts from the one shared socket, and a worker holding more connections than
+    another leaves the next one to it: worker_balance.py). --max-startups is raised so that no worker
+    drops one of the 16 pending handshakes (its default starts dropping at 10)."""
     server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
     server.start()
     try:
@@ -448,32 +448,100 @@ def _spread(server: ServerHandle) -> None:
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
 
-    async def scenario() -> set[int]:
+    async def scenario() -> list[int]:
         conns = await asyncio.gather(*(server.connect(user, sock=s) for s in socks))
         try:
-            return {login_pid(server, user, c) for c in conns}
+            return [login_pid(server, user, c) for c in conns]
         finally:
             for c in conns:
                 c.close()
 
     pids = run(scenario())
-    assert pids == workers, pids
+    assert set(pids) == workers, pids
+    # the hash of the earlier design (a socket per worker) gave one of two workers 12 or more of 16
+    # about once in 13 bursts; balancing by count leaves at most a few to the faster waker
+    assert max(pids.count(p) for p in workers) <= 11, pids
 
 
-def test_connections_waiting_for_a_dead_worker_are_served_by_its_replacement(tmp_path: Path,
-                                                                            host_keys_dir: Path) -> None:
-    """A worker's listening socket belongs to the parent: connections the kernel gave to a worker that
-    just died wait in that socket's backlog and its replacement accepts them; none is refused or reset.
-    (16 connections: the chance that none is hashed to the dead worker's socket is 2^-16.)"""
-    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
+def test_connections_one_after_another_alternate_between_the_workers(tmp_path: Path, host_keys_dir: Path) -> None:
+    """Clients that connect one after another and stay connected (a login, then the next) are shared
+    evenly: each new one goes to the worker holding fewer. A hash of addresses and ports (the
+    earlier design) split 16 such connections 8 to 8 only about once in 5 tries; uneven splits
+    left a core idle while the other worker ran at 100% (issue 14's 8-client uploads)."""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2"))
     server.start()
     try:
-        _served_by_replacement(server)
+        assert server.proc is not None
+        user = key_user(server, "steady")
+        workers = worker_pids(server.proc.pid)
+
+        async def scenario() -> list[int]:
+            conns: list[asyncssh.SSHClientConnection] = []
+            try:
+                for i in range(16):  # distinct sources: the per-source rate limit
+                    sock = socket.create_connection((server.host, server.port), 5,
+                                                    source_address=(f"127.0.0.{100 + i}", 0))
+                    conns.append(await server.connect(user, sock=sock))
+                    await asyncio.sleep(0.05)  # the login's own bookkeeping settles
+                return [login_pid(server, user, c) for c in conns]
+            finally:
+                for c in conns:
+                    c.close()
+
+        pids = run(scenario())
+        counts = sorted(pids.count(p) for p in workers)
+        assert counts == [8, 8], pids
     finally:
         server.stop()
 
 
-def _served_by_replacement(server: ServerHandle) -> None:
+def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path, host_keys_dir: Path) -> None:
+    """A worker that is alive but not running (stopped here; a stuck event loop looks the same from
+    outside) does not keep connections waiting: the other worker takes each one after worker_balance's
+    DEFER_MAX. With a listening socket per worker (the earlier design) about half of these waited in
+    the stopped worker's backlog until their login timed out."""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2"))
+    server.start()
+    stopped = None
+    try:
+        assert server.proc is not None
+        user = key_user(server, "unhindered")
+        workers = worker_pids(server.proc.pid)
+        stopped = min(workers)
+        os.kill(stopped, signal.SIGSTOP)
+
+        async def scenario() -> list[int]:
+            pids = []
+            for i in range(8):
+                sock = socket.create_connection((server.host, server.port), 5,
+                                                source_address=(f"127.0.0.{80 + i}", 0))
+                async with server.connect(user, sock=sock, login_timeout=10) as c:
+                    async with c.start_sftp_client() as sftp:
+                        await sftp.stat(".")
+                    pids.append(login_pid(server, user, c))
+            return pids
+
+        pids = run(scenario())
+        assert set(pids) == workers - {stopped}, pids
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        server.stop()
+
+
+def test_connections_arriving_while_a_worker_is_dead_are_served(tmp_path: Path, host_keys_dir: Path) -> None:
+    """The listening socket belongs to the parent and every worker accepts from it: connections that
+    arrive after a worker died and before its replacement exists are taken by the live worker; none
+    is refused, reset or left waiting for the replacement."""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "100"))
+    server.start()
+    try:
+        _served_despite_a_dead_worker(server)
+    finally:
+        server.stop()
+
+
+def _served_despite_a_dead_worker(server: ServerHandle) -> None:
     assert server.proc is not None
     parent = server.proc.pid
     user = key_user(server, "patient")
@@ -481,8 +549,8 @@ def _served_by_replacement(server: ServerHandle) -> None:
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
     wait_for_log(server, rf"worker {victim} killed by signal SIGKILL", 10)
-    # before the replacement is forked (a young worker's replacement waits a second): about half of
-    # these are hashed to the dead worker's socket (distinct sources: the per-source rate limit)
+    # before the replacement is forked (a young worker's replacement waits a second); distinct
+    # sources: the per-source rate limit
     socks = [socket.create_connection((server.host, server.port), 5, source_address=(f"127.0.0.{60 + i}", 0))
              for i in range(16)]
 
@@ -499,8 +567,11 @@ def _served_by_replacement(server: ServerHandle) -> None:
 
     served = run(scenario())
     assert victim not in served
-    assert served - first, "the replacement accepted none of the connections waiting for it"
-    assert served <= worker_pids(parent) and len(worker_pids(parent)) == 2
+    assert first - {victim} <= served, served  # the replacement may take some if it comes meanwhile
+    deadline = time.monotonic() + 15  # and the replacement comes as before
+    while len(worker_pids(parent)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(worker_pids(parent)) == 2
 
 
 def test_serve_without_workers_flag_runs_auto_workers_and_serves(tmp_path: Path, host_keys_dir: Path) -> None:
