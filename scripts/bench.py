@@ -124,6 +124,27 @@ def tree_cpu(root: int) -> float:
     return sum(table[p][1] for p in tree_pids(root, table)) / CLK_TCK
 
 
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU so far, from /proc/stat (idle and iowait are not busy)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks)
+
+
+def worker_cpu(root: int) -> dict[int, float]:
+    """CPU seconds per worker of the ``--workers N`` server under root (the reaper, then the
+    supervisor: the first process down the tree with more than one child); {} for one process."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    node = root
+    while len(children.get(node, [])) == 1:
+        node = children[node][0]
+    return {pid: sum(table[p][1] for p in tree_pids(pid, table)) / CLK_TCK for pid in children.get(node, [])}
+
+
 def tree_mem(root: int) -> dict:
     pss = rss = n = 0
     for pid in tree_pids(root):
@@ -742,6 +763,11 @@ class Bench:
                 log(f"concurrent: {n} sftp clients {direction}, {per / MiB:.0f} MiB each")
                 speeds: dict[str, list[float]] = {}
                 cpus: dict[str, list[float]] = {}
+                # Where the machine's CPU went (the clients share its cores with the server) and how
+                # evenly the kernel spread the connections over a multi-worker server's processes.
+                client_cpu: dict[str, list[float]] = {}
+                busy: dict[str, list[float]] = {}
+                spread: dict[str, list[float]] = {}
                 for rep in range(self.args.reps):
                     for srv in self.order(rep):
                         cmds = [f"put {src_n} cup-{i}.bin" if direction == "upload"
@@ -751,12 +777,29 @@ class Bench:
                         try:
                             await asyncio.gather(*(x.start() for x in sessions))  # all logged in
                             cpu0 = srv.cpu()
+                            workers0 = worker_cpu(srv.pid)
+                            clients0 = sum(tree_cpu(x.proc.pid) for x in sessions if x.proc)
+                            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                            busy0 = machine_busy_ticks()
                             t0 = time.perf_counter()
                             results = await asyncio.gather(*(x.run([c]) for x, c in zip(sessions, cmds, strict=False)))
                             dt = time.perf_counter() - t0
                             cpu = srv.cpu() - cpu0
+                            busy1 = machine_busy_ticks()
+                            workers1 = worker_cpu(srv.pid)
                         finally:
                             await asyncio.gather(*(x.close() for x in sessions))
+                        # the clients have exited and been waited for: their CPU (with their ssh
+                        # children's) is in the bench's RUSAGE_CHILDREN
+                        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        used = (children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime
+                                - clients0)
+                        client_cpu.setdefault(srv.name, []).append(used / (total / GiB))
+                        busy.setdefault(srv.name, []).append(
+                            100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]))
+                        per_worker = [workers1[p] - workers0[p] for p in workers1 if p in workers0]
+                        if isinstance(srv, SshfilesServer) and len(per_worker) > 1 and sum(per_worker) > 0:
+                            spread.setdefault(srv.name, []).append(100 * max(per_worker) / sum(per_worker))
                         for i, (rc, out) in enumerate(results):
                             if rc != 0:
                                 raise RuntimeError(f"{n} clients {direction} on {srv.name}: {out[-1000:]}")
@@ -767,8 +810,15 @@ class Bench:
                             p.unlink()
                         speeds.setdefault(srv.name, []).append(total / MB / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (total / GiB))
+                extra = {"clients_cpu_s_per_gib": {k: statistics.median(v) for k, v in client_cpu.items()},
+                         "machine_busy_pct": {k: statistics.median(v) for k, v in busy.items()},
+                         "busiest_worker_cpu_pct": {k: statistics.median(v) for k, v in spread.items()}}
                 self.add_row("concurrent", f"{direction}, {n} concurrent sftp client{'s' if n > 1 else ''}, aggregate", "MB/s ↑",
-                             True, speeds, cpus)
+                             True, speeds, cpus, extra)
+                log("    clients' CPU s/GiB " + ", ".join(f"{k}={v:.2f}" for k, v in extra["clients_cpu_s_per_gib"].items())
+                    + "; machine busy % " + ", ".join(f"{k}={v:.0f}" for k, v in extra["machine_busy_pct"].items())
+                    + "".join(f"; busiest worker's share of {k}'s CPU {v:.0f}%"
+                              for k, v in extra["busiest_worker_cpu_pct"].items()))
             src_n.unlink(missing_ok=True)
 
     # -- logins
