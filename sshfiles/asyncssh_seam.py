@@ -165,10 +165,11 @@ Each item says which upstream behaviour it changes and whether the change belong
       channel's high-water mark set to the limit), transport buffer (private ``_transport`` of the
       connection) by polling every 10 ms; after more than the limit of replies in one loop turn it
       first lets the loop turn, since item 3b only hands a turn's packets to the transport at its
-      end (requests already received are processed without one). While it waits it reads no request, so the channel's
-      receive window (2 MiB) closes and the client must stop sending: one session's unsent replies
-      are bounded by ``REPLY_BUFFER_LIMIT`` plus one reply plus the client's window. Belongs
-      upstream: yes, asyncssh's own SFTP server has the same unbounded buffering.
+      end (requests already received are processed without one). While it waits it reads no request, so
+      the channel's receive window (2 MiB; 8 MiB for asyncssh clients, server.channel_window) closes and
+      the client must stop sending: one session's unsent replies are bounded by ``REPLY_BUFFER_LIMIT``
+      plus one reply plus the client's window. Belongs upstream: yes, asyncssh's own SFTP server has
+      the same unbounded buffering.
    b. Directory handles are closed. asyncssh drops a directory handle's iterator from its table at
       CLOSE (and at the end of the session) without closing it, leaving the open directory to the
       garbage collector. An iterator with an ``aclose()`` (async generators, sftp.py's listing) is

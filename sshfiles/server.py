@@ -916,7 +916,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
 
     # -- channels ------------------------------------------------------------------------------
 
-    def session_requested(self) -> _ChannelSession | bool:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[Any], _ChannelSession] | bool:
         """A new channel: refused while stopping, and only for an account that still holds.
 
         asyncssh wants the answer synchronously, so the account is re-read by the channel itself
@@ -936,7 +936,9 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.touch()
         self.channels += 1
         self.service.user_channels[self.username] = self.service.user_channels.get(self.username, 0) + 1
-        return _ChannelSession(self)
+        assert self.conn is not None  # set by connection_made, before any channel
+        window = channel_window(str(self.conn.get_extra_info("client_version") or ""))
+        return self.conn.create_server_channel(window=window, max_pktsize=MAX_PACKET), _ChannelSession(self)
 
     def channel_closed(self) -> None:
         self.channels -= 1
@@ -1032,6 +1034,28 @@ def _offered_host_keys(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) ->
     return pairs
 
 
+MAX_PACKET = 256 * 1024  # the largest SSH channel packet we accept
+WINDOW = 2 * 1024 * 1024  # the channel window most clients get: what OpenSSH's sshd gives them
+PIPELINING_WINDOW = 8 * 1024 * 1024  # the window of clients that fill it efficiently (channel_window)
+#: Client software (the start of its version string's software part) that gets PIPELINING_WINDOW.
+PIPELINING_CLIENTS = ("AsyncSSH_",)
+
+
+def channel_window(client_version: str) -> int:
+    """The receive window a session channel offers this client (its SSH version string).
+
+    Why not one big window for everyone: OpenSSH's ssh client keeps whatever the window allows in
+    its own output buffer while the socket is full, growing that buffer 32 KiB at a time (each
+    growth a fresh allocation, a copy and a zeroing of the old one). Offered 8 MiB, 32 concurrent
+    stock `sftp` uploads spent 5.3 CPU-s per GiB in the clients (1.8 with 2 MiB) and ran at half
+    the speed; one upload was slower too (README, performance). With OpenSSH's own 2 MiB its
+    buffers stay small. asyncssh-based clients (sshfiles-cli) pipeline 256 KiB writes and do use
+    the room: 8 MiB moved 511 MB/s against 359 with 2 MiB.
+    """
+    software = client_version.split("-", 2)[2] if client_version.count("-") >= 2 else ""
+    return PIPELINING_WINDOW if software.startswith(PIPELINING_CLIENTS) else WINDOW
+
+
 def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
     legacy = config.legacy_algorithms
     return dict(
@@ -1043,8 +1067,9 @@ def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> di
         compression_algs=["none"],
         # Clients that accept big channel packets (asyncssh, sshfiles-cli) then send a 256 KiB
         # SFTP write as one SSH packet instead of eight; OpenSSH's client stays at 32 KiB.
-        window=8 * 1024 * 1024,
-        max_pktsize=256 * 1024,
+        # Each session channel gets its window from channel_window (by the client's software).
+        window=WINDOW,
+        max_pktsize=MAX_PACKET,
         line_editor=False,
         login_timeout=config.login_timeout,
         server_version="sshfiles",
