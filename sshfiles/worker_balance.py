@@ -72,6 +72,7 @@ class WorkerLoad:
         self.slot = slot
         self._pending: set[socket.socket] = set()  # accepted, not yet handed on (then the service counts them)
         self.held = 0      # the service's connections, as last published
+        self.withdrawn = False
         self.table.set(slot, 0)
 
     @property
@@ -79,7 +80,8 @@ class WorkerLoad:
         return len(self._pending) + self.held
 
     def _publish(self) -> None:
-        self.table.set(self.slot, self.count)
+        if not self.withdrawn:  # a draining worker's connections still end: it stays absent
+            self.table.set(self.slot, self.count)
 
     def accepted(self, conn: socket.socket) -> None:
         self._pending.add(conn)
@@ -98,6 +100,7 @@ class WorkerLoad:
 
     def withdraw(self) -> None:
         """This worker accepts no more (it is stopping): the others stop leaving connections to it."""
+        self.withdrawn = True
         self.table.set(self.slot, ABSENT)
 
     def lighter_elsewhere(self) -> bool:

@@ -51,6 +51,8 @@ def test_a_worker_counts_pending_and_held_connections_and_withdraws() -> None:
         assert table.get(0) == 1
         load.withdraw()
         assert table.get(0) == ABSENT
+        load.holding(0)  # its connections end while it drains: it stays out of the sharing
+        assert table.get(0) == ABSENT
     finally:
         a.close()
         b.close()
