@@ -40,7 +40,13 @@ import asyncssh
 from asyncssh import SSHReader, SSHWriter
 
 from . import audit, hashing, metrics, passwords
-from .asyncssh_seam import ChannelSessionBase, compiled_chacha_built, install_speedups_from_env, run_scp
+from .asyncssh_seam import (
+    ChannelSessionBase,
+    compiled_chacha_built,
+    install_speedups_from_env,
+    run_scp,
+    serve_accepted,
+)
 from .atomic import cleanup_homes
 from .config import SETTINGS, ConfigError, ServeConfig, parse_startups
 from .defence import STRIKE_MEMORY, Admission, Defender, parse_cidrs, source_key
@@ -1091,8 +1097,9 @@ class _SocketAcceptor:
     load (worker_balance.py).
 
     proxy_protocol.ProxyListener (PROXY headers) or worker_balance.Listener accepts from the raw
-    socket; each connection then runs asyncssh's public ``run_server`` on it, with a handler that
-    sees the client's real address, so admission, bans and logs use it.
+    socket; each connection then runs as one ``asyncssh.listen`` accepted would (the seam's
+    ``serve_accepted``: the options shared, the handler its own), with a handler that sees the
+    client's real address, so admission, bans and logs use it.
     """
 
     def __init__(self, options: asyncssh.SSHServerConnectionOptions, service: SshfilesService,
@@ -1115,8 +1122,8 @@ class _SocketAcceptor:
             return _ConnectionHandler(self._service, proxied)
 
         try:
-            await asyncssh.run_server(sock, options=self._options, server_factory=handler)
-        except Exception:  # handshake or authentication failed: _ConnectionHandler logged and scored it
+            await serve_accepted(sock, self._options, handler)
+        except OSError:  # the peer was gone before the connection could be set up
             sock.close()
 
     def _refused(self, peer: tuple[str, int], reason: str) -> None:
