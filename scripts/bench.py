@@ -534,6 +534,7 @@ class Bench:
         self.src_sha = src_sha
         self.size = src.stat().st_size
         self.rows: list[dict] = []
+        self.client_cpu = 0.0  # CPU seconds of the last sshfiles-cli process (_cli_transfer)
 
     # -- plumbing
 
@@ -662,10 +663,13 @@ class Bench:
         argv += (["put", "--no-verify", "--no-resume", *options, str(self.src), remote_up] if direction == "upload"
                  else ["get", "--no-verify", "--no-resume", *options, "down.bin", str(local_dl)])
         cpu0 = srv.cpu()
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         rc, out = await run_cmd(argv, timeout=self.args.timeout, cwd=REPO)  # this checkout's sshfiles
         dt = time.perf_counter() - t0
         cpu = srv.cpu() - cpu0
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client, waited for by run_cmd
+        self.client_cpu = (children1.ru_utime + children1.ru_stime - children0.ru_utime - children0.ru_stime)
         if rc != 0:
             raise RuntimeError(f"sshfiles-cli {direction} to {srv.name} failed ({rc}): {out[-2000:]}")
         self._check(srv, direction, remote_up, local_dl)
@@ -700,6 +704,7 @@ class Bench:
                 log(f"single stream: {client} {direction} {self.size / MiB:.0f} MiB x {self.args.reps}")
                 speeds: dict[str, list[float]] = {}
                 cpus: dict[str, list[float]] = {}
+                client_cpus: dict[str, list[float]] = {}  # sshfiles-cli's own CPU, start-up included
                 for rep in range(self.args.reps):
                     for srv in self.order(rep):
                         if client.startswith("sshfiles-cli") and srv.name == "openssh":
@@ -711,16 +716,21 @@ class Bench:
                         dt, cpu = await fn(srv, direction, f"{srv.name}-{rep}")
                         speeds.setdefault(srv.name, []).append(mb / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (self.size / GiB))
-                extra = None
+                        if client.startswith("sshfiles-cli"):
+                            client_cpus.setdefault(srv.name, []).append(self.client_cpu / (self.size / GiB))
+                extra: dict | None = None
                 if client.startswith("sshfiles-cli"):  # the target compares it with OpenSSH sftp to OpenSSH
+                    extra = {"client_cpu_s_per_gib": {n: statistics.median(v) for n, v in client_cpus.items()}}
                     ref = next((r for r in self.rows if r["workload"] == f"{direction}, sftp client"), None)
                     base = ref and ref["servers"].get("openssh", {}).get("median")
                     if base:
-                        extra = {"vs_openssh_sftp": {n: statistics.median(v) / base
-                                                     for n, v in speeds.items()}}
+                        extra["vs_openssh_sftp"] = {n: statistics.median(v) / base for n, v in speeds.items()}
                 row = self.add_row("single stream", f"{direction}, {client} client", "MB/s ↑", True,
                                    speeds, cpus, extra)
                 if extra:
+                    log("  client CPU s/GiB: " + "  ".join(
+                        f"{n}={c:.2f}" for n, c in row["client_cpu_s_per_gib"].items()))
+                if extra and "vs_openssh_sftp" in extra:
                     log("  vs OpenSSH sftp to OpenSSH: " + "  ".join(
                         f"{n}={r:.2f}" for n, r in row["vs_openssh_sftp"].items()))
                 if self.args.profile and not client.startswith("sshfiles-cli"):
