@@ -705,14 +705,18 @@ class Bench:
                 speeds: dict[str, list[float]] = {}
                 cpus: dict[str, list[float]] = {}
                 client_cpus: dict[str, list[float]] = {}  # sshfiles-cli's own CPU, start-up included
+                fn = {"sftp": self._stock_transfer, "asyncssh": self._asyncssh_transfer,
+                      "sshfiles-cli": self._cli_transfer,
+                      "sshfiles-cli --connections 1": functools.partial(
+                          self._cli_transfer, options=("--connections", "1"))}[client]
+                for warm in range(self.args.warmup):  # untimed (see --warmup)
+                    for srv in self.servers:
+                        if not (client.startswith("sshfiles-cli") and srv.name == "openssh"):
+                            await fn(srv, direction, f"{srv.name}-warmup{warm}")
                 for rep in range(self.args.reps):
                     for srv in self.order(rep):
                         if client.startswith("sshfiles-cli") and srv.name == "openssh":
                             continue  # it speaks sshfiles' check-file; OpenSSH is compared via its sftp
-                        fn = {"sftp": self._stock_transfer, "asyncssh": self._asyncssh_transfer,
-                              "sshfiles-cli": self._cli_transfer,
-                              "sshfiles-cli --connections 1": functools.partial(
-                                  self._cli_transfer, options=("--connections", "1"))}[client]
                         dt, cpu = await fn(srv, direction, f"{srv.name}-{rep}")
                         speeds.setdefault(srv.name, []).append(mb / dt)
                         cpus.setdefault(srv.name, []).append(cpu / (self.size / GiB))
@@ -1184,6 +1188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoke run: 64 MiB file, 2 reps, fewer logins and sessions")
     p.add_argument("--size", help="transfer size (e.g. 1G, 256M); default 1G, 64M with --quick")
     p.add_argument("--reps", type=int, help="repetitions per measurement (median reported); default 3, 2 quick")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed transfers per server before each single-stream row's repetitions (default 1): "
+                        "on a VM that hands free memory back to its host, the first write of a GiB into "
+                        "fresh page cache costs both servers several times the steady state")
     p.add_argument("--clients", default="1,8,32", help="concurrent client counts (default 1,8,32)")
     p.add_argument("--sessions", type=int, help="idle sessions for the memory test (default 500)")
     p.add_argument("--key-logins", type=int, help="key logins per repetition (default 100, 30 quick)")
