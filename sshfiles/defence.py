@@ -30,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -102,6 +102,15 @@ class Admission:
         self.by_source: dict[str, int] = {}
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, last refill time)
         self._rng = rng or random.Random()
+        self._elsewhere: Callable[[], int] = lambda: 0
+        self._publish: Callable[[int], None] = lambda _total: None
+
+    def share(self, elsewhere: Callable[[], int], publish: Callable[[int], None]) -> None:
+        """Count the totals across processes (``--workers N``): `elsewhere()` is the other processes'
+        unauthenticated connections, `publish(total)` tells them this one's. The MaxStartups limits
+        (start, rate, full) then hold for the server as a whole; the per-source rules stay per process."""
+        self._elsewhere, self._publish = elsewhere, publish
+        publish(self.total)
 
     def admit(self, source: str, now: float | None = None, per_source: bool = True) -> str | None:
         """Count a new connection and return None, or return why it is refused (and count nothing).
@@ -121,15 +130,17 @@ class Admission:
                                  if t + (now - t0) * self.per_source_rate < self.burst}
         if per_source and self.per_source and self.by_source.get(source, 0) >= self.per_source:
             return "per-source startups"
-        if self.full and self.total >= self.full:
+        total = self.total + self._elsewhere()
+        if self.full and total >= self.full:
             return "startups full"
-        if self.full and self.start and self.total >= self.start:
+        if self.full and self.start and total >= self.start:
             span = max(1, self.full - self.start)
-            p = (self.rate + (100 - self.rate) * (self.total - self.start) / span) / 100.0
+            p = (self.rate + (100 - self.rate) * (total - self.start) / span) / 100.0
             if self._rng.random() < p:
                 return "startups (random early drop)"
         self.total += 1
         self.by_source[source] = self.by_source.get(source, 0) + 1
+        self._publish(self.total)
         return None
 
     def release(self, source: str) -> None:
@@ -142,6 +153,7 @@ class Admission:
             del self.by_source[source]
         else:
             self.by_source[source] = n - 1
+        self._publish(self.total)
 
 
 @dataclass

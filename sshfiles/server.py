@@ -1159,6 +1159,8 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     opts = _server_options(config, host_keys)
     if config.proxy_protocol_from or load is not None:
         service.load = load
+        if load is not None:  # --max-startups for the server as a whole, not per worker
+            service.admission.share(load.startups_elsewhere, load.publish_startups)
         return _SocketAcceptor(await asyncssh.SSHServerConnectionOptions.construct(**opts), service,
                                sock if sock is not None else _listening_socket(config), load), service
     if sock is not None:
@@ -1508,6 +1510,7 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
     gc.freeze()
     children: dict[int, tuple[float, int]] = {}  # pid -> (start time (monotonic), slot)
     table = LoadTable(config.workers)
+    startups = LoadTable(config.workers)
     signals: list[int] = []
     respawn_at: list[tuple[float, int]] = []     # (due time, slot) of replacements not yet forked
     delay = 0.0
@@ -1519,7 +1522,7 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
         try:
             pid = os.fork()
             if pid == 0:
-                _run_worker(config, sock, parent, WorkerLoad(table, slot), reload)
+                _run_worker(config, sock, parent, WorkerLoad(table, slot, startups), reload)
             children[pid] = (time.monotonic(), slot)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -1593,6 +1596,7 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
             continue
         started, slot = child
         table.set(slot, ABSENT)  # the other workers stop leaving new connections to it
+        startups.set(slot, ABSENT)  # its unauthenticated connections ended with it
         metrics.mark_dead(pid)
         how = _describe_status(status)
         if signals:

@@ -67,9 +67,11 @@ class WorkerLoad:
     """One worker's slot: what it publishes (connections accepted and not yet handed to asyncssh,
     plus the connections its service holds) and the comparison with the other workers."""
 
-    def __init__(self, table: LoadTable, slot: int) -> None:
+    def __init__(self, table: LoadTable, slot: int, startups: LoadTable | None = None) -> None:
         self.table = table
         self.slot = slot
+        # the workers' unauthenticated connections, one slot each: --max-startups counts them all
+        self.startups = startups if startups is not None else LoadTable(len(table))
         self._pending: set[socket.socket] = set()  # accepted, not yet handed on (then the service counts them)
         self.held = 0      # the service's connections, as last published
         self.withdrawn = False
@@ -102,6 +104,14 @@ class WorkerLoad:
         """This worker accepts no more (it is stopping): the others stop leaving connections to it."""
         self.withdrawn = True
         self.table.set(self.slot, ABSENT)
+
+    def publish_startups(self, total: int) -> None:
+        """This worker's unauthenticated connections (defence.Admission.share)."""
+        self.startups.set(self.slot, total)
+
+    def startups_elsewhere(self) -> int:
+        """The other live workers' unauthenticated connections."""
+        return sum(n for slot, n in enumerate(self.startups.values()) if slot != self.slot and n > 0)
 
     def lighter_elsewhere(self) -> bool:
         """Whether another live worker holds fewer connections than this one."""

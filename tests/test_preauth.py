@@ -134,6 +134,26 @@ def test_total_preauth_connections_are_capped_with_early_drop(start):
     assert login_seconds(server, user) < 3
 
 
+def test_the_total_preauth_cap_holds_for_all_workers_together(start):
+    """--max-startups counts the server's unauthenticated connections, not each worker's: the workers
+    publish theirs in a table in shared memory (worker_balance.py). Before, each of 2 workers admitted
+    up to the cap, so 24 idle connections kept 24 of a cap of 12."""
+    server = start("--workers", "2", "--max-startups", "12", "--per-source-max-startups", "0",
+                   "--per-source-rate", "0", "--ban-threshold", "0")
+    user = server.add_user("alice")
+    sources = [f"127.0.0.{10 + i}" for i in range(24)]
+    for _ in range(2):  # twice: the first flood's connections are released from the count when they end
+        with raw_sockets(server, sources) as socks:
+            kept = still_open(socks)
+            assert kept == 12, kept
+        time.sleep(0.5)  # the server notices the closes
+    assert "reason=startups full" in server.log()
+    # both workers took part in refusing (the balancer spread the flood over them)
+    refusing = set(re.findall(r"\[(\d+)\]: .*reason=startups full", server.log()))
+    assert len(refusing) == 2, refusing
+    assert login_seconds(server, user) < 3
+
+
 def test_per_source_connection_rate(start):
     server = start("--per-source-max-startups", "0", "--per-source-rate", "2", "--per-source-burst", "5",
                    "--ban-threshold", "0")

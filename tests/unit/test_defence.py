@@ -87,3 +87,20 @@ def test_store_view_replaces_the_cache_but_keeps_unwritten_bans() -> None:
     assert not d.banned("a", now=50) and not d.banned("b", now=50)
     ban = d.record("b", "auth-failed", now_mono=1, now=600)    # strikes were forgotten with the row
     assert ban is not None and ban.strikes == 1
+
+
+def test_shared_admission_counts_the_other_processes_too() -> None:
+    """Admission.share: the MaxStartups limits hold for all workers together; per-source stays local."""
+    others = {"n": 7}
+    published: list[int] = []
+    adm = Admission(start=10, rate=100, full=10, per_source=3, per_source_rate=0, burst=1)
+    adm.share(lambda: others["n"], published.append)
+    assert published == [0]
+    assert adm.admit("a") is None and adm.admit("b") is None and adm.admit("c") is None
+    assert published[-1] == 3
+    assert adm.admit("d") == "startups full"  # 3 here + 7 elsewhere = 10
+    others["n"] = 0
+    assert adm.admit("a") is None and adm.admit("a") is None
+    assert adm.admit("a") == "per-source startups"  # this process's count of one source
+    adm.release("a")
+    assert published[-1] == adm.total == 4
