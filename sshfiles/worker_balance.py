@@ -120,8 +120,11 @@ class WorkerLoad:
 
 
 def _waiting(sock: socket.socket) -> bool:
-    """Whether a connection still waits in the listening socket's backlog."""
-    return bool(select.select([sock], [], [], 0)[0])
+    """Whether a connection still waits in the listening socket's backlog (poll, not select: no
+    limit on the descriptor's number)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def accept_balanced(sock: socket.socket, load: WorkerLoad) -> tuple[socket.socket, Address]:
