@@ -146,8 +146,9 @@ class ServeConfig:
     max_auth_tries: int = field(default=6, metadata=_meta(int, "Failed authentication attempts per connection.",
                                                           minimum=1))
     workers: int = field(default=auto_workers(), metadata=_meta(
-        int, "Server processes, each with its own listening socket on the port (auto: one per CPU this "
-        "process may run on, at most 8; 1: a single process, no supervisor).", minimum=1))
+        int, "Server processes sharing the listening socket, each new connection going to the one holding "
+        "fewest (auto: one per CPU this process may run on, at most 8; 1: a single process, no supervisor).",
+        minimum=1))
     idle_timeout: float = field(default=900.0, metadata=_meta(
         float, "Seconds a session may be idle before it is closed (0: never).", minimum=0))
     grace: float = field(default=30.0, metadata=_meta(

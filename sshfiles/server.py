@@ -1057,6 +1057,10 @@ def channel_window(client_version: str) -> int:
     the speed; one upload was slower too (README, performance). With OpenSSH's own 2 MiB its
     buffers stay small. asyncssh-based clients (sshfiles-cli) pipeline 256 KiB writes and do use
     the room: 8 MiB moved 511 MB/s against 359 with 2 MiB.
+
+    A speed choice, not a limit: any client may call itself AsyncSSH and get 8 MiB, which is what
+    every client got before; what one session can make the server hold stays bounded by the seam's
+    item 4a (REPLY_BUFFER_LIMIT plus one reply plus this window).
     """
     software = client_version.split("-", 2)[2] if client_version.count("-") >= 2 else ""
     return PIPELINING_WINDOW if software.startswith(PIPELINING_CLIENTS) else WINDOW
@@ -1532,6 +1536,10 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
             log.info("%s: stopping %d workers", signal.Signals(signum).name, len(children))
             notify("STOPPING=1", f"STATUS=stopping {len(children)} workers")
             signal.setitimer(signal.ITIMER_REAL, config.grace + WORKER_STOP_EXTRA)
+            # New connections are refused from now on instead of waiting in the backlog for the whole
+            # grace (every worker holds a copy of the socket: closing ours would not stop it listening).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         signals.append(signum)
         for child in list(children):
             with contextlib.suppress(ProcessLookupError):

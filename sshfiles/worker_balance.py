@@ -14,12 +14,14 @@ which marks a dead worker's slot absent). A worker woken for a new connection le
 others for up to DEFER_MAX while some live worker holds fewer connections (`accept_balanced`);
 the lighter worker, woken for the same connection, takes it. A lighter worker that does not take
 it in time (stopped, or its event loop busy) does not hold it back: the heavier one takes it after
-DEFER_MAX. The numbers are a hint for spreading work, never a limit, so they need no lock.
+DEFER_MAX, and waits for that worker no more until its number changes (so a stuck worker costs one
+DEFER_MAX, not one per connection). The numbers are a hint for spreading work, never a limit, so they need no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import mmap
@@ -75,6 +77,9 @@ class WorkerLoad:
         self._pending: set[socket.socket] = set()  # accepted, not yet handed on (then the service counts them)
         self.held = 0      # the service's connections, as last published
         self.withdrawn = False
+        # slot -> the count a lighter worker showed when it let a connection wait DEFER_MAX: it is not
+        # deferred to again until that number changes (it accepted, or a connection of it ended: it runs)
+        self._stalled: dict[int, int] = {}
         self.table.set(slot, 0)
 
     @property
@@ -113,10 +118,23 @@ class WorkerLoad:
         """The other live workers' unauthenticated connections."""
         return sum(n for slot, n in enumerate(self.startups.values()) if slot != self.slot and n > 0)
 
-    def lighter_elsewhere(self) -> bool:
-        """Whether another live worker holds fewer connections than this one."""
+    def _lighter(self) -> list[tuple[int, int]]:
         mine = self.count
-        return any(0 <= n < mine for slot, n in enumerate(self.table.values()) if slot != self.slot)
+        return [(slot, n) for slot, n in enumerate(self.table.values()) if slot != self.slot and 0 <= n < mine]
+
+    def lighter_elsewhere(self) -> bool:
+        """Whether another live worker holds fewer connections than this one and is taking them (one
+        that let a connection wait DEFER_MAX counts again once its number moves)."""
+        lighter = self._lighter()
+        for slot in [s for s, n in self._stalled.items() if self.table.get(s) != n]:
+            del self._stalled[slot]
+        return any(self._stalled.get(slot) != n for slot, n in lighter)
+
+    def stalled(self) -> None:
+        """A connection waited DEFER_MAX for the lighter workers: stop waiting for them until they
+        move. Without this a stopped worker (or one whose loop is stuck) would make every other
+        worker wait DEFER_MAX per connection: about 10 accepts a second for the whole server."""
+        self._stalled.update(self._lighter())
 
 
 def _waiting(sock: socket.socket) -> bool:
@@ -134,7 +152,10 @@ async def accept_balanced(sock: socket.socket, load: WorkerLoad) -> tuple[socket
     while True:
         await readable(sock)
         give_up_at = loop.time() + DEFER_MAX
-        while load.lighter_elsewhere() and loop.time() < give_up_at and _waiting(sock):
+        while load.lighter_elsewhere() and _waiting(sock):
+            if loop.time() >= give_up_at:
+                load.stalled()
+                break
             await asyncio.sleep(DEFER_STEP)
         try:
             conn, peer = sock.accept()
@@ -172,8 +193,10 @@ class Listener:
         while True:
             try:
                 conn, peer = await self._accept()
-            except OSError as exc:  # EMFILE and friends: back off rather than spin
-                log.warning("accept failed: %s", exc.strerror or exc)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # the parent shut the listening socket: the server is stopping
+                    return
+                log.warning("accept failed: %s", exc.strerror or exc)  # EMFILE and friends: back off, not spin
                 await asyncio.sleep(0.1)
                 continue
             task = loop.create_task(self._on_connection(conn, peer))

@@ -529,6 +529,47 @@ def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path, host_
         server.stop()
 
 
+def test_a_stopped_worker_does_not_throttle_a_burst_of_logins(tmp_path: Path, host_keys_dir: Path) -> None:
+    """Found by a red-team pass: with one worker stopped, the other waited DEFER_MAX before every
+    accept (the stopped one's count stayed lower), so the server took about 10 connections a second
+    and a burst of 60 logins needed 6 s or more; a steady trickle of connections then made every
+    bystander's login wait longer and longer. Now the live worker stops waiting for a worker that let
+    one connection wait, until that worker's count moves."""
+    server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "200"))
+    server.start()
+    stopped = None
+    try:
+        assert server.proc is not None
+        user = key_user(server, "burst")
+        workers = worker_pids(server.proc.pid)
+        async def one(i: int) -> None:
+            sock = socket.create_connection((server.host, server.port), 5, source_address=(f"127.0.3.{i + 1}", 0))
+            async with server.connect(user, sock=sock, login_timeout=20):
+                pass
+
+        async def burst() -> float:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.gather(*(one(i) for i in range(60)))
+            return loop.time() - started
+
+        async def burst_beside_an_idle_connection() -> float:
+            # the idle connection keeps the live worker above the stopped one's count throughout
+            async with server.connect(user, local_addr=("127.0.4.1", 0)):
+                return await burst()
+
+        baseline = run(burst_beside_an_idle_connection())
+        stopped = min(workers)
+        os.kill(stopped, signal.SIGSTOP)
+        took = run(burst_beside_an_idle_connection())
+        # 60 x DEFER_MAX would be 6 s; the bound leaves room for a slow machine
+        assert took < max(3.0, 4 * baseline), (took, baseline)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        server.stop()
+
+
 def test_connections_arriving_while_a_worker_is_dead_are_served(tmp_path: Path, host_keys_dir: Path) -> None:
     """The listening socket belongs to the parent and every worker accepts from it: connections that
     arrive after a worker died and before its replacement exists are taken by the live worker; none
@@ -686,6 +727,25 @@ async def _slow_upload(sftp: asyncssh.SFTPClient, path: str, pieces: int, delay:
     return pieces * 4096
 
 
+def _refused_promptly(server: ServerHandle) -> bool:
+    """Whether a new TCP connection is refused, or closed without an SSH banner, within 1 s (well
+    before the drain in progress ends and the server's exit would reset it anyway)."""
+    try:
+        sock = socket.create_connection((server.host, server.port), 1)
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except TimeoutError:
+        return False
+    with sock:
+        sock.settimeout(1)
+        try:
+            return not sock.recv(64).startswith(b"SSH-")
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
 @pytest.mark.parametrize(("workers", "target"), [(1, "process"), (2, "process"), (2, "group")])
 def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path, host_keys_dir: Path,
                                                                  workers: int, target: str) -> None:
@@ -721,6 +781,9 @@ def test_sigterm_lets_a_transfer_finish_and_closes_idle_sessions(tmp_path: Path,
                     await asyncio.sleep(0.1)
                 with pytest.raises(ENDED):  # no new channel during the grace
                     await uconn.start_sftp_client()
+                # and no new connection: refused at once, not left waiting in the backlog for the grace
+                loop = asyncio.get_running_loop()
+                assert await loop.run_in_executor(None, _refused_promptly, server), "a new connection waited"
                 return await upload, took
 
         written, _ = run(scenario())

@@ -145,3 +145,22 @@ def test_with_no_lighter_worker_a_connection_is_taken_at_once(others: list[int],
             sock.close()
 
     asyncio.run(scenario())
+
+
+def test_a_lighter_worker_that_let_a_connection_wait_is_not_waited_for_until_it_moves() -> None:
+    table = LoadTable(3)
+    load = WorkerLoad(table, 0)
+    load.holding(5)
+    table.set(1, 2)  # stopped: never accepts, its number never moves
+    table.set(2, 7)
+    assert load.lighter_elsewhere()
+    load.stalled()  # a connection waited DEFER_MAX for it
+    assert not load.lighter_elsewhere()
+    table.set(1, 3)  # it accepted one: it runs again
+    assert load.lighter_elsewhere()
+    table.set(2, 1)  # a lighter worker that has not stalled counts at once
+    load.stalled()
+    assert not load.lighter_elsewhere()
+    table.set(2, ABSENT)
+    table.set(2, 0)  # a replacement in that slot starts at 0: a new number, waited for again
+    assert load.lighter_elsewhere()
