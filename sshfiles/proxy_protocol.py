@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import select
 import socket
 import struct
 from collections.abc import Callable, Coroutine
@@ -233,6 +234,8 @@ class ProxyListener:
                 return header.source
             if len(data) >= MAX_HEADER:
                 raise ProxyError("header too long")
+            if _peer_done(conn):  # nothing more will come (otherwise it polled until HEADER_TIMEOUT)
+                raise ProxyError("connection closed inside the header")
             await asyncio.sleep(0.02)  # a header split over segments: the rest is in flight
 
     def close(self) -> None:
@@ -243,6 +246,13 @@ class ProxyListener:
     async def wait_closed(self) -> None:
         await self._listener.wait_closed()
 
+
+
+def _peer_done(conn: socket.socket) -> bool:
+    """Whether the peer has shut its side (FIN or reset) though unread bytes remain."""
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 async def _closes_silently(conn: socket.socket) -> bool:
