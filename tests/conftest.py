@@ -294,6 +294,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PROBE_SOURCE = "127.0.0.254"  # where the haproxy fixture's readiness probe connects from
+
+
 @contextlib.contextmanager
 def haproxy(root: Path, backends: list[int], balance: str = "roundrobin") -> Iterator[int]:
     """HAProxy in TCP mode on a free 127.0.0.1 port, sending PROXY v2 to each backend port; yields its port.
@@ -327,7 +330,11 @@ backend nodes
     try:
         deadline = time.monotonic() + 10
         while True:
+            # From an address of its own: HAProxy may pass this probe on to a backend with a PROXY
+            # header naming it, and the backend then logs a client that reset; tests that look for
+            # the balancer's or a client's address in the log must not find the probe's there.
             with socket.socket() as s:
+                s.bind((PROBE_SOURCE, 0))
                 if s.connect_ex((HOST, port)) == 0:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
