@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .defence import parse_cidrs
-from .worker_balance import Listener, WorkerLoad, readable
+from .worker_balance import Listener, WorkerLoad, poll_now, readable
 
 __all__ = ["MAX_HEADER", "V2_SIGNATURE", "ProxyError", "ProxyHeader", "ProxyListener", "looks_like_proxy_header",
            "parse_proxy_header"]
@@ -250,9 +250,7 @@ class ProxyListener:
 
 def _peer_done(conn: socket.socket) -> bool:
     """Whether the peer has shut its side (FIN or reset) though unread bytes remain."""
-    poller = select.poll()
-    poller.register(conn, select.POLLRDHUP)
-    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+    return bool(poll_now(conn, select.POLLRDHUP) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR))
 
 
 async def _closes_silently(conn: socket.socket) -> bool:

@@ -30,7 +30,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["ABSENT", "DEFER_MAX", "Listener", "LoadTable", "WorkerLoad", "accept_balanced", "readable"]
+__all__ = ["ABSENT", "DEFER_MAX", "Listener", "LoadTable", "WorkerLoad", "accept_balanced", "poll_now", "readable"]
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,17 @@ class WorkerLoad:
         self._stalled.update(self._lighter())
 
 
-def _waiting(sock: socket.socket) -> bool:
-    """Whether a connection still waits in the listening socket's backlog (poll, not select: no
-    limit on the descriptor's number)."""
+def poll_now(sock: socket.socket, events: int) -> int:
+    """The poll events of `sock` among `events` (plus POLLHUP/POLLERR) at this moment, without
+    waiting (poll, not select: no limit on the descriptor's number)."""
     poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+    poller.register(sock, events)
+    return sum(revents for _, revents in poller.poll(0))
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """Whether a connection still waits in the listening socket's backlog."""
+    return bool(poll_now(sock, select.POLLIN))
 
 
 async def accept_balanced(sock: socket.socket, load: WorkerLoad) -> tuple[socket.socket, Address]:

@@ -15,11 +15,13 @@ Every scenario also checks that a bystander user's session keeps working.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +497,19 @@ def test_connections_one_after_another_alternate_between_the_workers(tmp_path: P
         server.stop()
 
 
+@contextlib.contextmanager
+def one_worker_stopped(server: ServerHandle) -> Iterator[tuple[set[int], int]]:
+    """(all workers, the one stopped with SIGSTOP) while the block runs; it is continued after."""
+    assert server.proc is not None
+    workers = worker_pids(server.proc.pid)
+    stopped = min(workers)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        yield workers, stopped
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
 def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path, host_keys_dir: Path) -> None:
     """A worker that is alive but not running (stopped here; a stuck event loop looks the same from
     outside) does not keep connections waiting: the other worker takes each one after worker_balance's
@@ -502,13 +517,8 @@ def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path, host_
     the stopped worker's backlog until their login timed out."""
     server = make_server(tmp_path, host_keys_dir, ("--workers", "2"))
     server.start()
-    stopped = None
     try:
-        assert server.proc is not None
         user = key_user(server, "unhindered")
-        workers = worker_pids(server.proc.pid)
-        stopped = min(workers)
-        os.kill(stopped, signal.SIGSTOP)
 
         async def scenario() -> list[int]:
             pids = []
@@ -521,11 +531,10 @@ def test_a_stopped_worker_does_not_hold_up_new_connections(tmp_path: Path, host_
                     pids.append(login_pid(server, user, c))
             return pids
 
-        pids = run(scenario())
+        with one_worker_stopped(server) as (workers, stopped):
+            pids = run(scenario())
         assert set(pids) == workers - {stopped}, pids
     finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGCONT)
         server.stop()
 
 
@@ -537,11 +546,9 @@ def test_a_stopped_worker_does_not_throttle_a_burst_of_logins(tmp_path: Path, ho
     one connection wait, until that worker's count moves."""
     server = make_server(tmp_path, host_keys_dir, ("--workers", "2", "--max-startups", "200"))
     server.start()
-    stopped = None
     try:
-        assert server.proc is not None
         user = key_user(server, "burst")
-        workers = worker_pids(server.proc.pid)
+
         async def one(i: int) -> None:
             sock = socket.create_connection((server.host, server.port), 5, source_address=(f"127.0.3.{i + 1}", 0))
             async with server.connect(user, sock=sock, login_timeout=20):
@@ -559,14 +566,11 @@ def test_a_stopped_worker_does_not_throttle_a_burst_of_logins(tmp_path: Path, ho
                 return await burst()
 
         baseline = run(burst_beside_an_idle_connection())
-        stopped = min(workers)
-        os.kill(stopped, signal.SIGSTOP)
-        took = run(burst_beside_an_idle_connection())
+        with one_worker_stopped(server):
+            took = run(burst_beside_an_idle_connection())
         # 60 x DEFER_MAX would be 6 s; the bound leaves room for a slow machine
         assert took < max(3.0, 4 * baseline), (took, baseline)
     finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGCONT)
         server.stop()
 
 
