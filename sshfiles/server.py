@@ -55,6 +55,8 @@ from .folders import FolderMount
 from .hooks import HookRunner
 from .jail import openat2_available
 from .logsafe import esc
+from .malloc_tuning import DEFAULTS_ENV as MALLOC_DEFAULTS_ENV
+from .malloc_tuning import keep_freed_memory
 from .permissions import PermissionRules
 from .proxy_protocol import ProxyListener
 from .quota import QuotaManager, reconcile_dead_owners, rescan_user
@@ -1154,6 +1156,7 @@ async def start_server(config: ServeConfig, service: SshfilesService | None = No
     if not openat2_available():
         raise RuntimeError("this kernel lacks openat2 (Linux >= 5.6), which the jail requires")
     install_speedups_from_env(os.environ.get("SSHFILES_NO_SPEEDUPS"))  # a benchmark lever
+    keep_freed_memory(os.environ.get(MALLOC_DEFAULTS_ENV))  # packet buffers reused, not refaulted
     if not compiled_chacha_built():
         log.warning("chacha20-poly1305 (what OpenSSH clients use) runs on the slower Python path: the "
                     "compiled helper sshfiles._chachapoly was not built (pip needs a C compiler for it)")

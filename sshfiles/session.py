@@ -34,6 +34,7 @@ from typing import Any
 from . import atomic, audit, metrics
 from .atomic import ServerPath, Upload
 from .background import run_bulk
+from .fileio import pwrite_all
 from .folders import FolderMount, ancestor_names, holds_mount, mount_rules, route
 from .hooks import HookEvent, HookRunner
 from .jail import DirEntries, Jail, normalize
@@ -84,15 +85,6 @@ MAX_HANDLES_PER_USER = min(2048, max(16, _fd_limit() // 8))
 MAX_HANDLES_PER_SESSION = min(512, MAX_HANDLES_PER_USER)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite all of `data` at `offset` (a pwrite may write less than asked)."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def _locked_pwrite(fd: int, offset: int, append: bool, data: bytes,
                    allowance: int) -> int | tuple[int, OSError | None]:
     """On a bulk thread (`UserSession.write_bulk`): write `data` under `fd`'s size lock if its
@@ -106,7 +98,7 @@ def _locked_pwrite(fd: int, offset: int, append: bool, data: bytes,
             return growth - allowance
         try:
             check_size(start + len(data))
-            _pwrite_all(fd, data, start)
+            pwrite_all(fd, data, start)
         except OSError as exc:  # disk full, I/O error, too large: the growth that really landed
             return max(0, min(growth, os.fstat(fd).st_size - size)), exc
         return growth, None
@@ -1044,7 +1036,7 @@ class UserSession:
                         self.ledger.uncharge(growth)
                         raise
                 try:
-                    _pwrite_all(fd, data, offset)
+                    pwrite_all(fd, data, offset)
                 except OSError as exc:
                     # Disk full or I/O error: charge only what really landed.
                     if growth:

@@ -23,6 +23,8 @@ import asyncssh
 import click
 
 from ..asyncssh_seam import install_speedups_from_env
+from ..malloc_tuning import DEFAULTS_ENV as MALLOC_DEFAULTS_ENV
+from ..malloc_tuning import keep_freed_memory
 from .connect import DEFAULT_KNOWN_HOSTS, PASSWORD_ENV, ConnectOptions
 from .errors import (
     EXIT_CODES_HELP,
@@ -496,6 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     more CPU per GiB than the server it talks to (an empty IGNORE packet and a socket write per
     request, every received packet copied several times)."""
     install_speedups_from_env(os.environ.get("SSHFILES_NO_SPEEDUPS"))
+    keep_freed_memory(os.environ.get(MALLOC_DEFAULTS_ENV))  # as the server does (malloc_tuning.py)
     try:
         rv = cli.main(args=argv, prog_name="sshfiles-cli", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -20,10 +20,10 @@ LAYERS: dict[str, int] = {
     "session": 3,                                  # one user's operations: the policy layer
     "jail": 2, "folders": 2, "quota": 2, "hashing": 2, "checkfile": 2, "passwords": 2,
     "accounts": 1, "stores": 1,
-    "units": 0, "logsafe": 0, "audit": 0, "metrics": 0, "sdnotify": 0, "config": 0, "permissions": 0, "atomic": 0, "hooks": 0, "defence": 0, "proxy_protocol": 0, "worker_balance": 0, "asyncssh_seam": 0, "background": 0, "_chachapoly": 0, "__init__": 0,
+    "units": 0, "logsafe": 0, "audit": 0, "metrics": 0, "sdnotify": 0, "config": 0, "permissions": 0, "atomic": 0, "hooks": 0, "defence": 0, "proxy_protocol": 0, "worker_balance": 0, "asyncssh_seam": 0, "background": 0, "fileio": 0, "malloc_tuning": 0, "_chachapoly": 0, "__init__": 0,
 }
 # What the client may use of the package besides itself.
-CLIENT_MAY_IMPORT = {"units", "checkfile", "hashing", "asyncssh_seam", "__init__"}
+CLIENT_MAY_IMPORT = {"units", "checkfile", "hashing", "asyncssh_seam", "fileio", "malloc_tuning", "__init__"}
 
 
 def _module_name(path: Path) -> str:
