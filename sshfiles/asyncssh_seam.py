@@ -166,7 +166,7 @@ Each item says which upstream behaviour it changes and whether the change belong
       connection) by polling every 10 ms; after more than the limit of replies in one loop turn it
       first lets the loop turn, since item 3b only hands a turn's packets to the transport at its
       end (requests already received are processed without one). While it waits it reads no request, so
-      the channel's receive window (2 MiB; 8 MiB for asyncssh clients, server.channel_window) closes and
+      the channel's receive window (2 MiB; 8 MiB for asyncssh clients, server.channel_sizes) closes and
       the client must stop sending: one session's unsent replies are bounded by ``REPLY_BUFFER_LIMIT``
       plus one reply plus the client's window. Belongs upstream: yes, asyncssh's own SFTP server has
       the same unbounded buffering.

@@ -945,8 +945,8 @@ class _ConnectionHandler(asyncssh.SSHServer):
         self.channels += 1
         self.service.user_channels[self.username] = self.service.user_channels.get(self.username, 0) + 1
         assert self.conn is not None  # set by connection_made, before any channel
-        window = channel_window(str(self.conn.get_extra_info("client_version") or ""))
-        return self.conn.create_server_channel(window=window, max_pktsize=MAX_PACKET), _ChannelSession(self)
+        window, max_pktsize = channel_sizes(str(self.conn.get_extra_info("client_version") or ""))
+        return self.conn.create_server_channel(window=window, max_pktsize=max_pktsize), _ChannelSession(self)
 
     def channel_closed(self) -> None:
         self.channels -= 1
@@ -1042,15 +1042,18 @@ def _offered_host_keys(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) ->
     return pairs
 
 
-MAX_PACKET = 256 * 1024  # the largest SSH channel packet we accept
+MAX_PACKET = 256 * 1024  # the largest SSH channel packet most clients may send (OpenSSH's limit)
 WINDOW = 2 * 1024 * 1024  # the channel window most clients get: what OpenSSH's sshd gives them
-PIPELINING_WINDOW = 8 * 1024 * 1024  # the window of clients that fill it efficiently (channel_window)
-#: Client software (the start of its version string's software part) that gets PIPELINING_WINDOW.
+PIPELINING_WINDOW = 8 * 1024 * 1024  # the window of clients that fill it efficiently (channel_sizes)
+#: The largest channel packet pipelining clients may send: a whole 256 KiB WRITE with its SFTP header.
+PIPELINING_MAX_PACKET = MAX_PACKET + 1024
+#: Client software (the start of its version string's software part) that gets the PIPELINING_ sizes.
 PIPELINING_CLIENTS = ("AsyncSSH_",)
 
 
-def channel_window(client_version: str) -> int:
-    """The receive window a session channel offers this client (its SSH version string).
+def channel_sizes(client_version: str) -> tuple[int, int]:
+    """The receive window and largest packet a session channel offers this client (its SSH
+    version string).
 
     Why not one big window for everyone: OpenSSH's ssh client keeps whatever the window allows in
     its own output buffer while the socket is full, growing that buffer 32 KiB at a time (each
@@ -1060,12 +1063,19 @@ def channel_window(client_version: str) -> int:
     buffers stay small. asyncssh-based clients (sshfiles-cli) pipeline 256 KiB writes and do use
     the room: 8 MiB moved 511 MB/s against 359 with 2 MiB.
 
+    The packet: with OpenSSH's 256 KiB a 256 KiB WRITE (13 bytes of SFTP header more) travelled as
+    two SSH packets, a full one and a 13-byte one, each decrypted, parsed and handed on by the
+    per-packet Python code of both ends; PIPELINING_MAX_PACKET carries it in one. Stock clients
+    keep MAX_PACKET (their writes are 32 KiB anyway).
+
     A speed choice, not a limit: any client may call itself AsyncSSH and get 8 MiB, which is what
     every client got before; what one session can make the server hold stays bounded by the seam's
     item 4a (REPLY_BUFFER_LIMIT plus one reply plus this window).
     """
     software = client_version.split("-", 2)[2] if client_version.count("-") >= 2 else ""
-    return PIPELINING_WINDOW if software.startswith(PIPELINING_CLIENTS) else WINDOW
+    if software.startswith(PIPELINING_CLIENTS):
+        return PIPELINING_WINDOW, PIPELINING_MAX_PACKET
+    return WINDOW, MAX_PACKET
 
 
 def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> dict[str, Any]:
@@ -1077,9 +1087,9 @@ def _server_options(config: ServeConfig, host_keys: list[asyncssh.SSHKey]) -> di
         mac_algs=MAC_ALGS + (LEGACY_MAC_ALGS if legacy else []),
         signature_algs=USER_SIG_ALGS + (LEGACY_USER_SIG_ALGS if legacy else []),
         compression_algs=["none"],
-        # Clients that accept big channel packets (asyncssh, sshfiles-cli) then send a 256 KiB
-        # SFTP write as one SSH packet instead of eight; OpenSSH's client stays at 32 KiB.
-        # Each session channel gets its window from channel_window (by the client's software).
+        # The defaults; each session channel gets its window and packet size from channel_sizes
+        # (by the client's software): asyncssh-based clients then send a 256 KiB SFTP write as one
+        # SSH packet; OpenSSH's client stays at 32 KiB.
         window=WINDOW,
         max_pktsize=MAX_PACKET,
         line_editor=False,
