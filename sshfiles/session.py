@@ -18,6 +18,7 @@ that closes it, in whatever session or worker process that is.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -49,6 +50,7 @@ from .quota import (
     entries_limit,
     hold,
     release,
+    release_later,
     size_lock,
 )
 from .stores import AccountStore
@@ -644,20 +646,22 @@ class UserSession:
         self.open_files.add(f)
         return f
 
-    def close_file(self, f: FileHandle) -> None:
+    def close_file(self, f: FileHandle) -> concurrent.futures.Future[None] | None:
         """Close a handle: settle what it wrote, credit a removed file's bytes if it was the last.
 
         An atomic upload is renamed onto its name first (or its temporary dropped, see
         `_finish_upload`); a completed transfer then fires its hook.  A rename that fails is the
-        CLOSE's error, after the handle is closed all the same."""
+        CLOSE's error, after the handle is closed all the same. The close of a big file runs on
+        a bulk thread (`quota.release_later`): returned, for a protocol that answers only once
+        the file is closed; None when it is."""
         if (tree := self._of(f)) is not self:
             self.open_files.discard(f)
-            tree.close_file(f)
-            return
+            return tree.close_file(f)
         if f.fd < 0:
-            return
+            return None
         fd, f.fd = f.fd, -1
         error: OSError | None = None
+        pending: concurrent.futures.Future[None] | None = None
         try:
             if f.writable:
                 self.ledger.write_handles -= 1
@@ -668,11 +672,13 @@ class UserSession:
             self.open_files.discard(f)
             metrics.transfer_ended()
             self._give_handle()
-            self._close_fd(fd)
+            freed, pending = release_later(fd)
+            self.ledger.credit(freed)
             self.log_transfer(f)
         self._transfer_hook(f)
         if error is not None:
             raise error
+        return pending
 
     def _remember_own(self, vpath: str, key: tuple[int, int]) -> None:
         """Remember a file this connection created (see `_own`), once it is the file under that name.

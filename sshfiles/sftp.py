@@ -14,6 +14,7 @@ client needs it (see its docstring).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
@@ -131,14 +132,18 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             self._notify(exc)
             raise
 
-    def close(self, file_obj: object) -> None:
+    async def close(self, file_obj: object) -> None:
         f = _handle(file_obj)
         if self.channel.is_closing() or (self._input_ended is not None and self._input_ended()):
             # asyncssh's SCP closes its file in a `finally` also when the client's data stopped
             # mid-file (EOF: a killed scp's ssh sends one; or the connection dropped). A complete
             # file is followed by its status byte, still unread here, so EOF now means cut short.
             f.interrupted = True
-        self.session.close_file(f)
+        pending = self.session.close_file(f)  # a big file's close runs on a bulk thread
+        if pending is not None:
+            # Answered once the file is closed, as before; shielded: a cancelled wait must not
+            # cancel the close itself (the descriptor would stay open for good).
+            await asyncio.shield(asyncio.wrap_future(pending))
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)

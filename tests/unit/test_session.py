@@ -179,6 +179,48 @@ async def test_truncating_open_of_an_empty_file_sets_its_times_without_an_ftrunc
 
 
 @in_loop
+async def test_a_big_file_is_closed_off_the_event_loop_and_credited_exactly(
+        store, make_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The close of a big file can take long (ext4's flush at close after a truncation, the
+    freeing of a removed file's pages): it runs on a bulk thread, a small file's on the spot; the
+    ledger stays exact either way, also when the big file was removed while open. The real close
+    still runs: the wrapper only records which thread made it."""
+    import threading
+
+    from sshfiles.quota import BACKGROUND_CLOSE_SIZE
+    closed: dict[int, int] = {}
+    real_close = os.close
+
+    def recording(fd: int) -> None:
+        closed[fd] = threading.get_ident()
+        real_close(fd)
+
+    monkeypatch.setattr("sshfiles.quota.os.close", recording)
+    s = make_session(quota=4 * BACKGROUND_CLOSE_SIZE)
+    small = await s.open("small", os.O_WRONLY | os.O_CREAT)
+    await s.write(small, 0, b"s" * KiB)
+    small_fd = small.fd
+    assert s.close_file(small) is None
+    assert closed[small_fd] == threading.get_ident()
+    big = await s.open("big", os.O_WRONLY | os.O_CREAT)
+    await s.write(big, 0, b"b" * BACKGROUND_CLOSE_SIZE)
+    reader = await s.open("big", os.O_RDONLY)
+    big_fd, reader_fd = big.fd, reader.fd
+    pending = s.close_file(big)
+    assert pending is not None
+    await asyncio.wrap_future(pending)
+    assert closed[big_fd] != threading.get_ident()
+    s.remove("big")                                                  # still open through `reader`
+    assert await charged(store, s) == BACKGROUND_CLOSE_SIZE + KiB
+    pending = s.close_file(reader)                                   # the last handle: it credits
+    assert pending is not None
+    await asyncio.wrap_future(pending)
+    assert closed[reader_fd] != threading.get_ident()
+    await in_step(store, s)
+    assert await charged(store, s) == KiB
+
+
+@in_loop
 async def test_offsets_past_off_t_are_refused(store, make_session) -> None:
     s = make_session(quota=None)
     f = await s.open("h", os.O_WRONLY | os.O_CREAT)
