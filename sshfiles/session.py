@@ -87,6 +87,30 @@ MAX_HANDLES_PER_USER = min(2048, max(16, _fd_limit() // 8))
 MAX_HANDLES_PER_SESSION = min(512, MAX_HANDLES_PER_USER)
 
 
+def _locked_truncate(fd: int, size: int, allowance: int, done: list[tuple[int, int]]) -> int | None:
+    """On a bulk thread (`UserSession._truncate_fd`): set `fd`'s size under its size lock if the
+    growth fits the `allowance` already charged. Returns the growth still needed when it does not
+    fit (nothing changed); else appends (the old size, the growth) to `done` and returns None.
+
+    An empty file truncated to empty (every upload's open with SSH_FXF_TRUNC of a new name) only
+    has its times set, as the truncation would: on ext4 an ftruncate to size 0 marks the file for
+    a flush at its last close ("auto_da_alloc", meant for replace-by-truncate), so the CLOSE of a
+    1 GiB upload started the writeback of the whole GiB (350-420 ms on the event loop, measured)
+    and sent it to the disk at once. The kernel itself never truncates a file that an O_TRUNC
+    open has just created."""
+    with size_lock(fd):
+        old = os.fstat(fd).st_size
+        growth = max(0, size - old)
+        if growth > allowance:
+            return growth - allowance
+        if size == old == 0:
+            os.utime(fd)
+        else:
+            os.ftruncate(fd, size)
+        done.append((old, growth))
+        return None
+
+
 def _locked_pwrite(fd: int, offset: int, append: bool, data: bytes,
                    allowance: int) -> int | tuple[int, OSError | None]:
     """On a bulk thread (`UserSession.write_bulk`): write `data` under `fd`'s size lock if its
@@ -1161,24 +1185,40 @@ class UserSession:
     async def _truncate_fd(self, fd: int, size: int) -> None:
         """Set a file's size: growth is charged before, a shrink credited after.
 
-        An empty file truncated to empty (every upload's open with SSH_FXF_TRUNC of a new name) only
-        has its times set, as the truncation would: on ext4 an ftruncate to size 0 marks the file
-        for a flush at its last close ("auto_da_alloc", meant for replace-by-truncate), so the
-        CLOSE of a 1 GiB upload started the writeback of the whole GiB on the event loop (350-420 ms
-        of every session's time on this worker, measured) and sent it to the disk at once. The
-        kernel itself never truncates a file that an O_TRUNC open has just created."""
+        The ftruncate runs on a bulk thread under the file's size lock (`_locked_truncate`), as a
+        copy-data chunk's write does (`write_bulk`): shrinking a big file frees its pages and
+        blocks (about 70 ms per GiB here) and waits for any of them still being written back
+        (up to several hundred ms after the close of a large upload), which held every session
+        of the worker when it ran on the event loop. The growth is charged on the loop first;
+        the thread measures the size under the lock and changes it only if the charge covers
+        the growth, else the loop charges the rest and asks again.
+        """
         check_size(size)
-        async with self._grown(fd, lambda old: max(0, size - old)) as (old, growth):
-            try:  # no other process can change the size between the fstat and ftruncate
-                if size == old == 0:
-                    os.utime(fd)
-                else:
-                    os.ftruncate(fd, size)
-            except OSError:
-                self.ledger.uncharge(growth)
-                raise
-        if size < old:
-            self.ledger.credit(old - size)
+        held = 0  # charged for this change and not yet used or given back
+        need = max(0, size - os.fstat(fd).st_size)  # a guess: the thread measures again under the lock
+        done: list[tuple[int, int]] = []  # (old size, growth) once the thread changed the size
+        try:
+            for _ in range(8):
+                if need > 0:
+                    await self.ledger.charge(need)  # from the in-memory pool when it can (`take`)
+                    held += need
+                outcome = await run_bulk(_locked_truncate, fd, size, held, done)
+                if isinstance(outcome, int):
+                    need = outcome  # the file grew meanwhile by another process: charge the rest
+                    continue
+                break
+            else:
+                raise OSError(errno.EAGAIN, "the file keeps changing size; try again")
+        finally:
+            # Also when cancelled: run_bulk returns only once the thread is done, and `done`
+            # says whether the size changed, so the ledger follows what happened.
+            if done:
+                old, growth = done[0]
+                self.ledger.uncharge(held - growth)
+                if size < old:
+                    self.ledger.credit(old - size)
+            else:
+                self.ledger.uncharge(held)
 
     def fsync(self, f: FileHandle) -> None:
         os.fsync(f.fd)

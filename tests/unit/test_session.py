@@ -10,6 +10,7 @@ import asyncio
 import errno
 import functools
 import os
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,16 @@ async def test_truncating_open_of_an_empty_file_sets_its_times_without_an_ftrunc
         store, make_session, monkeypatch: pytest.MonkeyPatch) -> None:
     """An ftruncate to 0 makes ext4 flush everything written before the last close (on the event
     loop: 350-420 ms for 1 GiB); an empty file only gets its times set, a non-empty one is truncated
-    and credited. The real ftruncate still runs: the wrapper only records the calls."""
+    (on a bulk thread, not the loop's) and credited. The real ftruncate still runs: the wrapper
+    only records the calls."""
+    import threading
     calls: list[int] = []
+    threads: set[int] = set()
     real_ftruncate = os.ftruncate
 
     def recording(fd: int, length: int) -> None:
         calls.append(length)
+        threads.add(threading.get_ident())
         real_ftruncate(fd, length)
 
     monkeypatch.setattr("sshfiles.session.os.ftruncate", recording)
@@ -173,9 +178,40 @@ async def test_truncating_open_of_an_empty_file_sets_its_times_without_an_ftrunc
     f = await s.open("new", os.O_WRONLY | os.O_CREAT, trunc=True)   # existing with 10 KiB
     s.close_file(f)
     assert calls == [0]
+    assert threads and threading.get_ident() not in threads
     assert os.stat(os.path.join(home, "new")).st_size == 0
     await in_step(store, s)
     assert await charged(store, s) == 0
+
+
+@in_loop
+async def test_a_truncate_cancelled_while_its_thread_runs_leaves_the_ledger_exact(
+        store, make_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's connection can drop while a truncate's thread works: the request is cancelled,
+    but only once the thread is done, and the ledger follows what the thread did (grown and
+    charged, or shrunk and credited)."""
+    started: list[int] = []
+    real_ftruncate = os.ftruncate
+
+    def slow(fd: int, length: int) -> None:
+        started.append(length)
+        time.sleep(0.05)  # the cancellation arrives meanwhile
+        real_ftruncate(fd, length)
+
+    monkeypatch.setattr("sshfiles.session.os.ftruncate", slow)
+    s = make_session()
+    f = await s.open("t", os.O_RDWR | os.O_CREAT)
+    for size in (40 * KiB, 10 * KiB):                                # a growth, then a shrink
+        task = asyncio.create_task(s.truncate(f, size))
+        while len(started) < (1 if size == 40 * KiB else 2):
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert os.fstat(f.fd).st_size == size
+        await in_step(store, s)
+    s.close_file(f)
+    assert await charged(store, s) == 10 * KiB
 
 
 @in_loop
