@@ -112,10 +112,11 @@ def _locked_truncate(fd: int, size: int, allowance: int, done: list[tuple[int, i
 
 
 def _locked_pwrite(fd: int, offset: int, append: bool, data: bytes,
-                   allowance: int) -> int | tuple[int, OSError | None]:
+                   allowance: int, landed: list[int]) -> int | tuple[int, OSError | None]:
     """On a bulk thread (`UserSession.write_bulk`): write `data` under `fd`'s size lock if its
     growth fits the `allowance` already charged. Returns the growth still needed when it does
-    not fit (nothing written), else (the bytes of growth that landed, the error if any)."""
+    not fit (nothing written), else (the bytes of growth that landed, the error if any); the
+    growth that landed is also appended to `landed`, for a caller cancelled meanwhile."""
     with size_lock(fd):
         size = os.fstat(fd).st_size
         start = size if append else offset
@@ -126,7 +127,10 @@ def _locked_pwrite(fd: int, offset: int, append: bool, data: bytes,
             check_size(start + len(data))
             pwrite_all(fd, data, start)
         except OSError as exc:  # disk full, I/O error, too large: the growth that really landed
-            return max(0, min(growth, os.fstat(fd).st_size - size)), exc
+            grown = max(0, min(growth, os.fstat(fd).st_size - size))
+            landed.append(grown)
+            return grown, exc
+        landed.append(growth)
         return growth, None
 
 
@@ -1100,6 +1104,7 @@ class UserSession:
             return 0
         fd, append = f.fd, f.append
         held = 0  # charged for this chunk and not yet written or given back
+        landed: list[int] = []  # the growth the thread wrote, also if this request is cancelled
         size = os.fstat(fd).st_size  # a guess: the thread measures again under the lock
         need = max(0, (size if append else offset) + len(data) - size)
         try:
@@ -1107,12 +1112,12 @@ class UserSession:
                 if need > 0:
                     await self.ledger.charge(need)  # from the in-memory pool when it can (`take`)
                     held += need
-                outcome = await run_bulk(_locked_pwrite, fd, offset, append, data, held)
+                outcome = await run_bulk(_locked_pwrite, fd, offset, append, data, held, landed)
                 if isinstance(outcome, int):
                     need = outcome  # the file grew meanwhile by another process: charge the rest
                     continue
-                landed, error = outcome
-                self.ledger.uncharge(held - landed)
+                grown, error = outcome
+                self.ledger.uncharge(held - grown)
                 held = 0
                 if error is not None:
                     if error.errno != errno.EFBIG:
@@ -1126,7 +1131,9 @@ class UserSession:
             f.quota = True
             raise
         finally:
-            self.ledger.uncharge(held)
+            # `held` is still set only if the outcome never arrived (cancelled: run_bulk returns
+            # once the thread is done): what the thread wrote stays charged.
+            self.ledger.uncharge(held - (landed[0] if held and landed else 0))
         f.bytes_written += len(data)
         return len(data)
 

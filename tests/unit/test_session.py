@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from sshfiles.fileio import pwrite_all
 from sshfiles.permissions import PermissionRules, parse_perms
 from sshfiles.quota import EntriesExceeded, QuotaExceeded, QuotaManager, scan_usage
 from sshfiles.session import UserSession
@@ -212,6 +213,35 @@ async def test_a_truncate_cancelled_while_its_thread_runs_leaves_the_ledger_exac
         await in_step(store, s)
     s.close_file(f)
     assert await charged(store, s) == 10 * KiB
+
+
+@in_loop
+async def test_a_bulk_write_cancelled_while_its_thread_runs_stays_charged(
+        store, make_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """copy-data's chunk writes (write_bulk) run on a bulk thread; a request cancelled meanwhile
+    (the connection dropped) returns once the thread is done, and the growth it wrote stays
+    charged: before, the whole charge was given back, so each dropped copy under-counted a chunk."""
+    started: list[int] = []
+    real = pwrite_all
+
+    def slow(fd: int, data: bytes, offset: int) -> None:
+        started.append(offset)
+        time.sleep(0.05)  # the cancellation arrives meanwhile
+        real(fd, data, offset)
+
+    monkeypatch.setattr("sshfiles.session.pwrite_all", slow)
+    s = make_session()
+    f = await s.open("c", os.O_WRONLY | os.O_CREAT)
+    task = asyncio.create_task(s.write_bulk(f, 0, b"c" * (20 * KiB)))
+    while not started:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert os.fstat(f.fd).st_size == 20 * KiB
+    s.close_file(f)
+    await in_step(store, s)
+    assert await charged(store, s) == 20 * KiB
 
 
 @in_loop
@@ -543,11 +573,11 @@ def test_a_bulk_write_whose_growth_outgrew_its_charge_writes_nothing(tmp_path: P
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
         os.pwrite(fd, b"a" * 100, 0)
-        assert _locked_pwrite(fd, 50, False, b"b" * 100, 0) == 50         # 50 bytes of growth, none charged
-        assert _locked_pwrite(fd, 0, True, b"b" * 10, 9) == 1             # append: all 10 bytes are growth
+        assert _locked_pwrite(fd, 50, False, b"b" * 100, 0, []) == 50         # 50 bytes of growth, none charged
+        assert _locked_pwrite(fd, 0, True, b"b" * 10, 9, []) == 1             # append: all 10 bytes are growth
         assert os.fstat(fd).st_size == 100
-        assert _locked_pwrite(fd, 50, False, b"b" * 100, 50) == (50, None)
-        assert _locked_pwrite(fd, 0, True, b"c" * 10, 10) == (10, None)
+        assert _locked_pwrite(fd, 50, False, b"b" * 100, 50, []) == (50, None)
+        assert _locked_pwrite(fd, 0, True, b"c" * 10, 10, []) == (10, None)
         assert os.pread(fd, 200, 0) == b"a" * 50 + b"b" * 100 + b"c" * 10
     finally:
         os.close(fd)
