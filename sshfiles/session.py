@@ -978,8 +978,10 @@ class UserSession:
         return fd
 
     @staticmethod
-    def _bytes_gone(st: os.stat_result, held: int | None) -> int:
-        """The bytes that left the disk with a name that is gone (remove, replaced by rename).
+    def _bytes_gone(st: os.stat_result, held: int | None) -> tuple[int, concurrent.futures.Future[None] | None]:
+        """The bytes that left the disk with a name that is gone (remove, replaced by rename), and
+        the close of `held` if it still runs (a big file's last close frees its pages and blocks:
+        on a bulk thread, `quota.release_later`).
 
         `held` is a handle on the removed file taken before the removal: releasing it yields the
         bytes only if no other handle, in any process, still keeps them on disk (then its last
@@ -989,12 +991,12 @@ class UserSession:
         if held is not None:
             same = os.fstat(held)
             if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino):
-                return release(held)
+                return release_later(held)
             release(held)  # cannot happen under the namespace lock; never credit twice if it does
-            return 0
+            return 0, None
         if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:
-            return st.st_size
-        return 0
+            return st.st_size, None
+        return 0, None
 
     # -- data -----------------------------------------------------------------
 
@@ -1458,16 +1460,19 @@ class UserSession:
             self.jail.rmdir(path)
         self.ledger.credit_entries(1)
 
-    def remove(self, path: bytes | str) -> None:
+    def remove(self, path: bytes | str) -> concurrent.futures.Future[None] | None:
+        """Remove a file. Returns the last close of a big removed file while it still runs on a
+        bulk thread (`_bytes_gone`), for a protocol that answers once the space is free."""
         if self._holds_mount(path):
             self._refuse_mount_change("remove", path)
         if (tree := self._route(path)[0]) is not self:
             return tree.remove(self._route(path)[1])
+        pending = None
         with self._audited("remove", path):
             self._check(path, "delete")
             gone = self._own_name(path)
             try:
-                self._remove(path)
+                pending = self._remove(path)
             except FileNotFoundError:
                 if not self._remove_partial(path):
                     raise
@@ -1475,8 +1480,9 @@ class UserSession:
                 self._own.pop(gone, None)
         if self.hooks is not None and self.hooks.wants("delete"):
             self._fire("delete", self._named(path), 0)
+        return pending
 
-    def _remove(self, path: bytes | str) -> None:
+    def _remove(self, path: bytes | str) -> concurrent.futures.Future[None] | None:
         with self._namespace():
             held = self._held(path)
             try:
@@ -1485,9 +1491,10 @@ class UserSession:
                 if held is not None:
                     os.close(held)  # still linked: nothing to credit
                 raise
-            freed = self._bytes_gone(gone, held)
+            freed, pending = self._bytes_gone(gone, held)
         self.ledger.credit_entries(1)
         self.ledger.credit(freed)
+        return pending
 
     def rename(self, old: bytes | str, new: bytes | str) -> None:
         """SFTP's classic rename: fails if `new` exists."""
@@ -1501,21 +1508,24 @@ class UserSession:
             self._own_moved(*moved)
         self._rename_hook(old, new)
 
-    def posix_rename(self, old: bytes | str, new: bytes | str) -> None:
+    def posix_rename(self, old: bytes | str, new: bytes | str) -> concurrent.futures.Future[None] | None:
         """Rename replacing `new`: what it replaced leaves the ledger (its bytes once no handle holds them).
 
-        Replacing needs `overwrite` where `new` is; without it this is the classic rename."""
+        Replacing needs `overwrite` where `new` is; without it this is the classic rename. Returns
+        the replaced file's last close while it still runs on a bulk thread (as `remove`)."""
         if (tree := self._rename_tree(old, new)) is not self:
             return tree.posix_rename(self._route(old)[1], self._route(new)[1])
+        pending = None
         with self._audited("rename", old, to=self._shown(normalize(new)), replace=True):
             no_overwrite = self._check_rename(old, new)
             moved = self._own_name(old), self._own_name(new)
             if no_overwrite:
                 self._rename_no_overwrite(old, new)
             else:
-                self._rename_over(old, new)
+                pending = self._rename_over(old, new)
             self._own_moved(*moved)
         self._rename_hook(old, new)
+        return pending
 
     def _rename_tree(self, old: bytes | str, new: bytes | str) -> UserSession:
         """The one tree a rename happens in. Across trees (home <-> folder, folder <-> folder) it is
@@ -1533,7 +1543,7 @@ class UserSession:
             raise err
         return tree
 
-    def _rename_over(self, old: bytes | str, new: bytes | str) -> None:
+    def _rename_over(self, old: bytes | str, new: bytes | str) -> concurrent.futures.Future[None] | None:
         with self._namespace():
             held = self._held(new)
             try:
@@ -1545,10 +1555,11 @@ class UserSession:
             if replaced is None:
                 if held is not None:
                     os.close(held)  # renamed onto itself: still linked
-                return
-            freed = self._bytes_gone(replaced, held)
+                return None
+            freed, pending = self._bytes_gone(replaced, held)
         self.ledger.credit_entries(1)
         self.ledger.credit(freed)
+        return pending
 
     def _check_rename(self, old: bytes | str, new: bytes | str) -> bool:
         """`rename` on both sides; a directory that has rules of its own (or below it) never moves, nor

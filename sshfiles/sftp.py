@@ -15,6 +15,7 @@ client needs it (see its docstring).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import os
 import stat
@@ -139,11 +140,7 @@ class JailedSFTPServer(asyncssh.SFTPServer):
             # mid-file (EOF: a killed scp's ssh sends one; or the connection dropped). A complete
             # file is followed by its status byte, still unread here, so EOF now means cut short.
             f.interrupted = True
-        pending = self.session.close_file(f)  # a big file's close runs on a bulk thread
-        if pending is not None:
-            # Answered once the file is closed, as before; shielded: a cancelled wait must not
-            # cancel the close itself (the descriptor would stay open for good).
-            await asyncio.shield(asyncio.wrap_future(pending))
+        await _closed(self.session.close_file(f))
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         return self.session.read(_handle(file_obj), offset, size)
@@ -254,14 +251,14 @@ class JailedSFTPServer(asyncssh.SFTPServer):
     def rmdir(self, path: bytes) -> None:
         self.session.rmdir(path)
 
-    def remove(self, path: bytes) -> None:
-        self.session.remove(path)
+    async def remove(self, path: bytes) -> None:
+        await _closed(self.session.remove(path))
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
         self.session.rename(oldpath, newpath)
 
-    def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
-        self.session.posix_rename(oldpath, newpath)
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await _closed(self.session.posix_rename(oldpath, newpath))
 
     def readlink(self, path: bytes) -> bytes:
         return self.session.readlink(path)
@@ -277,6 +274,15 @@ class JailedSFTPServer(asyncssh.SFTPServer):
 
 
 # -- protocol requests beyond asyncssh's, and its adjustments ---------------------------------
+
+
+async def _closed(pending: concurrent.futures.Future[None] | None) -> None:
+    """Wait for a big file's close that the session left running on a bulk thread (CLOSE, or the
+    last close of a removed or replaced file): the reply goes once it is done, as it did when the
+    close ran on the event loop. Shielded: a cancelled wait must not cancel the close itself (the
+    descriptor would stay open for good)."""
+    if pending is not None:
+        await asyncio.shield(asyncio.wrap_future(pending))
 
 
 def _server_of(handler: SFTPServerHandlerBase) -> JailedSFTPServer:

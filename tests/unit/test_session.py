@@ -287,6 +287,41 @@ async def test_a_big_file_is_closed_off_the_event_loop_and_credited_exactly(
 
 
 @in_loop
+async def test_removing_or_replacing_a_big_file_frees_it_off_the_event_loop(
+        store, make_session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last close of a removed (or replaced) big file frees its pages and blocks, about 100 ms
+    per GiB: it runs on a bulk thread, returned to the protocol to wait for; the ledger is exact."""
+    import threading
+
+    from sshfiles.quota import BACKGROUND_CLOSE_SIZE
+    threads: list[int] = []
+    real_close = os.close
+
+    def recording(fd: int) -> None:
+        threads.append(threading.get_ident())
+        real_close(fd)
+
+    s = make_session(quota=4 * BACKGROUND_CLOSE_SIZE)
+    for name in ("gone", "replaced", "source"):
+        f = await s.open(name, os.O_WRONLY | os.O_CREAT)
+        await s.write(f, 0, b"g" * BACKGROUND_CLOSE_SIZE)
+        pending = s.close_file(f)
+        assert pending is not None
+        await asyncio.wrap_future(pending)
+    monkeypatch.setattr("sshfiles.quota.os.close", recording)
+    pending = s.remove("gone")
+    assert pending is not None
+    await asyncio.wrap_future(pending)
+    pending = s.posix_rename("source", "replaced")
+    assert pending is not None
+    await asyncio.wrap_future(pending)
+    assert len([t for t in threads if t != threading.get_ident()]) == 2  # (os.close is everyone's)
+    assert not os.path.exists(os.path.join(s.jail._root_host, "gone"))
+    await in_step(store, s)
+    assert await charged(store, s) == BACKGROUND_CLOSE_SIZE
+
+
+@in_loop
 async def test_offsets_past_off_t_are_refused(store, make_session) -> None:
     s = make_session(quota=None)
     f = await s.open("h", os.O_WRONLY | os.O_CREAT)
