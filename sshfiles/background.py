@@ -29,7 +29,8 @@ def lower_thread_priority() -> None:
         pass
 
 
-#: copy-data's chunk reads, writes and write-backs (session.py): two threads per process, at the lower priority.
+#: copy-data's chunk reads, writes and write-backs, truncations and big files' closes (session.py, quota.py):
+#: two threads per process, at the lower priority.
 BULK_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sshfiles-bulk",
                                                   initializer=lower_thread_priority)
 
