@@ -9,6 +9,8 @@ import asyncio
 import logging
 import re
 import shutil
+from collections.abc import Coroutine
+from typing import Any
 
 import asyncssh
 import pytest
@@ -17,6 +19,18 @@ from sshfiles.asyncssh_seam import request_read, request_write
 from sshfiles.client.connect import ConnectOptions, connect
 from sshfiles.server import MAX_PACKET, PIPELINING_MAX_PACKET, PIPELINING_WINDOW, WINDOW, channel_sizes
 from tests.conftest import ServerHandle
+
+
+def _run_with_asyncssh_log(scenario: Coroutine[Any, Any, None], level: int,
+                           caplog: pytest.LogCaptureFixture) -> None:
+    """Run a client scenario with asyncssh's debug log at `level` captured (2: channels, 3: packets)."""
+    asyncssh.set_debug_level(level)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+            asyncio.run(scenario)
+    finally:
+        asyncssh.set_debug_level(1)
+
 
 STOCK = (WINDOW, MAX_PACKET)
 PIPELINING = (PIPELINING_WINDOW, PIPELINING_MAX_PACKET)
@@ -57,12 +71,7 @@ def test_an_asyncssh_client_is_offered_the_pipelining_window(server: ServerHandl
         async with server.connect(user) as conn, conn.start_sftp_client() as sftp:
             await sftp.stat(".")
 
-    asyncssh.set_debug_level(2)
-    try:
-        with caplog.at_level(logging.DEBUG, logger="asyncssh"):
-            asyncio.run(scenario())
-    finally:
-        asyncssh.set_debug_level(1)
+    _run_with_asyncssh_log(scenario(), 2, caplog)
     sends = re.findall(r"Initial send window (\d+), packet size (\d+)", caplog.text)
     assert sends == [(str(PIPELINING_WINDOW), str(PIPELINING_MAX_PACKET))], caplog.text[-3000:]
 
@@ -100,10 +109,5 @@ def test_sshfiles_cli_moves_a_256_kib_write_and_read_reply_in_one_packet_each(
         assert len(sizes(written, "Sent")) == 1 and sizes(written, "Sent")[0] > len(data), written
         assert len(sizes(read, "Received")) == 1 and sizes(read, "Received")[0] > len(data), read
 
-    asyncssh.set_debug_level(3)
-    try:
-        with caplog.at_level(logging.DEBUG, logger="asyncssh"):
-            asyncio.run(scenario())
-    finally:
-        asyncssh.set_debug_level(1)
+    _run_with_asyncssh_log(scenario(), 3, caplog)
     assert (server.homes_dir / user.name / "big.bin").read_bytes() == data
