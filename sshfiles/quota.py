@@ -224,7 +224,11 @@ def release_later(fd: int) -> tuple[int, concurrent.futures.Future[None] | None]
         return freed, None
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)
-    return freed, BULK_POOL.submit(os.close, fd)
+    try:
+        return freed, BULK_POOL.submit(os.close, fd)
+    except RuntimeError:  # the pool is shut down (interpreter exit): close here after all
+        os.close(fd)
+        return freed, None
 
 
 def _credit_of(fd: int) -> tuple[int, int]:
