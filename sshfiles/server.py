@@ -1587,11 +1587,14 @@ def _supervise(config: ServeConfig, sock: socket.socket, reload: Reloader | None
     signal.signal(signal.SIGALRM, _on_deadline)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_hangup_parent)
     if config.metrics_listen:
         _start_metrics(config, sock, lambda: None if children else "no worker running")
     for slot in range(config.workers):
         _spawn(slot)
+    # Only now: a SIGHUP while the workers were being forked went to run_server's handler (kept in
+    # _early_hangups) instead of being forwarded to the workers forked so far only, which left the
+    # later ones on the old config (a test caught it: "forwarding to 1 workers" of 2).
+    signal.signal(signal.SIGHUP, _on_hangup_parent)
     if _early_hangups:  # a SIGHUP between the announcement and here (run_server) is answered now that
         _early_hangups.clear()  # the workers exist: each reloads (and logs) once it can (_run_worker)
         _on_hangup_parent(signal.SIGHUP, None)
